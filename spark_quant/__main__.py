@@ -1,0 +1,3 @@
+from spark_quant.cli import main
+
+raise SystemExit(main())

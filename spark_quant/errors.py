@@ -1,0 +1,13 @@
+"""Errors a user can act on: one line, naming the file or field and what to do."""
+
+
+class UserError(Exception):
+    """A problem with the user's input or environment; printed as one line, no traceback."""
+
+    exit_code = 2
+
+
+class StageFailed(UserError):
+    """A stage ran but its result failed a check (e.g. an eval threshold)."""
+
+    exit_code = 3

