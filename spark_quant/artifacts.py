@@ -173,18 +173,30 @@ def is_up_to_date(folder: Path, stage: str, inputs_fingerprint: str) -> bool:
     return bool(m) and m.get("stage") == stage and m.get("inputs_fingerprint") == inputs_fingerprint
 
 
+def check_writable(out: Path, overwrite: bool, stage: str, replace_stale: bool = False) -> None:
+    """Refuse an existing output folder before any work is done (see ``stage_folder``)."""
+    out = Path(out)
+    if not out.exists() or overwrite:
+        return
+    existing = read_manifest(out)
+    if existing is None and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: output folder already exists and is not a finished spark-quant folder; "
+                        "pass --overwrite to replace it or choose another --out")
+    if existing is not None and not (replace_stale and existing.get("stage") == stage):
+        raise UserError(f"{out}: output folder already exists; pass --overwrite to replace it or choose another --out")
+
+
 @contextlib.contextmanager
-def stage_folder(out: Path, overwrite: bool, replace_stale: bool = False) -> Iterator[Path]:
+def stage_folder(out: Path, overwrite: bool, stage: str, replace_stale: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces ``out`` atomically.
 
-    ``out`` existing and finished is refused unless ``overwrite`` (or
-    ``replace_stale``, used when the stage already knows its inputs changed).
-    An unfinished ``out`` (no manifest) is always replaced. On any error the
-    temporary folder is removed and ``out`` is left as it was.
+    An existing ``out`` is refused unless ``overwrite``, except a finished
+    folder of the same ``stage`` when ``replace_stale`` (the pipeline's own
+    derived output whose inputs changed: rerunning is what `make` expects).
+    On any error the temporary folder is removed and ``out`` is left as it was.
     """
     out = Path(out)
-    if read_manifest(out) is not None and not (overwrite or replace_stale):
-        raise UserError(f"{out}: output folder already exists; pass --overwrite to replace it or choose another --out")
+    check_writable(out, overwrite, stage, replace_stale)
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
-from spark_quant.artifacts import fingerprint, is_up_to_date, sha256_file, stage_folder, write_manifest
+from spark_quant.artifacts import check_writable, fingerprint, is_up_to_date, sha256_file, stage_folder, write_manifest
 from spark_quant.config import Experiment
 from spark_quant.errors import UserError
 from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
@@ -218,6 +218,7 @@ def _len_stats(lengths: list[int]) -> dict[str, float]:
 
 def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False, model_dir: Path | None = None) -> Path:
     cfg = exp.calibration
+    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.calibration_dir)
     model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
     corpus = read_corpus(cfg.corpus)
@@ -234,6 +235,7 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False,
         print(f"calibrate: {out} is up to date (inputs unchanged); skipping")
         return out
 
+    check_writable(out, overwrite, "calibrate", replace_stale=derived)
     started = time.time()
     tok = load_tokenizer(llm)
     rng = random.Random(cfg.seed)
@@ -310,7 +312,7 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False,
             truncated += 1
         s["attention_mask"] = [1] * len(s["input_ids"])
 
-    with stage_folder(out, overwrite=overwrite, replace_stale=True) as tmp:
+    with stage_folder(out, overwrite=overwrite, stage="calibrate", replace_stale=derived) as tmp:
         with open(tmp / SAMPLES, "w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False, separators=(",", ":")) + "\n")

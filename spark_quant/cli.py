@@ -40,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
 
-    for name, hlp in (("calibrate", "stage 1: write calibration samples"),
-                      ("quantize", "stage 2: apply an llm-compressor recipe"),
-                      ("eval", "stage 3: baseline vs quantized under vLLM")):
-        _common(sub.add_parser(name, help=hlp))
+    _common(sub.add_parser("calibrate", help="stage 1: write calibration samples"))
+    p = sub.add_parser("quantize", help="stage 2: apply an llm-compressor recipe")
+    _common(p)
+    p.add_argument("--calibration", type=Path, default=None, help="calibration folder (default: from the experiment)")
+    p = sub.add_parser("eval", help="stage 3: baseline vs quantized under vLLM")
+    _common(p)
+    p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint folder (default: from the experiment)")
 
     p = sub.add_parser("validate", help="check experiment and recipe files without loading a model")
     p.add_argument("files", nargs="*", type=Path)
@@ -133,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "quantize":
             from spark_quant.quantize import quantize
 
-            quantize(_experiment(args), out=args.out, overwrite=args.overwrite)
+            quantize(_experiment(args), calib_dir=args.calibration, out=args.out, overwrite=args.overwrite)
         elif args.cmd == "eval":
             from spark_quant.evaluate import evaluate
 
-            evaluate(_experiment(args), out=args.out, overwrite=args.overwrite)
+            evaluate(_experiment(args), ckpt_dir=args.checkpoint, out=args.out, overwrite=args.overwrite)
         return 0
     except UserError as e:
         if args.debug:

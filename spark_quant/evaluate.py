@@ -25,6 +25,7 @@ from typing import Any
 
 from spark_quant import spark
 from spark_quant.artifacts import (
+    check_writable,
     device_info,
     fingerprint,
     git_commit,
@@ -338,6 +339,7 @@ def _speed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
              model_dir: Path | None = None) -> Path:
     ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
+    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.results_dir)
     model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
@@ -354,8 +356,9 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     inputs = {"eval": exp.eval.model_dump(mode="json"), "checkpoint": qman["files"],
               "model": model_fingerprint(model_dir), "prompts": fingerprint([p["ids"] for p in prompts])}
 
+    check_writable(out, overwrite, "eval", replace_stale=derived)
     started = time.time()
-    with stage_folder(out, overwrite=overwrite, replace_stale=True) as tmp:
+    with stage_folder(out, overwrite=overwrite, stage="eval", replace_stale=derived) as tmp:
         logs = tmp / "logs"
         logs.mkdir()
         base_spec = _base_spec(exp, base_llm, exp.eval.baseline_dtype)
@@ -363,13 +366,13 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
         timeout = exp.eval.timeout_s
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "quantized": []}
         # repeat 1: similarity + timing; later repeats: timing only; A B A B
-        b = run_worker({**base_spec, "tasks": similarity_tasks(exp, prompts, None) + timing_tasks(exp, prompts)
+        b = run_worker({**base_spec, "tasks": timing_tasks(exp, prompts) + similarity_tasks(exp, prompts, None)
                         + [{"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
                             "continuations": "greedy", "top_k_logprobs": 20}]}, logs, "baseline-1", timeout)
         runs["baseline"].append(b)
         base_greedy = [o["tokens"] for o in b["tasks"]["greedy"]["outputs"]] if b.get("ok") else None
-        q = run_worker({**quant_spec, "tasks": similarity_tasks(exp, prompts, base_greedy)
-                        + timing_tasks(exp, prompts)}, logs, "quantized-1", timeout)
+        q = run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)
+                        + similarity_tasks(exp, prompts, base_greedy)}, logs, "quantized-1", timeout)
         runs["quantized"].append(q)
         for rep in range(2, exp.eval.repeats + 1):
             if not (b.get("ok") and q.get("ok")):
@@ -379,7 +382,7 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"])
-        (tmp / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        write_results(results, tmp)
         from spark_quant.report import render_report, render_plots
 
         render_plots(results, tmp)
@@ -390,6 +393,27 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     if not results["verdict"]["passed"]:
         raise StageFailed(f"eval: {out}/report.md: " + "; ".join(results["verdict"]["failures"]))
     return out
+
+
+def write_results(results: dict[str, Any], folder: Path) -> None:
+    """results.json with every raw timing sample and output; the teacher-forced top-k logprobs
+    (megabytes per run) go to raw_logprobs.json.gz beside it."""
+    import copy
+    import gzip
+
+    slim = copy.deepcopy(results)
+    logprobs: dict[str, Any] = {}
+    for name, runs in slim["raw"].items():
+        for i, run in enumerate(runs):
+            for task in ("score", "score_self"):
+                t = run.get("tasks", {}).get(task)
+                if t and "positions" in t:
+                    logprobs[f"{name}-{i + 1}/{task}"] = t.pop("positions")
+                    t["positions"] = "raw_logprobs.json.gz"
+    (folder / "results.json").write_text(json.dumps(slim, indent=1, default=str) + "\n")
+    if logprobs:
+        with gzip.open(folder / "raw_logprobs.json.gz", "wt", compresslevel=6) as f:
+            json.dump(logprobs, f)
 
 
 def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dict]], qman: dict, device: str):

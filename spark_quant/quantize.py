@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant.artifacts import (
+    check_writable,
     fingerprint,
     is_up_to_date,
     link_or_copy,
@@ -110,9 +111,25 @@ def check_checkpoint(llm: Path) -> dict[str, Any]:
     }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+def copy_tokenizer_files(src_llm: Path, dst_llm: Path) -> None:
+    """Copy the source tokenizer byte for byte (re-saving through transformers 5 rewrites its config in a
+    form older transformers, which Spark-TTS's own code uses, may not load); drop the generation_config.json
+    that save_pretrained adds when the source has none, so the LLM/ folder keeps the source's layout."""
+    for name in TOKENIZER_FILES:
+        if (Path(src_llm) / name).is_file():
+            link_or_copy(Path(src_llm) / name, Path(dst_llm) / name)
+    if not (Path(src_llm) / "generation_config.json").is_file():
+        (Path(dst_llm) / "generation_config.json").unlink(missing_ok=True)
+
+
 def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
              model_dir: Path | None = None) -> Path:
     calib_dir = Path(calib_dir or exp.calibration_dir)
+    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.checkpoint_dir)
     model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
     recipe_path = Path(exp.recipe)
@@ -135,13 +152,14 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         print(f"quantize: {out} is up to date (inputs unchanged); skipping")
         return out
 
+    check_writable(out, overwrite, "quantize", replace_stale=derived)
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM
 
     started = time.time()
-    tok = load_tokenizer(llm)
+    load_tokenizer(llm)  # refuse a tokenizer without Spark-TTS's tokens before any work
     rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
     ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                             "attention_mask": [r["attention_mask"] for r in rows]})
@@ -161,14 +179,14 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
     )
     t_oneshot = time.time() - t0
 
-    with stage_folder(out, overwrite=overwrite, replace_stale=True) as tmp:
+    with stage_folder(out, overwrite=overwrite, stage="quantize", replace_stale=derived) as tmp:
         for item in sorted(Path(model_dir).iterdir()):
             if item.name in ("LLM", "manifest.json", "PROXY.json") or item.name.startswith("."):
                 continue
             link_or_copy(item, tmp / item.name)
         t0 = time.time()
         model.save_pretrained(str(tmp / "LLM"), save_compressed=True)
-        tok.save_pretrained(str(tmp / "LLM"))
+        copy_tokenizer_files(llm, tmp / "LLM")
         t_save = time.time() - t0
         check = check_checkpoint(tmp / "LLM")
         src_weights = _weights_summary(llm)

