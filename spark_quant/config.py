@@ -58,6 +58,10 @@ class EvalConfig(_Section):
     latency_requests: int = Field(8, gt=0, description="sequential requests timed at concurrency 1")
     concurrency: list[int] = Field([1, 4, 16, 64, 256], min_length=1, description="concurrency sweep")
     repeats: int = Field(1, gt=0, description="interleaved repeats of baseline and quantized runs (A B A B)")
+    natural_max_tokens: int = Field(
+        0, ge=0, description="natural length mode (stop at <|im_end|>) token limit; 0 = fixed-length mode only"
+    )
+    rtf_target: float = Field(1.0, gt=0.0, description="report the highest concurrency whose p99 RTF stays under this")
     temperature: float = Field(0.8, ge=0.0)
     top_k: int = Field(50)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
@@ -100,7 +104,7 @@ class Experiment(_Section):
     @model_validator(mode="after")
     def _lengths_fit(self) -> Experiment:
         room = self.eval.max_model_len - PROMPT_ROOM
-        for field in ("max_new_tokens", "similarity_max_tokens"):
+        for field in ("max_new_tokens", "similarity_max_tokens", "natural_max_tokens"):
             if getattr(self.eval, field) > room:
                 raise ValueError(
                     f"eval.{field} ({getattr(self.eval, field)}) leaves no room for the prompt: "

@@ -39,7 +39,7 @@ from spark_quant.artifacts import (
 from spark_quant.calibrate import REFERENCES, read_corpus
 from spark_quant.config import Experiment
 from spark_quant.errors import StageFailed, UserError
-from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
+from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint, read_config
 
 KERNEL_RE = re.compile(r"Selected (\w+) for (\w+)")
 EXPECTED_KERNEL = {"cuda": "CutlassInt8ScaledMMLinearKernel", "cpu": "CPUInt8ScaledMMLinearKernel"}
@@ -122,6 +122,8 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) ->
             why += " (out of memory)"
         res = {"ok": False, "error": f"vLLM worker {why}: {last[0][:300]}"}
     res["kernels"] = kernels
+    m = re.search(r"Model loading took ([\d.]+) GiB", text)
+    res["weights_gib_loaded"] = float(m.group(1)) if m else None
     res["wall_s"] = round(time.time() - t0, 1)
     res["log"] = log_path.name
     if not res.get("ok"):
@@ -167,7 +169,14 @@ def timing_tasks(exp: Experiment, prompts: list[dict[str, Any]]) -> list[dict[st
          "max_tokens": e.max_new_tokens, "ignore_eos": True, "greedy": True},
         {"name": "throughput", "kind": "throughput", "prompts": ids, "concurrency": e.concurrency,
          "max_tokens": e.max_new_tokens, "ignore_eos": True, **samp},
-    ]
+    ] + ([
+        # natural length: stop at <|im_end|> as users do (a runaway model runs to the limit)
+        {"name": "latency_natural", "kind": "latency", "prompts": [ids[i] for i in order],
+         "modes": [modes[i] for i in order], "requests": e.latency_requests, "max_tokens": e.natural_max_tokens,
+         "ignore_eos": False, **samp},
+        {"name": "throughput_natural", "kind": "throughput", "prompts": ids, "concurrency": e.concurrency,
+         "max_tokens": e.natural_max_tokens, "ignore_eos": False, **samp},
+    ] if e.natural_max_tokens else [])
 
 
 def similarity_tasks(exp: Experiment, prompts: list[dict[str, Any]], score_with: list[list[int]] | None):
@@ -187,6 +196,7 @@ def similarity_tasks(exp: Experiment, prompts: list[dict[str, Any]], score_with:
 # --- metrics ----------------------------------------------------------------------
 def latency_metrics(task: dict[str, Any]) -> dict[str, Any]:
     ttft, tpot, itl, rtf, first_audio, total = [], [], [], [], [], []
+    by_mode: dict[str, list[float | None]] = {}
     for r in task["requests"]:
         st = r["stamps"]
         if not st:
@@ -201,6 +211,9 @@ def latency_metrics(task: dict[str, Any]) -> dict[str, Any]:
         rtf.append(st[-1][0] / (n / spark.SEMANTIC_PER_SECOND))
         # time until 50 tokens (1 s of audio at 50 tokens/s) have streamed
         first_audio.append(next((t for t, c in st if c >= spark.SEMANTIC_PER_SECOND), None))
+        mode = r.get("mode")
+        if mode:
+            by_mode.setdefault(mode, []).append(r.get("time_to_first_audio"))
     return {
         "ttft_s": _summary(ttft),
         "ms_per_token": {k: (v * 1000 if isinstance(v, float) else v) for k, v in _summary(tpot).items()},
@@ -208,6 +221,11 @@ def latency_metrics(task: dict[str, Any]) -> dict[str, Any]:
         "rtf": _summary(rtf),
         "time_to_first_audio_s": _summary(first_audio),
         "request_s": _summary(total),
+        # from request start until 50 *semantic* tokens (1 s of audio) exist; None where a request never got there
+        "first_audio_by_mode_s": {m: {"p50": _pct([x for x in xs if x is not None], 0.5),
+                                      "reached": sum(x is not None for x in xs), "requests": len(xs)}
+                                  for m, xs in by_mode.items()},
+        "output_tokens": _summary([st[-1][1] for st in (r["stamps"] for r in task["requests"]) if st]),
     }
 
 
@@ -310,17 +328,43 @@ def _hist_distance(a: list[int], b: list[int]) -> float | None:
     return 0.5 * sum(abs(x / sa - y / sb) for x, y in zip(a, b))  # total variation distance
 
 
-def _speed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _median(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _throughput_rows(runs: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
+    """Median over repeats of each throughput row, with every repeat's tokens/s kept."""
+    thr = [throughput_metrics(r["tasks"][task]) for r in runs if task in r["tasks"]]
+    if not thr:
+        return []
+    return [{k: (_median([t[i][k] for t in thr]) if k != "concurrency" else row[k]) for k in row}
+            | {"tokens_per_s_runs": [t[i]["tokens_per_s"] for t in thr]} for i, row in enumerate(thr[0])]
+
+
+def max_concurrency_under(rows: list[dict[str, Any]], target: float) -> int | None:
+    ok = [r["concurrency"] for r in rows if r.get("rtf_p99") is not None and r["rtf_p99"] < target]
+    return max(ok) if ok else None
+
+
+def _speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, Any]:
     """Median over repeats of each timing metric."""
     lat = [latency_metrics(r["tasks"]["latency"]) for r in runs]
     latg = [latency_metrics(r["tasks"]["latency_greedy"]) for r in runs]
-    thr = [throughput_metrics(r["tasks"]["throughput"]) for r in runs]
-    med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
-    rows = []
-    for i, row in enumerate(thr[0]):
-        rows.append({k: (med([t[i][k] for t in thr]) if k != "concurrency" else row[k]) for k in row}
-                    | {"tokens_per_s_runs": [t[i]["tokens_per_s"] for t in thr]})
+    med = _median
+    rows = _throughput_rows(runs, "throughput")
+    natural = [latency_metrics(r["tasks"]["latency_natural"]) for r in runs if "latency_natural" in r["tasks"]]
+    natural_rows = _throughput_rows(runs, "throughput_natural")
     return {
+        "max_concurrency_rtf_p99_under_target": max_concurrency_under(rows, rtf_target),
+        "natural": {
+            "ms_per_token_sampled": med([m["ms_per_token"]["p50"] for m in natural]),
+            "output_tokens_p50": med([m["output_tokens"]["p50"] for m in natural]),
+            "rtf_b1": med([m["rtf"]["p50"] for m in natural]),
+            "throughput": natural_rows,
+            "max_concurrency_rtf_p99_under_target": max_concurrency_under(natural_rows, rtf_target),
+        } if natural else None,
+        "first_audio_by_mode_s": lat[0]["first_audio_by_mode_s"],
         "ms_per_token_sampled": med([m["ms_per_token"]["p50"] for m in lat]),
         "ms_per_token_sampled_runs": [m["ms_per_token"]["p50"] for m in lat],
         "ms_per_token_greedy": med([m["ms_per_token"]["p50"] for m in latg]),
@@ -381,7 +425,7 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
                                                f"baseline-{rep}", timeout))
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
-        results = build_results(exp, prompts, runs, qman, base_spec["device"])
+        results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
         write_results(results, tmp)
         from spark_quant.report import render_report, render_plots
 
@@ -416,8 +460,10 @@ def write_results(results: dict[str, Any], folder: Path) -> None:
             json.dump(logprobs, f)
 
 
-def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dict]], qman: dict, device: str):
+def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dict]], qman: dict, device: str,
+                  model_cfg: dict[str, Any]):
     failures: list[str] = []
+    prompt_mean = statistics.fmean(len(p["ids"]) for p in prompts)
     res: dict[str, Any] = {
         "experiment": exp.name, "created": now(), "git_commit": git_commit(), "versions": versions(),
         "device": device, "host": device_info(), "settings": exp.eval.model_dump(mode="json"),
@@ -430,8 +476,9 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
         if bad:
             failures.append(f"{name} vLLM run failed: {bad[0].get('error')}")
             continue
-        res["engines"][name] = {**rs[0]["engine"], "kernels": rs[0]["kernels"], "load_wall_s": rs[0]["wall_s"]}
-        res["speed"][name] = _speed_summary(rs)
+        res["engines"][name] = {**rs[0]["engine"], "kernels": rs[0]["kernels"], "load_wall_s": rs[0]["wall_s"],
+                                "weights_gib_loaded": rs[0].get("weights_gib_loaded")}
+        res["speed"][name] = _speed_summary(rs, exp.eval.rtf_target)
     q = runs["quantized"][0]
     b = runs["baseline"][0]
     if q.get("ok"):
@@ -481,7 +528,7 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             "tokens_per_s": {r["concurrency"]: _ratio(r2["tokens_per_s"], r["tokens_per_s"])
                              for r, r2 in zip(sb_["throughput"], sq_["throughput"])},
         }
-        res["roofline"] = roofline(res)
+        res["roofline"] = roofline(res, model_cfg, prompt_mean + exp.eval.max_new_tokens / 2)
     res["verdict"] = {"passed": not failures, "failures": failures}
     return res
 
@@ -490,29 +537,34 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def roofline(res: dict[str, Any]) -> dict[str, Any]:
-    """Bytes a decode step must read (weights, lm_head apart) over the measured batch-1 step time."""
-    out = {}
+def roofline(res: dict[str, Any], model_cfg: dict[str, Any], context_tokens: float) -> dict[str, Any]:
+    """Bytes one batch-1 decode step must read over its measured time, against the copy-bandwidth ceiling.
+
+    Weights are counted as served (the baseline in bf16 whatever its file dtype;
+    the quantized checkpoint as stored: int8 body, bf16 embedding/lm_head), plus
+    the KV cache read at the average context length of the timed requests.
+    """
+    layers, kv_heads = model_cfg["num_hidden_layers"], model_cfg["num_key_value_heads"]
+    head_dim = model_cfg.get("head_dim") or model_cfg["hidden_size"] // model_cfg["num_attention_heads"]
+    kv_bytes = 2 * layers * kv_heads * head_dim * 2 * context_tokens  # K and V, bf16
+    out: dict[str, Any] = {"kv_bytes_per_step": kv_bytes, "context_tokens": context_tokens}
     for name, w in (("baseline", res["checkpoint"]["source_weights"]), ("quantized", res["checkpoint"]["weights"])):
         if not w:
             continue
-        src_bytes_per_elem = 2  # served in bf16 whatever is on disk
         if name == "baseline":
-            total = sum(v for v in w["bytes_by_dtype"].values())
-            elems = total / max(1, _bytes_per_elem(w))
-            step = elems * src_bytes_per_elem
-            head = w["embedding_and_head_bytes"] / max(1, _bytes_per_elem(w)) * src_bytes_per_elem
+            per = 4 if w["bytes_by_dtype"].get("F32", 0) > w["bytes_by_dtype"].get("BF16", 0) else 2
+            step = w["total_bytes"] / per * 2
+            head = w["embedding_and_head_bytes"] / per * 2
         else:
-            step = w["total_bytes"]
-            head = w["embedding_and_head_bytes"]
+            step, head = w["total_bytes"], w["embedding_and_head_bytes"]
+        total = step + kv_bytes
         ms = res["speed"].get(name, {}).get("ms_per_token_greedy")
-        out[name] = {"weight_bytes_per_step": step, "lm_head_bytes": head,
-                     "achieved_GBps": (step / (ms / 1000) / 1e9) if ms else None, "ms_per_token_greedy": ms}
+        bw = res["engines"].get(name, {}).get("copy_bandwidth_GBps")
+        floor_ms = total / (bw * 1e9) * 1000 if bw else None
+        out[name] = {"weight_bytes_per_step": step, "lm_head_bytes": head, "bytes_per_step": total,
+                     "ms_per_token_greedy": ms, "achieved_GBps": (total / (ms / 1000) / 1e9) if ms else None,
+                     "device_GBps": bw, "floor_ms": floor_ms, "times_floor": (ms / floor_ms) if ms and floor_ms else None}
     return out
-
-
-def _bytes_per_elem(w: dict[str, Any]) -> int:
-    return 4 if w["bytes_by_dtype"].get("F32", 0) > w["bytes_by_dtype"].get("BF16", 0) else 2
 
 
 def print_summary(res: dict[str, Any], out: Path) -> None:

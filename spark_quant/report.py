@@ -99,20 +99,64 @@ def render_report(res: dict[str, Any]) -> str:
                        f"{_f(q['rtf_p99'], '.4f')} | {_f(b['ttft_p99_s'], '.3f')} | {_f(q['ttft_p99_s'], '.3f')} |")
         out.append("")
         eng = res.get("engines", {})
-        out += ["## Engines", "", "| | dtype | quantization | KV-cache tokens | max concurrency at max_model_len "
-                "| engine start (s) |", "|---|---|---|---|---|---|"]
+        out += ["## Engines", "", "| | dtype | quantization | weights loaded (GiB) | KV-cache tokens "
+                "| max concurrency at max_model_len | engine start (s) |", "|---|---|---|---|---|---|---|"]
         for name, e in eng.items():
-            out.append(f"| {name} | {e.get('dtype')} | {e.get('quantization') or '–'} | {e.get('kv_cache_tokens') or '–'} "
+            out.append(f"| {name} | {e.get('dtype')} | {e.get('quantization') or '–'} | "
+                       f"{_f(e.get('weights_gib_loaded'), '.2f')} | {e.get('kv_cache_tokens') or '–'} "
                        f"| {_f(e.get('max_concurrency_at_max_len'), '.1f')} | {_f(e.get('load_wall_s'), '.0f')} |")
         out.append("")
     rl = res.get("roofline")
     if rl:
-        out += ["## Roofline (batch 1, greedy)", "", "| | weight bytes / step | of which embedding/lm_head "
-                "| ms/token | achieved GB/s |", "|---|---|---|---|---|"]
-        for name, r in rl.items():
-            out.append(f"| {name} | {r['weight_bytes_per_step'] / 1e6:.0f} MB | {r['lm_head_bytes'] / 1e6:.0f} MB | "
-                       f"{_f(r['ms_per_token_greedy'], '.3f')} | {_f(r['achieved_GBps'], '.0f')} |")
+        out += ["## Roofline (batch 1, greedy)", "",
+                f"Bytes one decode step must read: the weights as served plus the KV cache at the timed requests' "
+                f"mean context ({rl['context_tokens']:.0f} tokens, {rl['kv_bytes_per_step'] / 1e6:.1f} MB). "
+                + ("Ceiling: this device's measured device-to-device copy bandwidth (bytes read + written)."
+                   if rl.get("baseline", {}).get("device_GBps") else "No bandwidth ceiling is measured on CPU."), "",
+                "| | weight bytes / step | of which embedding/lm_head | ms/token | achieved GB/s | device GB/s "
+                "| floor (ms) | measured / floor |", "|---|---|---|---|---|---|---|---|"]
+        for name in ("baseline", "quantized"):
+            r = rl.get(name)
+            if r:
+                out.append(f"| {name} | {r['weight_bytes_per_step'] / 1e6:.0f} MB | {r['lm_head_bytes'] / 1e6:.0f} MB | "
+                           f"{_f(r['ms_per_token_greedy'], '.3f')} | {_f(r['achieved_GBps'], '.0f')} | "
+                           f"{_f(r['device_GBps'], '.0f')} | {_f(r['floor_ms'], '.3f')} | "
+                           f"{_f(r['times_floor'], '.1f') + 'x' if r['times_floor'] else '–'} |")
         out += ["", _roofline_words(rl), ""]
+    nat_b = sp.get("baseline", {}).get("natural") if sp else None
+    nat_q = sp.get("quantized", {}).get("natural") if sp else None
+    if nat_b and nat_q:
+        out += [f"## Natural length (stop at <|im_end|>, limit {s.get('natural_max_tokens')} tokens)", "",
+                "| | baseline | quantized |", "|---|---|---|",
+                f"| output tokens per request, p50 | {_f(nat_b['output_tokens_p50'], '.0f')} | "
+                f"{_f(nat_q['output_tokens_p50'], '.0f')} |",
+                f"| ms/token at concurrency 1 | {_f(nat_b['ms_per_token_sampled'], '.3f')} | "
+                f"{_f(nat_q['ms_per_token_sampled'], '.3f')} |",
+                f"| highest concurrency with RTF p99 < {s.get('rtf_target')} | "
+                f"{_f(nat_b['max_concurrency_rtf_p99_under_target'], 'd')} | "
+                f"{_f(nat_q['max_concurrency_rtf_p99_under_target'], 'd')} |"]
+        for b, q in zip(nat_b["throughput"], nat_q["throughput"]):
+            out.append(f"| tok/s at concurrency {b['concurrency']} | {_f(b['tokens_per_s'], '.0f')} | "
+                       f"{_f(q['tokens_per_s'], '.0f')} |")
+        out.append("")
+    if sp:
+        fa = {n: sp.get(n, {}).get("first_audio_by_mode_s", {}) for n in ("baseline", "quantized")}
+        rows = []
+        for mode in ("controllable", "clone"):
+            cells = []
+            for n in ("baseline", "quantized"):
+                m = fa[n].get(mode)
+                cells.append("–" if not m else (f"{_f(m['p50'], '.3f')} s ({m['reached']}/{m['requests']} reached)"
+                                                if m["reached"] else f"never (0/{m['requests']} reached 50)"))
+            rows.append(f"| {mode} | {cells[0]} | {cells[1]} |")
+        out += ["## Time to first audio (50 semantic tokens = 1 s), by prompt mode", "",
+                "| mode | baseline | quantized |", "|---|---|---|", *rows,
+                "", "A model that never writes 50 semantic tokens (an untrained proxy) never reaches it; the "
+                "latency table's 'time to 50 tokens' is the same clock on any token.", "",
+                f"Highest concurrency whose RTF p99 stays under {s.get('rtf_target')} (fixed length, of the "
+                f"concurrencies measured): baseline "
+                f"{_f(sp.get('baseline', {}).get('max_concurrency_rtf_p99_under_target'), 'd', 'none')}, quantized "
+                f"{_f(sp.get('quantized', {}).get('max_concurrency_rtf_p99_under_target'), 'd', 'none')}.", ""]
     sim = res.get("similarity")
     if sim:
         g, tf = sim["greedy"], sim["teacher_forced"]
@@ -151,15 +195,21 @@ def _roofline_words(rl: dict[str, Any]) -> str:
     b, q = rl.get("baseline"), rl.get("quantized")
     if not (b and q and b["ms_per_token_greedy"] and q["ms_per_token_greedy"]):
         return ""
-    byte_ratio = q["weight_bytes_per_step"] / b["weight_bytes_per_step"]
+    byte_ratio = q["bytes_per_step"] / b["bytes_per_step"]
     time_ratio = q["ms_per_token_greedy"] / b["ms_per_token_greedy"]
-    verdict = ("so the step is not bound by reading weights: fixed per-step costs (kernel launches, "
-               "activation quantization, sampling, scheduling) dominate, and INT8 cannot lower latency much"
-               if time_ratio > 0.5 * (1 + byte_ratio) else
-               "so the step follows the bytes it reads and INT8 pays off in latency")
+    floor = ""
+    if b.get("times_floor") and q.get("times_floor"):
+        floor = (f" The baseline's step takes {b['times_floor']:.1f}x its bandwidth floor ({b['floor_ms']:.3f} ms) "
+                 f"and the quantized one's {q['times_floor']:.1f}x ({q['floor_ms']:.3f} ms).")
+    if time_ratio > 0.5 * (1 + byte_ratio):
+        verdict = ("The step is not bound by reading weights: fixed per-step costs (kernel launches, activation "
+                   "quantization, sampling, scheduling) dominate it, so halving the weight bytes cannot halve "
+                   "latency, and the extra INT8 work (per-token activation quantization) can make it slower.")
+    else:
+        verdict = "The step follows the bytes it reads, so INT8 pays off in latency."
     return (f"The quantized checkpoint reads {byte_ratio:.2f}x the baseline's bytes per decode step "
-            f"({q['lm_head_bytes'] / q['weight_bytes_per_step']:.0%} of them the 16-bit embedding/lm_head), "
-            f"but its batch-1 step takes {time_ratio:.2f}x the time: {verdict}.")
+            f"({q['lm_head_bytes'] / q['bytes_per_step']:.0%} of them the 16-bit embedding/lm_head) and its "
+            f"batch-1 step takes {time_ratio:.2f}x the time.{floor} {verdict}")
 
 
 def render_plots(res: dict[str, Any], folder: Path) -> None:

@@ -114,6 +114,7 @@ class Worker:
                 finish = comp.finish_reason
         rec: dict[str, Any] = {"tokens": tokens, "stamps": stamps, "finish": finish, "prompt_len": len(ids)}
         if mode is not None:
+            rec["mode"] = mode
             first_audio = _time_to_semantic(tokens, stamps, spark.SEMANTIC_PER_SECOND)
             rec["time_to_first_audio"] = first_audio
         if prompt_logprobs is not None:
@@ -206,9 +207,41 @@ def _time_to_semantic(tokens: list[int], stamps: list[tuple[float, int]], n: int
     return None
 
 
+def measure_bandwidth_gbps(gib: float = 1.0, reps: int = 20) -> float | None:
+    """Device-to-device copy bandwidth (bytes read + written per second), the roofline's ceiling.
+
+    Run before the engine takes the GPU's memory. None where there is no CUDA device.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n = int(gib * 2**30)
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    torch.cuda.empty_cache()
+    times.sort()
+    return 2 * n / times[len(times) // 2] / 1e9
+
+
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:
+    bw = measure_bandwidth_gbps() if spec.get("device") == "cuda" else None
     w = Worker(spec)
     result: dict[str, Any] = {"engine": await w.start(), "tasks": {}}
+    result["engine"]["copy_bandwidth_GBps"] = bw
     try:
         for task in spec["tasks"]:
             t0 = time.perf_counter()
