@@ -494,6 +494,8 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
         sim = {"greedy": greedy_similarity(bo, qo, prompts)}
         for mode in ("controllable", "clone"):
             idx = [i for i, p in enumerate(prompts) if p["mode"] == mode]
+            if not idx:
+                continue
             sim[f"greedy_{mode}"] = {k: v for k, v in greedy_similarity([bo[i] for i in idx], [qo[i] for i in idx],
                                                                        [prompts[i] for i in idx]).items()
                                      if k != "agreement_by_position"}

@@ -1,0 +1,132 @@
+"""Eval metrics and verdicts on synthetic worker results (no vLLM needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from spark_quant import spark
+from spark_quant.config import load_experiment
+from spark_quant.evaluate import (
+    build_results,
+    greedy_similarity,
+    latency_metrics,
+    max_concurrency_under,
+    run_worker,
+    teacher_forced,
+    throughput_metrics,
+)
+
+
+def test_latency_metrics_from_stream_stamps():
+    # 5 tokens, first after 10 ms, then one every 2 ms
+    stamps = [[0.010, 1], [0.012, 2], [0.014, 3], [0.016, 4], [0.018, 5]]
+    m = latency_metrics({"requests": [{"stamps": stamps, "mode": "clone", "time_to_first_audio": None}]})
+    assert m["ttft_s"]["p50"] == pytest.approx(0.010)
+    assert m["ms_per_token"]["p50"] == pytest.approx(2.0)
+    assert m["itl_ms"]["p50"] == pytest.approx(2.0)
+    assert m["rtf"]["p50"] == pytest.approx(0.018 / (5 / 50))
+    assert m["first_audio_by_mode_s"]["clone"] == {"p50": None, "reached": 0, "requests": 1}
+
+
+def test_throughput_rows_and_max_concurrency_under_target():
+    task = {"rows": [{"concurrency": c, "wall_s": 2.0, "output_tokens": 100 * c,
+                      "requests": [{"ttft": 0.1, "total": 2.0 * c / 4, "n": 100, "semantic": 0}] * c}
+                     for c in (1, 4, 16)]}
+    rows = throughput_metrics(task)
+    assert [r["tokens_per_s"] for r in rows] == [50, 200, 800]
+    assert rows[0]["rtf_p99"] == pytest.approx(0.25) and rows[2]["rtf_p99"] == pytest.approx(4.0)
+    assert max_concurrency_under(rows, 1.5) == 4
+    assert max_concurrency_under(rows, 0.1) is None
+
+
+def test_greedy_similarity_counts_prefix_exact_and_globals():
+    g = [spark.global_id(i) for i in range(32)]
+    base = [{"tokens": g + [1, 2, 3]}, {"tokens": [5, 6, 7, 8]}]
+    quant = [{"tokens": g[:16] + [spark.global_id(99)] * 16 + [1, 2, 3]}, {"tokens": [5, 6, 7, 8]}]
+    prompts = [{"mode": "controllable"}, {"mode": "clone"}]
+    s = greedy_similarity(base, quant, prompts)
+    assert s["prefix_agreement_mean"] == pytest.approx((16 / 35 + 1.0) / 2)
+    assert s["exact_match_rate"] == 0.5
+    assert s["global_token_agreement"] == pytest.approx(0.5)
+    assert s["agreement_by_position"][2] == 1.0 and s["agreement_by_position"][20] == 0.0
+
+
+def test_teacher_forced_kl_is_zero_for_identical_and_positive_for_shifted():
+    lp = {"10": math.log(0.7), "11": math.log(0.2), "12": math.log(0.05)}
+    same = teacher_forced([[lp]], [[lp]], [[10]])
+    assert same["top1_agreement"] == 1.0 and same["kl_base_quant_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert same["nll_delta_mean"] == pytest.approx(0.0)
+    shifted = {"10": math.log(0.3), "11": math.log(0.6), "12": math.log(0.05)}
+    diff = teacher_forced([[lp]], [[shifted]], [[10]])
+    assert diff["top1_agreement"] == 0.0 and diff["kl_base_quant_mean"] > 0.1
+    assert diff["nll_delta_mean"] == pytest.approx(math.log(0.7) - math.log(0.3))
+
+
+def _run(kernels, greedy_tokens, ok=True):
+    stamps = [[0.01, 1], [0.02, 2], [0.03, 3]]
+    lat = {"requests": [{"stamps": stamps, "mode": "clone", "time_to_first_audio": None}]}
+    thr = {"rows": [{"concurrency": 1, "wall_s": 1.0, "output_tokens": 3,
+                     "requests": [{"ttft": 0.01, "total": 0.03, "n": 3, "semantic": 0}]}]}
+    outs = {"outputs": [{"tokens": t, "finish": "length"} for t in greedy_tokens]}
+    pos = [[{str(t): 0.0} for t in toks] for toks in greedy_tokens]
+    return {"ok": ok, "kernels": kernels, "wall_s": 1.0, "error": None if ok else "boom",
+            "engine": {"dtype": "bfloat16", "quantization": None},
+            "tasks": {"latency": lat, "latency_greedy": lat, "throughput": thr, "greedy": outs, "sampled": outs,
+                      "score": {"positions": pos}, "score_self": {"positions": pos}}}
+
+
+QMAN = {"check": {"format": "int-quantized", "weights": {"total_bytes": 10, "embedding_and_head_bytes": 5,
+                                                           "bytes_by_dtype": {"I8": 5, "BF16": 5}}},
+        "source_weights": {"total_bytes": 20, "embedding_and_head_bytes": 10, "bytes_by_dtype": {"BF16": 20}},
+        "inputs": {"recipe_path": "recipes/x.yaml"}}
+CFG = {"num_hidden_layers": 2, "num_key_value_heads": 1, "hidden_size": 64, "num_attention_heads": 1}
+PROMPTS = [{"mode": "clone", "text": "a", "ids": [1, 2]}]
+
+
+def test_verdict_fails_on_the_wrong_kernel_and_names_it():
+    exp = load_experiment(None)
+    good = "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
+    res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2]])], "quantized": [_run([good], [[1, 2]])]},
+                        QMAN, "cpu", CFG)
+    assert res["verdict"] == {"passed": True, "failures": []}
+    bad = "SomeOtherKernel for CompressedTensorsW8A8Int8"
+    res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2]])], "quantized": [_run([bad], [[1, 2]])]},
+                        QMAN, "cpu", CFG)
+    assert not res["verdict"]["passed"]
+    assert "expected CPUInt8ScaledMMLinearKernel" in res["verdict"]["failures"][0]
+
+
+def test_verdict_fails_when_a_threshold_in_the_experiment_is_missed():
+    exp = load_experiment(None, ["eval.min_greedy_prefix_agreement=0.9"])
+    k = ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
+    res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2, 3, 4]])], "quantized": [_run(k, [[1, 9, 9, 9]])]},
+                        QMAN, "cpu", CFG)
+    assert not res["verdict"]["passed"]
+    assert "eval.min_greedy_prefix_agreement 0.9" in res["verdict"]["failures"][0]
+
+
+def test_a_crashed_worker_is_a_failed_row_not_a_crash():
+    exp = load_experiment(None)
+    k = ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
+    res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1]])], "quantized": [_run(k, [[1]], ok=False)]},
+                        QMAN, "cpu", CFG)
+    assert not res["verdict"]["passed"] and "quantized vLLM run failed: boom" in res["verdict"]["failures"][0]
+    assert "quantized" not in res["speed"]
+
+
+def test_run_worker_turns_a_startup_failure_into_an_error(tmp_path, monkeypatch):
+    # an interpreter that exits at once stands in for a worker that dies (no result file written)
+    monkeypatch.setenv("SERVE_PYTHON", "/bin/false")
+    res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
+    assert res["ok"] is False and "exited with 1" in res["error"]
+
+
+def test_run_worker_kills_a_hung_worker_at_the_timeout(tmp_path, monkeypatch):
+    hang = tmp_path / "hang.sh"
+    hang.write_text("#!/bin/sh\nsleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("SERVE_PYTHON", str(hang))
+    res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=2)
+    assert res["ok"] is False and "timed out after 2s" in res["error"]
