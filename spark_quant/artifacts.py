@@ -240,6 +240,13 @@ def write_manifest(
     """Write ``manifest.json`` into a finished stage folder (call it last)."""
     import time
 
+    # fault injection for the kill tests: hold the stage at its most fragile point (all files, no manifest)
+    pause = os.environ.get("SPARK_QUANT_TEST_PAUSE_BEFORE_MANIFEST")
+    if pause:
+        (Path(folder) / ".paused").touch()
+        time.sleep(float(pause))
+        (Path(folder) / ".paused").unlink()
+
     manifest = {
         "stage": stage,
         "created": now(),

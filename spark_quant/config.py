@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spark_quant.errors import UserError
+from spark_quant.yamlio import read_yaml
 
 REAL_MODEL_DIR = Path("pretrained_models/Spark-TTS-0.5B")
 DEFAULT_EXPERIMENT = Path("experiments/spark-tts_w8a8_int8.yaml")
@@ -161,16 +162,7 @@ def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Ex
     data: dict[str, Any] = {}
     source = str(path) if path else "(defaults)"
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"{path}: experiment file not found; see experiments/ for examples")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+        loaded = read_yaml(path, "experiment", "see experiments/ for examples")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

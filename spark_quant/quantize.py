@@ -28,24 +28,14 @@ from spark_quant.artifacts import (
 from spark_quant.calibrate import SAMPLES
 from spark_quant.config import Experiment
 from spark_quant.errors import UserError
+from spark_quant.recipes import read_recipe
 from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
 
 
 def load_recipe(path: Path):
     """Parse a recipe with llm-compressor itself; one-line errors for bad YAML or unknown modifiers."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe not found; see recipes/ for llm-compressor YAML recipes")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the recipe syntax") from None
-    if not isinstance(raw, dict) or not raw:
-        raise UserError(f"{path}: a recipe is a mapping of stages to modifiers (see recipes/w8a8_int8_sq_gptq.yaml)")
+    read_recipe(path)
     from llmcompressor.recipe import Recipe
 
     try:

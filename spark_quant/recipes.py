@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from spark_quant.errors import UserError
+from spark_quant.yamlio import read_yaml
 
 # llm-compressor 0.14 modifiers a recipe may name
 KNOWN_MODIFIERS = {
@@ -21,18 +20,17 @@ KNOWN_MODIFIERS = {
 }
 
 
-def check_structure(path: Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the recipe syntax") from None
+def read_recipe(path: Path) -> dict:
+    """The recipe file as a mapping of stages; one-line errors for a missing file, bad YAML or a wrong shape."""
+    data = read_yaml(path, "recipe", "see recipes/ for llm-compressor YAML recipes")
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: a recipe is a mapping of stages to modifiers (see recipes/w8a8_int8_sq_gptq.yaml)")
+    return data
+
+
+def check_structure(path: Path) -> None:
+    path = Path(path)
+    data = read_recipe(path)
     found = 0
     for stage, groups in data.items():
         if not isinstance(groups, dict):
