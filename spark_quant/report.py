@@ -89,22 +89,27 @@ def render_report(res: dict[str, Any]) -> str:
         out += ["", f"Per-repeat ms/token (sampled): baseline {[_f(x, '.3f') for x in runs_b]}, "
                 f"quantized {[_f(x, '.3f') for x in runs_q]}.", ""]
         out += ["## Throughput by concurrency (fixed length, sampled)", "",
-                "| concurrency | baseline tok/s | quantized tok/s | ratio | baseline RTF p99 | quantized RTF p99 "
-                "| baseline TTFT p99 (s) | quantized TTFT p99 (s) |", "|---|---|---|---|---|---|---|---|"]
+                "| concurrency | baseline tok/s | quantized tok/s | ratio | audio s/s base / quant "
+                "| RTF p50 base / quant | RTF p99 base / quant | TTFT p99 base / quant (s) |",
+                "|---|---|---|---|---|---|---|---|"]
         bt = sp.get("baseline", {}).get("throughput", [])
         qt = sp.get("quantized", {}).get("throughput", [])
         for b, q in zip(bt, qt):
             out.append(f"| {b['concurrency']} | {_f(b['tokens_per_s'], '.0f')} | {_f(q['tokens_per_s'], '.0f')} | "
-                       f"{_f(q['tokens_per_s'] / b['tokens_per_s'])} | {_f(b['rtf_p99'], '.4f')} | "
-                       f"{_f(q['rtf_p99'], '.4f')} | {_f(b['ttft_p99_s'], '.3f')} | {_f(q['ttft_p99_s'], '.3f')} |")
+                       f"{_f(q['tokens_per_s'] / b['tokens_per_s'])} | {_f(b['audio_s_per_s'], '.1f')} / "
+                       f"{_f(q['audio_s_per_s'], '.1f')} | {_f(b['rtf_p50'], '.3f')} / {_f(q['rtf_p50'], '.3f')} | "
+                       f"{_f(b['rtf_p99'], '.3f')} / {_f(q['rtf_p99'], '.3f')} | "
+                       f"{_f(b['ttft_p99_s'], '.3f')} / {_f(q['ttft_p99_s'], '.3f')} |")
         out.append("")
         eng = res.get("engines", {})
         out += ["## Engines", "", "| | dtype | quantization | weights loaded (GiB) | KV-cache tokens "
-                "| max concurrency at max_model_len | engine start (s) |", "|---|---|---|---|---|---|---|"]
+                "| max concurrency at max_model_len | engine start (s) | worker wall, all tasks (s) |",
+                "|---|---|---|---|---|---|---|---|"]
         for name, e in eng.items():
             out.append(f"| {name} | {e.get('dtype')} | {e.get('quantization') or '–'} | "
                        f"{_f(e.get('weights_gib_loaded'), '.2f')} | {e.get('kv_cache_tokens') or '–'} "
-                       f"| {_f(e.get('max_concurrency_at_max_len'), '.1f')} | {_f(e.get('load_wall_s'), '.0f')} |")
+                       f"| {_f(e.get('max_concurrency_at_max_len'), '.1f')} | {_f(e.get('load_seconds'), '.0f')} "
+                       f"| {_f(e.get('load_wall_s'), '.0f')} |")
         out.append("")
     rl = res.get("roofline")
     if rl:
