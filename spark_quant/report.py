@@ -53,7 +53,7 @@ def render_report(res: dict[str, Any]) -> str:
         f"# Evaluation: {res['experiment']}",
         "",
         f"- **Device**: {dev} ({res['device']}); driver {host.get('driver', '–')}",
-        f"- **Versions**: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())),
+        "- **Versions**: " + ", ".join(f"{k} {val}" for k, val in sorted(v.items())),
         f"- **Commit**: {res.get('git_commit')}; created {res['created']}",
         f"- **Checkpoint**: recipe `{res['checkpoint']['recipe']}`, format `{res['checkpoint']['format']}`",
         f"- **Settings**: {s.get('max_new_tokens')} new tokens per timed request (ignore EOS), "
