@@ -216,11 +216,11 @@ def _len_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False, model_dir: Path | None = None) -> Path:
+def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False) -> Path:
     cfg = exp.calibration
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.calibration_dir)
-    model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
+    model_dir, is_proxy = exp.resolved_model()
     corpus = read_corpus(cfg.corpus)
     user_refs = read_references(cfg.references) if cfg.references else None
     llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)

@@ -380,12 +380,11 @@ def _speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, A
 
 
 # --- the stage ----------------------------------------------------------------------
-def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
-             model_dir: Path | None = None) -> Path:
+def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
     ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.results_dir)
-    model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
+    model_dir, is_proxy = exp.resolved_model()
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
     verify_files(ckpt_dir, qman)
     base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)

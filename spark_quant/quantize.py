@@ -116,12 +116,11 @@ def copy_tokenizer_files(src_llm: Path, dst_llm: Path) -> None:
         (Path(dst_llm) / "generation_config.json").unlink(missing_ok=True)
 
 
-def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False,
-             model_dir: Path | None = None) -> Path:
+def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
     calib_dir = Path(calib_dir or exp.calibration_dir)
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.checkpoint_dir)
-    model_dir, is_proxy = (Path(model_dir), False) if model_dir else exp.resolved_model()
+    model_dir, is_proxy = exp.resolved_model()
     recipe_path = Path(exp.recipe)
     load_recipe(recipe_path)  # fail fast, before any model is loaded
     calib = require_manifest(calib_dir, "calibrate", "run `make calibrate` (spark-quant calibrate) first")
