@@ -279,3 +279,39 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst, copy_function=_link_file, symlinks=False)
     else:
         _link_file(str(src), str(dst))
+
+
+def reuse_equivalent(out: Path, stage: str, inputs_fingerprint: str, overwrite: bool = False,
+                     replace_stale: bool = False, updates: dict[str, Any] | None = None) -> Path | None:
+    """Fill ``out`` from a sibling folder of the same stage made from the same inputs (by hash).
+
+    Experiments that differ only downstream (another recipe, other eval settings) share their
+    calibration; recipes that differ only in their eval share their checkpoint. The sibling's
+    files are verified against its manifest and hard-linked (no extra space); the new manifest
+    records ``reused_from`` (plus ``updates``). Returns the sibling used, or None when there is none.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return None
+    for cand in sorted(out.parent.glob(f"*/{MANIFEST}")):
+        folder = cand.parent
+        if folder.resolve() == out.resolve() or folder.name.startswith("."):
+            continue
+        try:
+            m = read_manifest(folder)
+        except UserError:
+            continue
+        if not m or m.get("stage") != stage or m.get("inputs_fingerprint") != inputs_fingerprint:
+            continue
+        try:
+            verify_files(folder, m)
+        except UserError:
+            continue
+        with stage_folder(out, overwrite=overwrite, stage=stage, replace_stale=replace_stale) as tmp:
+            for item in sorted(folder.iterdir()):
+                if item.name != MANIFEST:
+                    link_or_copy(item, tmp / item.name)
+            manifest = {**m, **(updates or {}), "reused_from": str(folder), "created": now()}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        return folder
+    return None

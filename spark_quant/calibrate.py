@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
-from spark_quant.artifacts import check_writable, fingerprint, is_up_to_date, sha256_file, stage_folder, write_manifest
+from spark_quant.artifacts import (
+    check_writable,
+    fingerprint,
+    is_up_to_date,
+    reuse_equivalent,
+    sha256_file,
+    stage_folder,
+    write_manifest,
+)
 from spark_quant.config import Experiment
 from spark_quant.errors import UserError
 from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
@@ -233,6 +241,9 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
     }
     if is_up_to_date(out, "calibrate", fingerprint(inputs)) and not overwrite:
         print(f"calibrate: {out} is up to date (inputs unchanged); skipping")
+        return out
+    if derived and (src := reuse_equivalent(out, "calibrate", fingerprint(inputs), overwrite, replace_stale=True)):
+        print(f"calibrate: {out} reuses {src} (same model and calibration settings)")
         return out
 
     check_writable(out, overwrite, "calibrate", replace_stale=derived)

@@ -20,6 +20,7 @@ from spark_quant.artifacts import (
     is_up_to_date,
     link_or_copy,
     require_manifest,
+    reuse_equivalent,
     sha256_file,
     stage_folder,
     verify_files,
@@ -46,6 +47,38 @@ def load_recipe(path: Path):
     if not recipe.modifiers:
         raise UserError(f"{path}: the recipe has no modifiers; add e.g. GPTQModifier under a stage")
     return recipe
+
+
+def check_recipe_targets(recipe, recipe_path: Path, llm: Path) -> dict[str, int]:
+    """Refuse a recipe whose quantization modifiers match no layer of the model, before any work.
+
+    The model is built on the meta device from its config.json (no weights read), and each
+    modifier's ``targets`` / ``ignore`` (or its config_groups' targets) are resolved with
+    compressed-tensors' own matcher, as llm-compressor does. Returns layers matched per modifier.
+    """
+    import torch
+    from compressed_tensors.utils import match_named_modules
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(llm)))
+    matched: dict[str, int] = {}
+    for m in recipe.modifiers:
+        targets = getattr(m, "targets", None)
+        groups = getattr(m, "config_groups", None) or {}
+        if groups:
+            targets = [t for g in groups.values() for t in (g.get("targets") if isinstance(g, dict) else g.targets)]
+        if targets is None or not hasattr(m, "ignore"):
+            continue  # e.g. SmoothQuant: mappings are inferred by llm-compressor
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        ignore = list(m.ignore or [])
+        n = sum(1 for _ in match_named_modules(model, targets, ignore))
+        name = type(m).__name__
+        if n == 0:
+            raise UserError(f"{recipe_path}: {name}: targets {targets} (ignore {ignore}) match no layer of the model; "
+                            "Qwen2 layers are Linear modules named like model.layers.0.mlp.down_proj")
+        matched[name] = n
+    return matched
 
 
 def _weights_summary(llm: Path) -> dict[str, Any]:
@@ -122,12 +155,13 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
     out = Path(out or exp.checkpoint_dir)
     model_dir, is_proxy = exp.resolved_model()
     recipe_path = Path(exp.recipe)
-    load_recipe(recipe_path)  # fail fast, before any model is loaded
+    recipe = load_recipe(recipe_path)  # fail fast, before any model is loaded
     calib = require_manifest(calib_dir, "calibrate", "run `make calibrate` (spark-quant calibrate) first")
     samples = calib_dir / SAMPLES
     if not samples.is_file() or sha256_file(samples) != calib.get("samples_sha256"):
         raise UserError(f"{samples}: does not match its manifest's sha256 (edited by hand?); rerun `make calibrate`")
     llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+    check_recipe_targets(recipe, recipe_path, llm)
 
     inputs = {
         "recipe": recipe_path.read_text(encoding="utf-8"),
@@ -139,6 +173,10 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
     if is_up_to_date(out, "quantize", fingerprint(inputs)) and not overwrite:
         verify_files(out)
         print(f"quantize: {out} is up to date (inputs unchanged); skipping")
+        return out
+    if derived and (src := reuse_equivalent(out, "quantize", fingerprint(inputs), overwrite, replace_stale=True,
+                                            updates={"calibration_dir": str(calib_dir)})):
+        print(f"quantize: {out} reuses {src} (same model, recipe and calibration samples)")
         return out
 
     check_writable(out, overwrite, "quantize", replace_stale=derived)
