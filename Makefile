@@ -9,6 +9,8 @@ EXPERIMENT ?= experiments/spark-tts_w8a8_int8.yaml
 MODEL ?=
 RECIPE ?=
 SET ?=
+EXPERIMENTS ?= $(sort $(wildcard experiments/spark-tts_*.yaml))
+SWEEP ?= spark-tts-tiny
 VENV ?= .venv
 PY ?= python3
 QUANT_PYTHON ?= $(VENV)/quant/bin/python
@@ -24,7 +26,7 @@ STAGE_ARGS = -e $(EXPERIMENT) $(if $(MODEL),--model $(MODEL)) $(if $(RECIPE),--r
 export SERVE_PYTHON QUANT_PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help envs calibrate quantize eval validate proxy test clean
+.PHONY: help envs calibrate quantize eval sweep validate proxy test clean
 
 ## Show this help
 help:
@@ -62,6 +64,10 @@ quantize: $(QUANT_ENV)
 eval: $(SERVE_ENV)
 	$(SERVE_PYTHON) -m spark_quant eval $(STAGE_ARGS)
 
+## Run several experiments and compare them: one table + plot (EXPERIMENTS="a.yaml b.yaml", SWEEP=name)
+sweep: $(QUANT_ENV) $(SERVE_ENV)
+	$(QUANT_PYTHON) -m spark_quant sweep $(EXPERIMENTS) --out eval/sweeps/$(SWEEP) $(foreach s,$(SET),--set $(s))
+
 ## Check experiment and recipe YAML files without loading a model
 validate: $(QUANT_ENV)
 	$(QUANT_PYTHON) -m spark_quant validate experiments/*.yaml recipes/*.yaml
@@ -72,4 +78,4 @@ test: $(QUANT_ENV) $(SERVE_ENV)
 
 ## Remove generated artifacts (keeps the environments)
 clean:
-	rm -rf build checkpoints calibration/runs eval/results
+	rm -rf build checkpoints calibration/runs eval/results eval/sweeps

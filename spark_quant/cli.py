@@ -4,7 +4,10 @@
     spark-quant calibrate [-e EXPERIMENT] [--set k=v]     stage 1 (quantization env)
     spark-quant quantize  [-e EXPERIMENT] [--recipe R]    stage 2 (quantization env)
     spark-quant eval      [-e EXPERIMENT]                 stage 3 (serving env; vLLM in a subprocess)
+    spark-quant publish   --repo-id NS/NAME [--dry-run]   stage 4: model card + upload (quantization env)
     spark-quant validate  FILE...                         check experiments / recipes without a model
+    spark-quant sweep     EXPERIMENT... [--out DIR]       run several experiments, one comparison table + plot
+    spark-quant compare   RESULTS... --out DIR            the comparison alone, from finished eval folders
 
 Errors a user can fix print one line and exit non-zero; ``--debug`` shows the traceback.
 """
@@ -47,6 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="stage 3: baseline vs quantized under vLLM")
     _common(p)
     p.add_argument("--checkpoint", type=Path, default=None, help="quantized checkpoint folder (default: from the experiment)")
+
+    p = sub.add_parser("publish", help="stage 4: stage the release with its model card and upload it to a hub")
+    p.add_argument("-e", "--experiment", type=Path, default=None, help="experiment YAML (names the default folders)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--repo-id", required=True, help="hub repo NAMESPACE/NAME, e.g. you/Spark-TTS-0.5B-W8A8-int8")
+    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint folder (default: from the experiment)")
+    p.add_argument("--results", type=Path, default=None, help="eval results folder (default: from the experiment)")
+    p.add_argument("--out", type=Path, default=None, help="staged release folder (default: build/release/<checkpoint>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--dry-run", action="store_true", help="stage the release and print the file plan; upload nothing")
+    p.add_argument("--force", action="store_true", help="publish without eval results or with failed eval gates")
+    p.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--license", default=None, help="license id for the card (default: the source model's)")
+    p.add_argument("--retries", type=int, default=3, help="attempts when the network fails (default 3)")
+
+    p = sub.add_parser("compare", help="one table + plot from several finished eval folders")
+    p.add_argument("results", nargs="+", type=Path, help="eval folders (eval/results/<experiment>)")
+    p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.json and the plot")
+    p = sub.add_parser("sweep", help="calibrate, quantize and eval several experiments, then compare them")
+    p.add_argument("experiments", nargs="+", type=Path, help="experiment YAML files")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field in every experiment (repeatable)")
+    p.add_argument("--out", type=Path, default=Path("eval/sweeps/latest"), help="comparison folder")
 
     p = sub.add_parser("validate", help="check experiment and recipe files without loading a model")
     p.add_argument("files", nargs="*", type=Path)
@@ -127,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
 
             out = build_proxy(args.out, size=args.size, seed=args.seed)
             print(f"proxy: {out}")
+        elif args.cmd == "compare":
+            from spark_quant.compare import compare
+
+            compare(args.results, args.out)
+        elif args.cmd == "sweep":
+            from spark_quant.compare import sweep
+
+            sweep(args.experiments, args.overrides, args.out)
         elif args.cmd == "validate":
             return validate(args.files, args.fields)
         elif args.cmd == "calibrate":
@@ -141,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             from spark_quant.evaluate import evaluate
 
             evaluate(_experiment(args), ckpt_dir=args.checkpoint, out=args.out, overwrite=args.overwrite)
+        elif args.cmd == "publish":
+            from spark_quant.publish import publish
+
+            args.model = args.recipe = None
+            publish(_experiment(args), args.repo_id, ckpt_dir=args.checkpoint, results_dir=args.results, out=args.out,
+                    dry_run=args.dry_run, force=args.force, private=args.private, revision=args.revision,
+                    commit_message=args.commit_message, license_=args.license, retries=max(1, args.retries),
+                    overwrite=args.overwrite)
         return 0
     except UserError as e:
         if args.debug:

@@ -75,6 +75,10 @@ class EvalConfig(_Section):
     expected_kernel: str | None = Field(
         None, description="linear kernel the quantized layers must use; null = Cutlass on CUDA, the CPU kernel on CPU"
     )
+    reuse_baseline: bool = Field(
+        True, description="reuse baseline runs measured with the same model, settings, versions and device "
+        "(a sweep measures BF16 once); false = measure it again beside each quantized run"
+    )
     timeout_s: int = Field(1800, gt=0, description="a vLLM worker running longer is killed and reported failed")
     min_greedy_prefix_agreement: float = Field(
         0.0, ge=0.0, le=1.0, description="gate: mean share of greedy tokens before the first divergence"

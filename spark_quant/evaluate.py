@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -380,6 +381,72 @@ def _speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, A
 
 
 # --- the stage ----------------------------------------------------------------------
+def baseline_cache_dir(out: Path) -> Path:
+    """Baseline runs shared by every experiment evaluated beside ``out`` (same model, settings, versions)."""
+    return Path(out).parent / ".baseline-cache"
+
+
+def cached_run(spec: dict[str, Any], model_fp: Any, workdir: Path, tag: str, timeout_s: int,
+               cache: Path | None) -> dict[str, Any]:
+    """run_worker, memoized on disk by everything that decides the result.
+
+    The key covers the engine spec and tasks (prompts, lengths, sampling), the model files' hashes,
+    the serving libraries' versions and the device: the BF16 baseline of a sweep is measured once
+    and every quantized variant is compared against the same runs. Only successful runs are kept.
+    """
+    if cache is None:
+        return run_worker(spec, workdir, tag, timeout_s)
+    key = fingerprint({"spec": spec, "model": model_fp, "versions": versions(), "host": device_info()})[:16]
+    path = cache / key / f"{tag}.json"
+    if path.is_file():
+        try:
+            res = json.loads(path.read_text())
+            print(f"eval: {tag}: reusing the measured baseline in {path.parent}", flush=True)
+            res["reused_from"] = str(path)
+            return res
+        except json.JSONDecodeError:
+            path.unlink(missing_ok=True)
+    res = run_worker(spec, workdir, tag, timeout_s)
+    if res.get("ok"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(f".part-{os.getpid()}")
+        part.write_text(json.dumps(res))
+        os.replace(part, path)
+        log = workdir / res["log"]
+        if log.is_file():
+            shutil.copy2(log, path.parent / log.name)
+    return res
+
+
+def _fp8_capable() -> tuple[bool, str]:
+    """FP8 W8A8 needs an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper)."""
+    if not _has_cuda_device():
+        return False, "no CUDA GPU (FP8 kernels need compute capability >= 8.9)"
+    try:
+        import torch
+
+        cap = torch.cuda.get_device_capability(0)
+    except Exception as e:  # noqa: BLE001 - report, do not guess
+        return False, f"could not query the GPU ({type(e).__name__})"
+    return cap >= (8, 9), f"GPU compute capability {cap[0]}.{cap[1]}"
+
+
+def write_skipped(exp: Experiment, out: Path, overwrite: bool, derived: bool, reason: str, inputs: dict[str, Any],
+                  qman: dict[str, Any]) -> Path:
+    """A finished eval folder that says why nothing was measured (the sweep table shows the reason)."""
+    started = time.time()
+    with stage_folder(out, overwrite=overwrite, stage="eval", replace_stale=derived) as tmp:
+        res = {"experiment": exp.name, "created": now(), "git_commit": git_commit(), "skipped": reason,
+               "checkpoint": {"format": qman["check"]["format"], "weights": qman["check"]["weights"],
+                              "recipe": qman["inputs"]["recipe_path"]},
+               "verdict": {"passed": True, "failures": [], "skipped": reason}}
+        (tmp / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+        (tmp / "report.md").write_text(f"# {exp.name}\n\nNot evaluated: {reason}.\n")
+        write_manifest(tmp, "eval", exp.model_dump(mode="json"), inputs, started, extra={"skipped": reason})
+    print(f"eval: {exp.name}: skipped: {reason}")
+    return out
+
+
 def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
     ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
@@ -400,6 +467,11 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
               "model": model_fingerprint(model_dir), "prompts": fingerprint([p["ids"] for p in prompts])}
 
     check_writable(out, overwrite, "eval", replace_stale=derived)
+    if qman["check"]["format"] == "float-quantized":
+        ok, why = _fp8_capable()
+        if not ok:
+            return write_skipped(exp, out, overwrite, derived, f"FP8 checkpoint and {why}", inputs, qman)
+    cache = baseline_cache_dir(out) if exp.eval.reuse_baseline else None
     started = time.time()
     with stage_folder(out, overwrite=overwrite, stage="eval", replace_stale=derived) as tmp:
         logs = tmp / "logs"
@@ -409,9 +481,10 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
         timeout = exp.eval.timeout_s
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "quantized": []}
         # repeat 1: similarity + timing; later repeats: timing only; A B A B
-        b = run_worker({**base_spec, "tasks": timing_tasks(exp, prompts) + similarity_tasks(exp, prompts, None)
+        b = cached_run({**base_spec, "tasks": timing_tasks(exp, prompts) + similarity_tasks(exp, prompts, None)
                         + [{"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
-                            "continuations": "greedy", "top_k_logprobs": 20}]}, logs, "baseline-1", timeout)
+                            "continuations": "greedy", "top_k_logprobs": 20}]}, inputs["model"], logs, "baseline-1",
+                       timeout, cache)
         runs["baseline"].append(b)
         base_greedy = [o["tokens"] for o in b["tasks"]["greedy"]["outputs"]] if b.get("ok") else None
         q = run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)
@@ -420,8 +493,8 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
         for rep in range(2, exp.eval.repeats + 1):
             if not (b.get("ok") and q.get("ok")):
                 break
-            runs["baseline"].append(run_worker({**base_spec, "tasks": timing_tasks(exp, prompts)}, logs,
-                                               f"baseline-{rep}", timeout))
+            runs["baseline"].append(cached_run({**base_spec, "tasks": timing_tasks(exp, prompts)}, inputs["model"],
+                                               logs, f"baseline-{rep}", timeout, cache))
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
