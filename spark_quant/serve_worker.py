@@ -8,6 +8,11 @@ SPEC holds the engine settings and a list of tasks; RESULT receives the engine
 facts (KV-cache capacity, load time) and one entry per task. The last line of
 stdout is the result as one JSON document. Nothing here imports llm-compressor.
 
+Token ids in SPEC and RESULT are always Spark-TTS's original ids. A model folder
+holding a Spark serving profile (``LLM/spark_profile.json``, see ``profile.py``)
+is detected: prompts are mapped to profile ids on the way in and generated
+tokens back to original ids on the way out, so callers never see profile ids.
+
 Timing is taken on the client side of vLLM's AsyncLLM with delta outputs: the
 wall-clock time at which each new token reaches the caller, which is what a
 streaming TTS server sees.
@@ -48,7 +53,7 @@ def _engine_args(spec: dict[str, Any]):
     return AsyncEngineArgs(**kw)
 
 
-def _sampling(task: dict[str, Any], greedy: bool = False, **extra):
+def _sampling(task: dict[str, Any], greedy: bool = False, eos_id: int = spark.EOS_ID, **extra):
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -56,10 +61,12 @@ def _sampling(task: dict[str, Any], greedy: bool = False, **extra):
         kw = dict(temperature=0.0)
     else:
         kw = dict(temperature=task.get("temperature", 0.8), top_k=task.get("top_k", 50), top_p=task.get("top_p", 0.95))
+    if task.get("restrict_to_emittable"):  # the full-vocabulary model limited to what Spark can emit
+        kw["allowed_token_ids"] = spark.emittable_ids()
     return SamplingParams(
         max_tokens=task["max_tokens"],
         ignore_eos=task.get("ignore_eos", False),
-        stop_token_ids=[spark.EOS_ID],
+        stop_token_ids=[eos_id],
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         **kw,
@@ -67,12 +74,44 @@ def _sampling(task: dict[str, Any], greedy: bool = False, **extra):
     )
 
 
+def ensure_profile_plugin() -> None:
+    """Register SparkQwen2ForCausalLM here and make vLLM's engine processes find the plugin.
+
+    Where spark-quant is installed, its ``vllm.general_plugins`` entry point does that in every
+    process. Where it is only on PYTHONPATH (the offline GPU host), a dist-info holding the same
+    entry point is written to a temporary folder put on sys.path and PYTHONPATH.
+    """
+    import tempfile
+    from importlib.metadata import entry_points
+
+    from spark_quant.vllm_spark import register
+
+    register()
+    target = "spark_quant.vllm_spark:register"
+    if any(ep.value == target for ep in entry_points(group="vllm.general_plugins")):
+        return
+    root = Path(tempfile.mkdtemp(prefix="spark-quant-vllm-plugin-"))
+    info = root / "spark_quant_vllm_plugin-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: spark-quant-vllm-plugin\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\nspark_quant_profile = {target}\n")
+    sys.path.insert(0, str(root))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any]):
+        from spark_quant.profile import load_permutation
+
         self.spec = spec
         self.engine = None
         self._rid = 0
         self.results: dict[str, Any] = {}
+        # a Spark serving profile: map ids at the engine's edge (None = ids pass unchanged)
+        self.perm = load_permutation(Path(spec["model"]))
+        self.eos_id = self.perm.to_profile([spark.EOS_ID])[0] if self.perm else spark.EOS_ID
+        if self.perm is not None:
+            ensure_profile_plugin()
 
     async def start(self) -> dict[str, Any]:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -91,6 +130,7 @@ class Worker:
             "max_concurrency_at_max_len": (kv_tokens / cfg.model_config.max_model_len) if kv_tokens else None,
             "dtype": str(cfg.model_config.dtype).replace("torch.", ""),
             "quantization": cfg.model_config.quantization,
+            "spark_profile_vocab": self.perm.n if self.perm else None,
         }
 
     async def one(self, ids: list[int], params, mode: str | None = None) -> dict[str, Any]:
@@ -102,11 +142,12 @@ class Worker:
         t0 = time.perf_counter()
         finish = None
         prompt_logprobs = None
-        async for out in self.engine.generate({"prompt_token_ids": ids}, params, rid):
+        engine_ids = self.perm.to_profile(ids) if self.perm else ids
+        async for out in self.engine.generate({"prompt_token_ids": engine_ids}, params, rid):
             now = time.perf_counter()
             comp = out.outputs[0]
             if comp.token_ids:
-                tokens.extend(comp.token_ids)
+                tokens.extend(self.perm.to_original(comp.token_ids) if self.perm else comp.token_ids)
                 stamps.append((now - t0, len(tokens)))
             if out.prompt_logprobs is not None and prompt_logprobs is None:
                 prompt_logprobs = out.prompt_logprobs
@@ -124,16 +165,16 @@ class Worker:
     async def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
         kind = task["kind"]
         if kind in ("greedy", "sampled"):
-            params = _sampling(task, greedy=kind == "greedy", seed=task.get("seed"))
+            params = _sampling(task, greedy=kind == "greedy", eos_id=self.eos_id, seed=task.get("seed"))
             recs = await asyncio.gather(*(self.one(p, params) for p in task["prompts"]))
             return {"outputs": [{"tokens": r["tokens"], "finish": r["finish"]} for r in recs]}
         if kind == "warmup":
             for c in task["concurrency"]:
-                params = _sampling(task, greedy=task.get("greedy", False))
+                params = _sampling(task, greedy=task.get("greedy", False), eos_id=self.eos_id)
                 await asyncio.gather(*(self.one(task["prompts"][i % len(task["prompts"])], params) for i in range(c)))
             return {}
         if kind == "latency":
-            params = _sampling(task, greedy=task.get("greedy", False))
+            params = _sampling(task, greedy=task.get("greedy", False), eos_id=self.eos_id)
             recs = []
             for i in range(task["requests"]):
                 p = task["prompts"][i % len(task["prompts"])]
@@ -142,7 +183,7 @@ class Worker:
                 recs.append(r)
             return {"requests": recs}
         if kind == "throughput":
-            params = _sampling(task, greedy=task.get("greedy", False))
+            params = _sampling(task, greedy=task.get("greedy", False), eos_id=self.eos_id)
             rows = []
             for c in task["concurrency"]:
                 prompts = [task["prompts"][i % len(task["prompts"])] for i in range(c)]
@@ -169,6 +210,10 @@ class Worker:
             return {"rows": rows}
         if kind == "score":
             # Teacher forcing: prompt logprobs of (prompt + continuation) at each continuation position.
+            if self.perm is not None:
+                # vLLM gathers each prompt token's logprob by id; prompt text ids lie outside the profile's
+                # N-wide logits row, so prompt logprobs cannot be computed (see vllm_spark.py)
+                return {"positions": None, "skipped": "prompt logprobs are not available from a Spark serving profile"}
             k = task.get("top_k_logprobs", 20)
             from vllm import SamplingParams
 
