@@ -26,7 +26,7 @@ STAGE_ARGS = -e $(EXPERIMENT) $(if $(MODEL),--model $(MODEL)) $(if $(RECIPE),--r
 export SERVE_PYTHON QUANT_PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help envs calibrate quantize eval sweep validate proxy test clean
+.PHONY: help envs calibrate quantize eval publish sweep validate proxy test clean
 
 ## Show this help
 help:
@@ -63,6 +63,12 @@ quantize: $(QUANT_ENV)
 ## Stage 3: baseline vs quantized under vLLM; writes eval/results/<experiment>/
 eval: $(SERVE_ENV)
 	$(SERVE_PYTHON) -m spark_quant eval $(STAGE_ARGS)
+
+## Stage 4: model card + one-commit upload of the checkpoint (REPO_ID=ns/name; DRY_RUN=1 stages build/release/ only)
+publish: $(QUANT_ENV)
+	@test -n "$(REPO_ID)" || { echo "make publish: set REPO_ID=namespace/name (DRY_RUN=1 to stage without uploading)"; exit 2; }
+	$(QUANT_PYTHON) -m spark_quant publish -e $(EXPERIMENT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run) \
+	    $(if $(FORCE),--force) $(if $(PRIVATE),--private) $(if $(REVISION),--revision $(REVISION)) $(if $(OVERWRITE),--overwrite)
 
 ## Run several experiments and compare them: one table + plot (EXPERIMENTS="a.yaml b.yaml", SWEEP=name)
 sweep: $(QUANT_ENV) $(SERVE_ENV)
