@@ -354,3 +354,19 @@ def test_the_resolved_experiment_in_the_release_loads_as_an_experiment(made, tmp
         assert resolved[section] == value if not isinstance(value, dict) else \
             {k: resolved[section][k] for k in value} == value
     assert yaml.safe_load((out / "spark-quant" / "experiment.yaml").read_text())["calibration"]["num_samples"] == 16
+
+
+def test_source_license_is_read_from_the_source_card_or_must_be_given(tmp_path):
+    from spark_quant.errors import UserError
+    from spark_quant.publish import find_license
+
+    ckpt, src = tmp_path / "ckpt", tmp_path / "src"
+    ckpt.mkdir()
+    src.mkdir()
+    qman = {"model_dir": str(src)}
+    with pytest.raises(UserError, match=r"src/README.md: no `license:`.*pass --license"):
+        find_license(ckpt, qman, is_proxy=False, override=None)
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: spark\n---\n")
+    assert find_license(ckpt, qman, is_proxy=False, override=None) == "other"
+    assert find_license(ckpt, qman, is_proxy=False, override="mit") == "mit"
+    assert find_license(ckpt, qman, is_proxy=True, override=None) == "apache-2.0"
