@@ -45,6 +45,10 @@ class CalibrationConfig(_Section):
         0, ge=0, description="append up to this many tokens of the model's own continuation to each prompt (0 = off)"
     )
     max_seq_length: int = Field(2048, gt=16, description="longer samples are truncated by oneshot")
+    batch_size: int = Field(
+        1, gt=0, description="oneshot calibration batch size; >1 sorts samples by length and truncates each batch "
+        "to its shortest sample (tokens dropped are counted in the manifest)"
+    )
     generation_batch_size: int = Field(32, gt=0, description="batch size for reference/continuation generation")
 
 

@@ -169,6 +169,7 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         "calibration_sha256": calib["samples_sha256"],
         "model": model_fingerprint(model_dir),
         "max_seq_length": exp.calibration.max_seq_length,
+        "batch_size": exp.calibration.batch_size,
     }
     if is_up_to_date(out, "quantize", fingerprint(inputs)) and not overwrite:
         verify_files(out)
@@ -188,6 +189,12 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
     started = time.time()
     load_tokenizer(llm)  # refuse a tokenizer without Spark-TTS's tokens before any work
     rows = [json.loads(line) for line in samples.read_text(encoding="utf-8").splitlines()]
+    bs = exp.calibration.batch_size
+    dropped = 0
+    if bs > 1:  # batches of similar lengths: llm-compressor's collator truncates each to its shortest sample
+        rows.sort(key=lambda r: len(r["input_ids"]))
+        lens = [min(len(r["input_ids"]), exp.calibration.max_seq_length) for r in rows]
+        dropped = sum(sum(b) - min(b) * len(b) for b in (lens[i:i + bs] for i in range(0, len(lens), bs)))
     ds = Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows],
                             "attention_mask": [r["attention_mask"] for r in rows]})
     cuda = torch.cuda.is_available()
@@ -203,6 +210,7 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         max_seq_length=exp.calibration.max_seq_length,
         num_calibration_samples=len(ds),
         shuffle_calibration_samples=False,
+        batch_size=bs,
     )
     t_oneshot = time.time() - t0
 
@@ -224,6 +232,8 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
                 "model_is_proxy": is_proxy,
                 "calibration_dir": str(calib_dir),
                 "num_calibration_samples": len(ds),
+                "calibration_batch_size": bs,
+                "calibration_tokens_dropped_by_batching": dropped,
                 "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_oneshot, 2), "save_s": round(t_save, 2)},
                 "check": check,
                 "source_weights": src_weights,
