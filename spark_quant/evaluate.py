@@ -98,7 +98,8 @@ def heldout_prompts(exp: Experiment, tok, refs: list[dict[str, Any]]) -> list[di
 
 
 # --- running workers ----------------------------------------------------------------
-def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) -> dict[str, Any]:
+def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
+               module: str = "spark_quant.serve_worker") -> dict[str, Any]:
     """Run one serve_worker process; a crash, OOM or hang becomes {'ok': False, 'error': ...}."""
     spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
@@ -110,7 +111,7 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int) ->
     print(f"eval: serving {tag} ({spec['model']}, {spec['dtype']}) ...", flush=True)
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run([serve_python(), "-m", "spark_quant.serve_worker", str(spec_path), str(result_path)],
+            proc = subprocess.run([serve_python(), "-m", module, str(spec_path), str(result_path)],
                                   stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -168,6 +169,7 @@ def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
         "enforce_eager": e.enforce_eager,
         "device": "cuda" if cuda else "cpu",
         "seed": 0,
+        "engine_overrides": dict(e.engine_args),
     }
 
 
@@ -483,7 +485,7 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     check_serving_env(exp)
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
     verify_files(ckpt_dir, qman)
-    base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+    base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
     quant_llm = ckpt_dir / "LLM"
     tok = load_tokenizer(base_llm)
     refs_path = Path(qman.get("calibration_dir", exp.calibration_dir)) / REFERENCES
@@ -535,6 +537,11 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
+        if exp.eval.profile_concurrency:
+            results["step_profile"] = {
+                name: run_worker({**spec, "concurrency": exp.eval.profile_concurrency, "modes": ["sampled", "greedy"]},
+                                 logs, f"{name}-stepprof", timeout, module="spark_quant.stepprof")
+                for name, spec in (("baseline", base_spec), ("quantized", quant_spec))}
         write_results(results, tmp)
         from spark_quant.report import render_report, render_plots
 

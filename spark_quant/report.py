@@ -128,6 +128,8 @@ def render_report(res: dict[str, Any]) -> str:
                            f"{_f(r['device_GBps'], '.0f')} | {_f(r['floor_ms'], '.3f')} | "
                            f"{_f(r['times_floor'], '.1f') + 'x' if r['times_floor'] else '–'} |")
         out += ["", _roofline_words(rl), ""]
+    if res.get("step_profile"):
+        out += render_step_profile(res["step_profile"])
     nat_b = sp.get("baseline", {}).get("natural") if sp else None
     nat_q = sp.get("quantized", {}).get("natural") if sp else None
     if nat_b and nat_q:
@@ -194,6 +196,28 @@ def render_report(res: dict[str, Any]) -> str:
     out += ["## Plots", "", "![latency CDF](latency_cdf.png) ![throughput](throughput.png) "
             "![agreement by position](agreement.png)", ""]
     return "\n".join(out)
+
+
+def render_step_profile(prof: dict[str, Any]) -> list[str]:
+    """One decode step's time by kernel kind (ms per step), per model, concurrency and sampling mode."""
+    cats = ("gemm_int8", "gemm_16bit", "act_quant", "attention", "sampling", "copies", "other")
+    out = ["## Where a decode step's time goes", "",
+           "Per decode step, from the difference of two generation lengths (prefill removed). GPU columns are "
+           "kernel time summed by kind (torch profiler); busy = union of kernel intervals; gaps = wall - busy "
+           "(the GPU waiting for the CPU). `lm_head alone` = the head GEMM at this batch timed by itself.", "",
+           "| model | c | mode | wall ms | GPU busy | gaps | " + " | ".join(cats) + " | lm_head alone | kernels |",
+           "|" + "---|" * (8 + len(cats))]
+    for name, r in prof.items():
+        if not r.get("ok"):
+            out.append(f"| {name} | – | – | failed: {r.get('error', '?')[:120]} |" + " |" * (4 + len(cats)))
+            continue
+        for row in r["rows"]:
+            ms = row.get("ms_by_category", {})
+            out.append(f"| {name} | {row['concurrency']} | {row['mode']} | {_f(row['wall_ms_per_step'], '.3f')} | "
+                       f"{_f(row.get('gpu_busy_ms'), '.3f')} | {_f(row.get('gaps_ms'), '.3f')} | "
+                       + " | ".join(_f(ms.get(c), '.3f') for c in cats)
+                       + f" | {_f(row.get('lm_head_alone_ms'), '.3f')} | {_f(row.get('kernels_per_step'), '.0f')} |")
+    return out + [""]
 
 
 def _roofline_words(rl: dict[str, Any]) -> str:

