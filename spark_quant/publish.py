@@ -269,12 +269,18 @@ def _mb(n: int | float | None) -> str:
     return "unknown" if n is None else f"{n / 1e6:,.1f} MB"
 
 
-def _precision_rows(check: dict[str, Any]) -> list[dict[str, str]]:
+def _method(recipe_text: str) -> str:
+    mods = _recipe_summary(recipe_text).split(" + ")
+    how = "GPTQ" if "GPTQModifier" in mods else "AWQ" if "AWQModifier" in mods else "round-to-nearest"
+    return ("SmoothQuant, then " if "SmoothQuantModifier" in mods else "") + how
+
+
+def _precision_rows(check: dict[str, Any], method: str) -> list[dict[str, str]]:
     rows = []
     for group in (check.get("config_groups") or {}).values():
         w, a = group.get("weights") or {}, group.get("input_activations") or {}
         wd = (f"INT{w.get('num_bits')} weights, per-{w.get('strategy')}, "
-              f"{'symmetric' if w.get('symmetric') else 'asymmetric'}, {'GPTQ' if w.get('actorder') is not None else 'static'}")
+              f"{'symmetric' if w.get('symmetric') else 'asymmetric'}, {method}")
         ad = (f"INT{a.get('num_bits')} activations, per-{a.get('strategy')}, "
               f"{'dynamic (at run time)' if a.get('dynamic') else 'static'}") if a else "activations 16-bit"
         rows.append({"part": f"{', '.join(group.get('targets') or [])} layers of the decoder (q/k/v/o, gate/up/down)",
@@ -432,7 +438,7 @@ def card_context(ckpt_dir: Path, checked: dict[str, Any], repo_id: str, license_
         "llmc_version": (qman.get("versions") or {}).get("llmcompressor", "?"),
         "quant_versions": ", ".join(f"{k} {v}" for k, v in sorted((qman.get("versions") or {}).items())),
         "format": check.get("format"),
-        "precision": _precision_rows(check),
+        "precision": _precision_rows(check, _method(recipe_text)),
         "size_quant": _mb(w.get("total_bytes")),
         "size_source": _mb(sw.get("total_bytes")),
         "size_ratio": size_ratio,
