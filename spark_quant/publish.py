@@ -145,7 +145,7 @@ CARD_TEMPLATE = """\
 - **Output:** BiCodec global and semantic tokens (50 semantic tokens per second of audio)
 - **Model optimizations:** weights INT8, activations INT8 (W8A8), in the LLM's linear layers
 - **Base model:** {{ base_model_line }}
-- **Release:** {{ created }}, made with spark-quant at commit `{{ commit }}`
+- **Made:** {{ created }}, with spark-quant at commit `{{ commit }}`
 - **License:** {{ license }}{% if not is_proxy %} (the source model's){% endif %}
 
 The folder keeps Spark-TTS's layout, with `LLM/` replaced by the INT8 checkpoint, so Spark-TTS's own code loads it unchanged:
