@@ -130,3 +130,54 @@ def test_run_worker_kills_a_hung_worker_at_the_timeout(tmp_path, monkeypatch):
     monkeypatch.setenv("SERVE_PYTHON", str(hang))
     res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=2)
     assert res["ok"] is False and "timed out after 2s" in res["error"]
+
+
+def test_a_failed_worker_reports_vllms_root_cause_not_the_last_line(tmp_path, monkeypatch):
+    # vLLM logs the cause in the engine process, then generic wrappers; the row must carry the cause
+    fake = tmp_path / "fake.sh"
+    fake.write_text("#!/bin/sh\n"
+                    "echo '(Worker pid=1) ERROR 11-27 [multiproc_executor.py:953] ValueError: Failed to find a kernel "
+                    "that can implement the WNA16 linear layer. Reasons: '\n"
+                    "echo 'Exception: WorkerProc initialization failed due to an exception in a background process.'\n"
+                    "echo 'RuntimeError: Engine core initialization failed. See root cause above.'\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
+    assert res["ok"] is False
+    assert res["error"].startswith("vLLM worker exited with 1: ValueError: Failed to find a kernel")
+
+
+def test_out_of_memory_is_named_for_gpu_and_cpu_messages(tmp_path, monkeypatch):
+    for line in ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                 "ValueError: No available memory for the cache blocks. Try increasing gpu_memory_utilization",
+                 "ValueError: Available memory on node 0 (1/23 GiB) on kv cache allocation is less than requested "
+                 "memory for kv (-0.8/0.02 GiB)."):
+        fake = tmp_path / "oom.sh"
+        fake.write_text(f"#!/bin/sh\necho '{line}'\nexit 1\n")
+        fake.chmod(0o755)
+        monkeypatch.setenv("SERVE_PYTHON", str(fake))
+        res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
+        assert "(out of memory)" in res["error"], line
+
+
+def test_fp8_on_a_gpu_without_fp8_is_a_skipped_row_that_says_why(tmp_path):
+    from spark_quant.compare import row_for
+    from spark_quant.evaluate import write_skipped
+
+    exp = load_experiment(None)
+    qman = {"check": {"format": "float-quantized", "weights": {"total_bytes": 10}},
+            "inputs": {"recipe_path": "recipes/fp8_dynamic.yaml"}}
+    out = write_skipped(exp, tmp_path / "fp8", False, False, "FP8 checkpoint and GPU compute capability 8.0",
+                        {"k": 1}, qman)
+    row = row_for(out)
+    assert row["verdict"] == "skipped: FP8 checkpoint and GPU compute capability 8.0" and row["recipe"] == "fp8_dynamic"
+    assert (out / "manifest.json").is_file() and "Not evaluated" in (out / "report.md").read_text()
+
+
+def test_set_without_equals_is_one_line():
+    from spark_quant.config import parse_override
+    from spark_quant.errors import UserError
+
+    with pytest.raises(UserError, match="expected FIELD=VALUE"):
+        parse_override("calibration.num_samples")
