@@ -370,6 +370,11 @@ def _speed_rows(res: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
                      "quant": _f(qv, ".0f"), "ratio": _f(qv / bv if bv and qv else None, ".2f")})
     if not b.get("throughput"):
         missing.append("throughput by concurrency")
+    elif "max_concurrency_rtf_p99_under_target" in b:
+        rows.append({"metric": f"highest concurrency with RTF p99 < {res.get('settings', {}).get('rtf_target')}",
+                     "base": _f(b.get("max_concurrency_rtf_p99_under_target"), "d").replace("not measured", "none"),
+                     "quant": _f(q.get("max_concurrency_rtf_p99_under_target"), "d").replace("not measured", "none"),
+                     "ratio": "–"})
     rl = res.get("roofline") or {}
     if rl.get("baseline") and rl.get("quantized"):
         rb, rq = rl["baseline"]["bytes_per_step"], rl["quantized"]["bytes_per_step"]
@@ -377,7 +382,18 @@ def _speed_rows(res: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
                      "ratio": _f(rq / rb if rb else None, ".2f")})
         if not rl["baseline"].get("device_GBps"):
             missing.append("memory-bandwidth ceiling (not measured on CPU)")
-    if not (b.get("natural") and q.get("natural")):
+    nb, nq = b.get("natural") or {}, q.get("natural") or {}
+    if nb and nq:
+        for label, key, fmt in (("natural length (stop at EOS): output tokens per request, p50", "output_tokens_p50", ".0f"),
+                                ("natural length: ms per token, concurrency 1", "ms_per_token_sampled", ".2f"),
+                                ("natural length: RTF, concurrency 1", "rtf_b1", ".3f")):
+            bv, qv = nb.get(key), nq.get(key)
+            rows.append({"metric": label, "base": _f(bv, fmt), "quant": _f(qv, fmt),
+                         "ratio": _f(qv / bv if bv and qv else None, ".2f")})
+        rows.append({"metric": f"natural length: highest concurrency with RTF p99 < {res.get('settings', {}).get('rtf_target')}",
+                     "base": _f(nb.get("max_concurrency_rtf_p99_under_target"), "d"),
+                     "quant": _f(nq.get("max_concurrency_rtf_p99_under_target"), "d"), "ratio": "–"})
+    else:
         missing.append("natural-length mode (stop at EOS)")
     return rows, missing
 
@@ -678,7 +694,7 @@ def upload(folder: Path, repo_id: str, token: str, private: bool, revision: str 
             if is_transient(e) and attempt < retries:
                 wait = backoff_s * 2 ** (attempt - 1)
                 print(f"publish: attempt {attempt}/{retries} failed ({_scrub(type(e).__name__, token)}); "
-                      f"retrying in {wait:.0f}s", flush=True)
+                      f"retrying in {wait:g}s", flush=True)
                 time.sleep(wait)
                 continue
             raise explain(e, repo_id, endpoint, token, attempt) from None

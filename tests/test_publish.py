@@ -413,3 +413,25 @@ def test_the_cards_vllm_snippet_runs_on_the_staged_release(made, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^\d+ global tokens, [\d.]+ seconds of audio$", proc.stdout, re.M), proc.stdout[-2000:]
     assert "CompressedTensorsW8A8Int8" in proc.stdout + proc.stderr  # the INT8 layers were served as INT8
+
+
+def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
+    from huggingface_hub import ModelCard
+
+    from spark_quant.publish import check_inputs, card_context, render_card
+
+    checked = check_inputs(made["real"], made["real_res"], force=False)
+    res = checked["results"]
+    res["host"] = {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "cuda": "12.8", "driver": "570.1"}
+    for name in ("baseline", "quantized"):
+        res["speed"][name]["natural"] = {"ms_per_token_sampled": 7.0, "output_tokens_p50": 400, "rtf_b1": 0.35,
+                                         "throughput": [], "max_concurrency_rtf_p99_under_target": 64}
+    ctx = card_context(made["real"], checked, "org/Spark-TTS-0.5B-W8A8-int8", "cc-by-nc-sa-4.0", False, "v1",
+                       [{"path": "LLM/", "what": "the INT8 LLM"}], "spark-quant/experiment.yaml")
+    card = render_card(ctx)
+    back = ModelCard(str(card))  # parses the rendered front matter again
+    assert back.data.base_model == "SparkAudio/Spark-TTS-0.5B" and back.data.license == "cc-by-nc-sa-4.0"
+    assert "**Device:** NVIDIA H200 (139.8 GiB), CUDA 12.8, driver 570.1" in card.text
+    assert "natural-length mode" not in card.text and "no GPU" not in card.text
+    assert "| natural length: ms per token, concurrency 1 | 7.00 | 7.00 | 1.00 |" in card.text
+    assert 'snapshot_download("org/Spark-TTS-0.5B-W8A8-int8", revision="v1")' in card.text
