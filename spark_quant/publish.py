@@ -558,7 +558,7 @@ def stage_release(ckpt_dir: Path, checked: dict[str, Any], out: Path, repo_id: s
     inputs = {"checkpoint": qman["files"],
               "results": (checked["results_manifest"] or {}).get("files"),
               "repo_id": repo_id, "revision": revision, "license": license_, "forced": checked["problems"],
-              "template": fingerprint(CARD_TEMPLATE)}
+              "card_code": fingerprint(Path(__file__).read_text(encoding="utf-8"))}  # card logic changed: restage
     if is_up_to_date(out, "publish", fingerprint(inputs)) and not overwrite:
         verify_files(out)
         print(f"publish: {out} is up to date (inputs unchanged); not restaged")
