@@ -138,6 +138,7 @@ class Worker:
         self._rid += 1
         rid = f"r{self._rid}"
         tokens: list[int] = []
+        logprobs: list[dict[str, float]] = []
         stamps: list[tuple[float, int]] = []
         t0 = time.perf_counter()
         finish = None
@@ -148,12 +149,17 @@ class Worker:
             comp = out.outputs[0]
             if comp.token_ids:
                 tokens.extend(self.perm.to_original(comp.token_ids) if self.perm else comp.token_ids)
+                for pos in comp.logprobs or []:  # top-k per generated token, keyed by original id
+                    logprobs.append({str(self.perm.to_original([t])[0] if self.perm else t): lp.logprob
+                                     for t, lp in pos.items()})
                 stamps.append((now - t0, len(tokens)))
             if out.prompt_logprobs is not None and prompt_logprobs is None:
                 prompt_logprobs = out.prompt_logprobs
             if out.finished:
                 finish = comp.finish_reason
         rec: dict[str, Any] = {"tokens": tokens, "stamps": stamps, "finish": finish, "prompt_len": len(ids)}
+        if logprobs:
+            rec["logprobs"] = logprobs
         if mode is not None:
             rec["mode"] = mode
             first_audio = _time_to_semantic(tokens, stamps, spark.SEMANTIC_PER_SECOND)
@@ -165,9 +171,11 @@ class Worker:
     async def run_task(self, task: dict[str, Any]) -> dict[str, Any]:
         kind = task["kind"]
         if kind in ("greedy", "sampled"):
-            params = _sampling(task, greedy=kind == "greedy", eos_id=self.eos_id, seed=task.get("seed"))
+            extra = {"logprobs": task["logprobs"]} if task.get("logprobs") else {}
+            params = _sampling(task, greedy=kind == "greedy", eos_id=self.eos_id, seed=task.get("seed"), **extra)
             recs = await asyncio.gather(*(self.one(p, params) for p in task["prompts"]))
-            return {"outputs": [{"tokens": r["tokens"], "finish": r["finish"]} for r in recs]}
+            return {"outputs": [{"tokens": r["tokens"], "finish": r["finish"]}
+                                | ({"logprobs": r["logprobs"]} if "logprobs" in r else {}) for r in recs]}
         if kind == "warmup":
             for c in task["concurrency"]:
                 params = _sampling(task, greedy=task.get("greedy", False), eos_id=self.eos_id)

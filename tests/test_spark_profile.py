@@ -169,11 +169,14 @@ def _prompt_ids(llm: Path) -> list[list[int]]:
 
 
 def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: str = "bfloat16") -> dict:
+    """One serve_worker run; top-k logprobs report the logits after the sampler's processors (for the
+    unmodified model: after the allowed_token_ids mask), so both engines report comparable values."""
     py = serve_python()
     if py is None:
         pytest.skip("no serving environment with vLLM (make envs builds one)")
     spec = {"model": str(model_llm), "dtype": dtype, "max_model_len": 1024, "max_num_seqs": 8,
-            "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "tasks": tasks}
+            "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "tasks": tasks,
+            "engine_overrides": {"logprobs_mode": "processed_logits"}}
     spec_path, res_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
@@ -182,13 +185,13 @@ def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: s
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(res_path.read_text())
     assert res["ok"], res
-    res["log"] = proc.stderr
+    res["log"] = proc.stdout + proc.stderr
     return res
 
 
 def _greedy_tasks(prompts: list[list[int]], restrict: bool) -> list[dict]:
     return [{"name": "greedy", "kind": "greedy", "prompts": prompts, "max_tokens": 64, "ignore_eos": True,
-             "restrict_to_emittable": restrict},
+             "restrict_to_emittable": restrict, "logprobs": 5},
             {"name": "sampled", "kind": "sampled", "prompts": prompts, "max_tokens": 32, "ignore_eos": True,
              "seed": 7, "temperature": 0.8, "top_k": 50, "top_p": 0.95, "restrict_to_emittable": restrict}]
 
@@ -199,6 +202,17 @@ def _assert_equivalent(base: dict, prof: dict, n_prompts: int) -> None:
     assert len(bo) == len(po) == n_prompts
     assert all(len(t) == 64 for t in bo)
     assert po == bo  # token for token, in original ids
+    # stronger than the argmax: the top-5 logits at every position are the same values (ties in bf16
+    # may pick different ids of equal value), and every id both report has the same logit
+    n_pos = 0
+    for b, p in zip(base["tasks"]["greedy"]["outputs"], prof["tasks"]["greedy"]["outputs"]):
+        assert len(b["logprobs"]) == len(p["logprobs"]) == 64
+        for lb, lp in zip(b["logprobs"], p["logprobs"]):
+            assert sorted(lb.values())[-5:] == sorted(lp.values())[-5:]
+            assert all(lb[k] == lp[k] for k in set(lb) & set(lp))
+            assert set(map(int, lp)) <= set(spark.emittable_ids())
+            n_pos += 1
+    assert n_pos == 64 * n_prompts
     emittable = set(spark.emittable_ids())
     for o in prof["tasks"]["sampled"]["outputs"]:  # sampled tokens come back as original, emittable ids
         assert len(o["tokens"]) == 32 and set(o["tokens"]) <= emittable
@@ -233,7 +247,8 @@ def test_int8_profile_loads_and_matches_the_int8_models_restricted_greedy(int8, 
     base = _serve(int8["ckpt"] / "LLM", _greedy_tasks(prompts, restrict=True), tmp_path, "int8")
     prof = _serve(int8["profile"] / "LLM", _greedy_tasks(prompts, restrict=False), tmp_path, "int8-profile")
     assert prof["engine"]["quantization"] == "compressed-tensors"
-    assert "CPUInt8ScaledMMLinearKernel" in prof["log"]  # the INT8 body still runs on the INT8 kernel
+    # the INT8 body still runs on the INT8 kernel (CPU here; Cutlass where the serving env has CUDA)
+    assert "CPUInt8ScaledMMLinearKernel" in prof["log"] or "CutlassInt8ScaledMMLinearKernel" in prof["log"]
     _assert_equivalent(base, prof, len(prompts))
 
 
@@ -269,3 +284,31 @@ def test_plugin_is_found_by_engine_processes_where_spark_quant_is_not_installed(
 
         if "spark-quant-vllm-plugin-" in extra:
             shutil.rmtree(extra, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_eval_with_spark_profile_serves_both_profiles_and_reports_original_ids(int8):
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    out = int8["work"] / "eval-profile"
+    proc = run_cli("eval", "--model", str(int8["model"]), "--checkpoint", str(int8["ckpt"]), "--out", str(out),
+                   "--set", "eval.spark_profile=true", "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=16",
+                   "--set", "eval.similarity_max_tokens=16", "--set", "eval.latency_requests=2",
+                   "--set", "eval.concurrency=[1,2]", "--set", "eval.enforce_eager=true",
+                   "--set", "eval.min_valid_rate_recovery=0", python=py)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["passed"] and len(last["kernels"]) == 1 and "Int8ScaledMMLinearKernel" in last["kernels"][0]
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["spark_profile"] is True
+    for name in ("baseline", "quantized"):
+        assert res["engines"][name]["spark_profile_vocab"] == N
+        spec = json.loads((out / "logs" / f"{name}-1.spec.json").read_text())
+        assert spec["model"].endswith("-spark-profile/LLM")
+        for o in res["raw"][name][0]["tasks"]["greedy"]["outputs"]:  # original ids, as without the profile
+            assert len(o["tokens"]) and set(o["tokens"]) <= set(spark.emittable_ids())
+    assert (int8["model"].parent / f"{int8['model'].name}-spark-profile" / "manifest.json").is_file()
+    assert res["similarity"]["teacher_forced"]["top1_agreement"] is None
+    assert "score" not in res["raw"]["quantized"][0]["tasks"]
+    assert res["roofline"]["quantized"]["lm_head_bytes"] < res["checkpoint"]["weights"]["embedding_and_head_bytes"]
+    assert "report.md" in proc.stdout
