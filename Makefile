@@ -26,7 +26,7 @@ STAGE_ARGS = -e $(EXPERIMENT) $(if $(MODEL),--model $(MODEL)) $(if $(RECIPE),--r
 export SERVE_PYTHON QUANT_PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help envs calibrate quantize eval publish sweep validate proxy test clean
+.PHONY: help envs calibrate quantize eval serving-profile publish sweep validate proxy test clean
 
 ## Show this help
 help:
@@ -63,6 +63,10 @@ quantize: $(QUANT_ENV)
 ## Stage 3: baseline vs quantized under vLLM; writes eval/results/<experiment>/
 eval: $(SERVE_ENV)
 	$(SERVE_PYTHON) -m spark_quant eval $(STAGE_ARGS)
+
+## Spark serving profile (head over the 13,494 emittable tokens) of MODEL, default the experiment's checkpoint
+serving-profile: $(QUANT_ENV)
+	$(QUANT_PYTHON) -m spark_quant serving-profile --model $(or $(MODEL),checkpoints/$(basename $(notdir $(EXPERIMENT))))
 
 ## Stage 4: model card + one-commit upload of the checkpoint (REPO_ID=ns/name; DRY_RUN=1 stages build/release/ only)
 publish: $(QUANT_ENV)
