@@ -231,7 +231,7 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
     model_dir, is_proxy = exp.resolved_model()
     corpus = read_corpus(cfg.corpus)
     user_refs = read_references(cfg.references) if cfg.references else None
-    llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+    llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
 
     inputs = {
         "config": cfg.model_dump(mode="json"),

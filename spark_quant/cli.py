@@ -1,6 +1,6 @@
 """The ``spark-quant`` command: one subcommand per pipeline stage.
 
-    spark-quant proxy     --out DIR --size tiny|full      build the embedded default model
+    spark-quant proxy     --out DIR --size tiny|full [--weights random|trained]   build the embedded default model
     spark-quant calibrate [-e EXPERIMENT] [--set k=v]     stage 1 (quantization env)
     spark-quant quantize  [-e EXPERIMENT] [--recipe R]    stage 2 (quantization env)
     spark-quant eval      [-e EXPERIMENT]                 stage 3 (serving env; vLLM in a subprocess)
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=["random", "trained"], default="random",
+                   help="random init, or trained on a synthetic Spark language (a few CPU minutes at tiny)")
 
     _common(sub.add_parser("calibrate", help="stage 1: write calibration samples"))
     p = sub.add_parser("quantize", help="stage 2: apply an llm-compressor recipe")
@@ -157,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.cmd == "proxy":
-            from spark_quant.proxy import build_proxy
+            if args.weights == "trained":
+                from spark_quant.trained import build_trained_proxy as build_proxy
+            else:
+                from spark_quant.proxy import build_proxy
 
             out = build_proxy(args.out, size=args.size, seed=args.seed)
             print(f"proxy: {out}")

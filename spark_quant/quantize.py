@@ -160,7 +160,7 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
     samples = calib_dir / SAMPLES
     if not samples.is_file() or sha256_file(samples) != calib.get("samples_sha256"):
         raise UserError(f"{samples}: does not match its manifest's sha256 (edited by hand?); rerun `make calibrate`")
-    llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed)
+    llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
     check_recipe_targets(recipe, recipe_path, llm)
 
     inputs = {

@@ -49,6 +49,22 @@ def tiny_proxy(tmp_path_factory) -> Path:
     return build_proxy(out, size="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def trained_proxy(tmp_path_factory) -> Path:
+    """The trained tiny proxy (spark_quant/trained.py): build/proxy's copy if `make` built it, else trained here."""
+    pytest.importorskip("torch")
+    from spark_quant.trained import build_trained_proxy, is_trained_proxy
+
+    name = "Spark-TTS-proxy-tiny-trained-s0"
+    cached = ROOT / "build/proxy" / name
+    out = tmp_path_factory.mktemp("trained-proxy") / name
+    if is_trained_proxy(cached, "tiny", 0):
+        shutil.copytree(cached, out)
+        return out
+    return build_trained_proxy(out, size="tiny", seed=0, corpus_path=ROOT / "calibration/texts/train.txt",
+                               heldout_path=ROOT / "calibration/texts/heldout.txt")
+
+
 @pytest.fixture(autouse=True)
 def _no_files_left_in_repo():
     """Tests write under tmp_path only: the repo's tracked tree and output folders stay as they were."""
