@@ -312,3 +312,28 @@ def test_eval_with_spark_profile_serves_both_profiles_and_reports_original_ids(i
     assert "score" not in res["raw"]["quantized"][0]["tasks"]
     assert res["roofline"]["quantized"]["lm_head_bytes"] < res["checkpoint"]["weights"]["embedding_and_head_bytes"]
     assert "report.md" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_trained_proxy_profile_matches_greedy_to_eos_and_outputs_are_valid_spark(trained_proxy, tmp_path):
+    """On the trained proxy (non-degenerate, Spark-format outputs): natural length, so the profile's
+    EOS (a profile id) must stop generation exactly where the unmodified model's <|im_end|> does."""
+    prof = build_profile(trained_proxy, tmp_path / "trained-spark-profile")
+    prompts = _prompt_ids(trained_proxy / "LLM")
+    modes = ["controllable", "clone"] * (len(prompts) // 2)
+    task = {"name": "greedy", "kind": "greedy", "prompts": prompts, "max_tokens": 400, "ignore_eos": False,
+            "logprobs": 5}
+    base = _serve(trained_proxy / "LLM", [task | {"restrict_to_emittable": True}], tmp_path, "trained")
+    pro = _serve(prof / "LLM", [task], tmp_path, "trained-profile")
+    bo, po = base["tasks"]["greedy"]["outputs"], pro["tasks"]["greedy"]["outputs"]
+    assert [o["tokens"] for o in po] == [o["tokens"] for o in bo]
+    assert [o["finish"] for o in po] == [o["finish"] for o in bo]
+    for b, p in zip(bo, po):
+        for lb, lp in zip(b["logprobs"], p["logprobs"]):
+            assert sorted(lb.values())[-5:] == sorted(lp.values())[-5:]
+            assert all(lb[k] == lp[k] for k in set(lb) & set(lp))
+    stopped = [o for o in po if o["finish"] == "stop"]
+    assert stopped, "the trained proxy should finish some prompts with <|im_end|> within 400 tokens"
+    parsed = [spark.parse_ids(o["tokens"] + ([spark.EOS_ID] if o["finish"] == "stop" else []), m)
+              for o, m in zip(po, modes)]
+    assert any(p.valid for p in parsed)
