@@ -43,10 +43,10 @@ def classify(name: str) -> str:
         return "copies"
     if ("quant" in n or ("amax" in n and ("round" in n or "clamp" in n))) and not _GEMM.search(n):
         return "act_quant"  # vLLM's quant kernels, and torch.compile's fused norm+abs-max+round Triton kernels
+    if _ATTN.search(n):  # before GEMMs: FlashAttention 3 kernels are cutlass::device_kernel<flash::...>
+        return "attention"
     if _GEMM.search(n):
         return "gemm_int8" if _INT8.search(name) else "gemm_16bit"
-    if _ATTN.search(n):
-        return "attention"
     if _SAMPLE.search(n):
         return "sampling"
     return "other"
@@ -191,3 +191,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def reclassify(row: dict[str, Any]) -> dict[str, Any]:
+    """Re-sort a recorded row's time by the current ``classify``, from its per-kernel totals.
+
+    Only the top kernels are kept per row, so kernels outside them keep their recorded kind; the
+    ones that matter for a change of rule (large, per-layer kernels) are always among the top.
+    """
+    ms = dict(row.get("ms_by_category") or {})
+    if not ms:
+        return row
+    for k in row.get("top_kernels", []):
+        new = classify(k["name"])
+        if new != k["category"]:
+            ms[k["category"]] -= k["ms"]
+            ms[new] += k["ms"]
+            k["category"] = new
+    return {**row, "ms_by_category": ms}

@@ -47,3 +47,23 @@ def test_per_step_numbers_are_the_difference_of_two_lengths():
     assert d["ms_by_category"]["gemm_16bit"] == pytest.approx(0.0)  # prefill cancelled out
     assert d["gpu_busy_ms"] == pytest.approx(0.4) and d["kernels_per_step"] == pytest.approx(2)
     assert d["top_kernels"][0]["name"] == "cutlass_int8_gemm" and d["top_kernels"][0]["calls"] == pytest.approx(1)
+
+
+def test_flash_attention_kernels_are_attention_not_gemms():
+    # FlashAttention 3 on Hopper is a cutlass kernel: it must not be counted as a GEMM
+    assert classify("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::"
+                    "CollectiveMainloopFwdSm90<2, cute::tuple<...>>>>>") == "attention"
+    assert classify("void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<cute::C<16>>, 5, 256>>") \
+        == "attention"
+
+
+def test_reclassify_moves_recorded_time_to_the_new_kind():
+    from spark_quant.stepprof import reclassify
+
+    row = {"ms_by_category": {"gemm_16bit": 0.8, "attention": 0.04},
+           "top_kernels": [{"name": "cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>", "ms": 0.14,
+                            "calls": 24, "category": "gemm_16bit"}]}
+    out = reclassify(row)
+    assert out["ms_by_category"]["gemm_16bit"] == pytest.approx(0.66)
+    assert out["ms_by_category"]["attention"] == pytest.approx(0.18)
+    assert out["top_kernels"][0]["category"] == "attention"
