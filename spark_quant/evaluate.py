@@ -118,18 +118,22 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
             rc = "timeout"
     text = log_path.read_text(errors="replace")
     kernels = sorted({f"{k} for {scheme}" for k, scheme in KERNEL_RE.findall(text)})
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # the root cause, not the last line: vLLM's engine logs "ValueError: ..." and then generic wrappers
+    causes = [ln.split("] ", 1)[-1] for ln in lines if re.search(r"\b\w*(Error|Exception): ", ln)
+              and "Engine core initialization failed" not in ln]
+    oom = " (out of memory)" if OOM_RE.search(text) else ""
     if result_path.is_file():
         res = json.loads(result_path.read_text())
+        if not res.get("ok"):  # the worker caught vLLM's wrapper exception: name the cause it wraps
+            err = str(res.get("error", ""))
+            if causes and "Engine core initialization failed" in err:
+                err = causes[0][:300]
+            res["error"] = f"vLLM worker failed{oom}: {err}"
     else:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        # the root cause, not the last line: vLLM's engine logs "ValueError: ..." and then a generic wrapper
-        causes = [ln.split("] ", 1)[-1] for ln in lines if re.search(r"\b\w*(Error|Exception): ", ln)
-                  and "Engine core initialization failed" not in ln]
         last = causes[:1] or lines[-1:] or ["no output"]
         why = f"timed out after {timeout_s}s" if rc == "timeout" else f"exited with {rc}"
-        if OOM_RE.search(text):
-            why += " (out of memory)"
-        res = {"ok": False, "error": f"vLLM worker {why}: {last[0][:300]}"}
+        res = {"ok": False, "error": f"vLLM worker {why}{oom}: {last[0][:300]}"}
     res["kernels"] = kernels
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     res["weights_gib_loaded"] = float(m.group(1)) if m else None

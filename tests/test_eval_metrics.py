@@ -181,3 +181,19 @@ def test_set_without_equals_is_one_line():
 
     with pytest.raises(UserError, match="expected FIELD=VALUE"):
         parse_override("calibration.num_samples")
+
+
+def test_a_worker_that_reports_vllms_wrapper_error_gets_the_root_cause_and_oom(tmp_path, monkeypatch):
+    # serve_worker catches vLLM's "Engine core initialization failed" and writes it as its result;
+    # the row must carry the cause vLLM logged before it (here: no memory left for the KV cache)
+    fake = tmp_path / "fake.sh"
+    fake.write_text("#!/bin/sh\n"
+                    "echo '(Worker pid=5) ERROR [cpu_worker.py:241] ValueError: Available memory on node 0 (20/23 GiB) "
+                    "on kv cache allocation is less than requested memory for kv (-0.83/0.02 GiB).'\n"
+                    "echo '{\"ok\": false, \"error\": \"RuntimeError: Engine core initialization failed. See root cause "
+                    "above.\"}' > \"$4\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
+    assert res["ok"] is False
+    assert res["error"].startswith("vLLM worker failed (out of memory): ValueError: Available memory on node 0")

@@ -153,6 +153,6 @@ def test_out_of_memory_is_a_failed_row_with_a_report_and_exit_3(work, evaluated,
                                "--set", "eval.reuse_baseline=false"), python=evaluated["py"], check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
-    assert "baseline vLLM run failed" in err and "(out of memory)" in err and "Traceback" not in proc.stderr
+    assert "baseline vLLM run failed: vLLM worker failed (out of memory)" in err and "Traceback" not in proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert not res["verdict"]["passed"] and (out / "report.md").is_file()
