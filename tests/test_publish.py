@@ -450,3 +450,31 @@ def test_the_stand_in_s_weights_are_named_random_or_trained(tmp_path):
     (tmp_path / "config.yaml").write_text("sample_rate: 16000\n")
     assert proxy_kind(tmp_path, {"config": {"proxy_weights": "trained"}}) == "trained"
     assert proxy_kind(tmp_path, {}) == "unknown"
+
+
+def test_sigkill_while_staging_leaves_no_release_that_looks_complete_and_rerun_finishes(made, tmp_path):
+    """Killed at the stage's most fragile point (every file staged, no manifest yet): nothing under the
+    release's name, and the next run cleans up and finishes."""
+    import signal
+    import time
+
+    out = tmp_path / "release"
+    args = ["--repo-id", "me/x", "--checkpoint", str(made["proxy"]), "--results", str(made["proxy_res"]),
+            "--out", str(out), "--dry-run"]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf-home"),
+                "SPARK_QUANT_TEST_PAUSE_BEFORE_MANIFEST": "120"})
+    proc = subprocess.Popen([sys.executable, "-m", "spark_quant", "publish", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not list(tmp_path.glob(".release.tmp-*/.paused")):
+        assert proc.poll() is None, "publish finished before it could be killed"
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = publish_cli(*args, tmp=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "manifest.json").read_text())["stage"] == "publish"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".release")) == []
