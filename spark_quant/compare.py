@@ -173,11 +173,13 @@ def _python(kind: str) -> str:
     import os
     import sys
 
+    from spark_quant.evaluate import _resolve_python
+
     env = os.environ.get(f"{kind.upper()}_PYTHON")
     if env:
-        return env
+        return _resolve_python(env)
     local = Path(f".venv/{kind}/bin/python")
-    return str(local) if local.exists() else sys.executable
+    return str(local.resolve()) if local.exists() else sys.executable
 
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:

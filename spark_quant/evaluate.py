@@ -26,6 +26,7 @@ from typing import Any
 
 from spark_quant import spark
 from spark_quant.artifacts import (
+    REPO_ROOT,
     check_writable,
     device_info,
     fingerprint,
@@ -54,9 +55,21 @@ def serve_python() -> str:
     """Interpreter of the serving environment: $SERVE_PYTHON, else .venv/serve, else this one."""
     env = os.environ.get("SERVE_PYTHON")
     if env:
-        return env
+        return _resolve_python(env)
     local = Path(".venv/serve/bin/python")
-    return str(local) if local.exists() else sys.executable
+    return str(local.resolve()) if local.exists() else sys.executable
+
+
+def _resolve_python(path: str) -> str:
+    """A relative interpreter path (the Makefile exports .venv/serve/bin/python) made absolute: from the
+    current folder if it is there, else from the repository root, so stages run from any folder."""
+    p = Path(path)
+    if p.is_absolute() or os.sep not in path:
+        return path  # absolute, or a bare command found on PATH
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / p).exists():
+            return str((base / p).resolve())
+    return path
 
 
 def _pct(xs: list[float], q: float) -> float | None:
