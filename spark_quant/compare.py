@@ -179,7 +179,7 @@ def _python(kind: str) -> str:
     if env:
         return _resolve_python(env)
     local = Path(f".venv/{kind}/bin/python")
-    return str(local.resolve()) if local.exists() else sys.executable
+    return os.path.abspath(local) if local.exists() else sys.executable
 
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:

@@ -57,7 +57,7 @@ def serve_python() -> str:
     if env:
         return _resolve_python(env)
     local = Path(".venv/serve/bin/python")
-    return str(local.resolve()) if local.exists() else sys.executable
+    return os.path.abspath(local) if local.exists() else sys.executable
 
 
 def _resolve_python(path: str) -> str:
@@ -68,7 +68,7 @@ def _resolve_python(path: str) -> str:
         return path  # absolute, or a bare command found on PATH
     for base in (Path.cwd(), REPO_ROOT):
         if (base / p).exists():
-            return str((base / p).resolve())
+            return os.path.abspath(base / p)  # not resolve(): a venv's python is a symlink to the base one
     return path
 
 

@@ -17,7 +17,7 @@ def serve_python() -> str | None:
     """The serving environment's interpreter, if there is one with vLLM."""
     for cand in (os.environ.get("SERVE_PYTHON"), str(ROOT / ".venv/serve/bin/python")):
         if cand and not Path(cand).is_absolute() and os.sep in cand:
-            cand = str((ROOT / cand).resolve())  # the Makefile exports it relative to the repo root
+            cand = os.path.abspath(ROOT / cand)  # the Makefile exports it relative to the repo root (no resolve: venv symlink)
         if cand and Path(cand).exists():
             ok = subprocess.run([cand, "-c", "import vllm"], capture_output=True, cwd=ROOT).returncode == 0
             if ok:
