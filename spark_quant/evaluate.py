@@ -118,6 +118,7 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update({k: str(v) for k, v in (spec.get("env") or {}).items()})  # e.g. VLLM_USE_V2_MODEL_RUNNER
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH", "")]))
     t0 = time.time()
@@ -150,11 +151,30 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
     res["kernels"] = kernels
     m = re.search(r"Model loading took ([\d.]+) GiB", text)
     res["weights_gib_loaded"] = float(m.group(1)) if m else None
+    res["startup"] = startup_times(text)
     res["wall_s"] = round(time.time() - t0, 1)
     res["log"] = log_path.name
     if not res.get("ok"):
         print(f"eval: {tag} FAILED: {res.get('error')} (log: {log_path})", flush=True)
     return res
+
+
+_STARTUP_RE = {
+    "load_s": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
+    "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
+    "compile_s": r"init engine \(profile, create kv cache, warmup model\) took [\d.]+ s \(compilation: ([\d.]+) s",
+    "graph_capture_s": r"Graph capturing finished in ([\d.]+) secs",
+}
+
+
+def startup_times(log: str) -> dict[str, float]:
+    """Where a vLLM engine start went, from its log: weights, compile, CUDA graph capture, whole init."""
+    out = {}
+    for key, pat in _STARTUP_RE.items():
+        m = re.search(pat, log)
+        if m:
+            out[key] = float(m.group(1))
+    return out
 
 
 def check_serving_env(exp: Experiment) -> None:
@@ -174,9 +194,28 @@ def check_serving_env(exp: Experiment) -> None:
                         "host or --set eval.require_gpu=false (CPU timings are not GPU timings)")
 
 
+def compact_capture_sizes(concurrency: list[int]) -> list[int]:
+    """1, 2, 4, ... up to the largest concurrency, the midpoints between them (24, 48, ...) and every
+    concurrency measured: a batch between two sizes is padded to the next one."""
+    top = max(concurrency)
+    sizes = {c for c in concurrency}
+    p = 1
+    while p < top:
+        sizes.add(p)
+        if p >= 16:
+            sizes.add(p + p // 2)
+        p *= 2
+    return sorted(s for s in sizes | {top} if s <= top)
+
+
 def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
     e = exp.eval
     cuda = _has_cuda_device()
+    overrides = dict(e.engine_args)
+    if cuda and e.cudagraph_sizes == "compact" and not e.enforce_eager:
+        cc = dict(overrides.get("compilation_config") or {})
+        cc.setdefault("cudagraph_capture_sizes", compact_capture_sizes(e.concurrency))
+        overrides["compilation_config"] = cc
     return {
         "model": str(llm.resolve()),
         "dtype": dtype,
@@ -186,7 +225,7 @@ def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
         "enforce_eager": e.enforce_eager,
         "device": "cuda" if cuda else "cpu",
         "seed": 0,
-        "engine_overrides": dict(e.engine_args),
+        "engine_overrides": overrides,
     }
 
 

@@ -217,6 +217,30 @@ def render_step_profile(prof: dict[str, Any]) -> list[str]:
                        f"{_f(row.get('gpu_busy_ms'), '.3f')} | {_f(row.get('gaps_ms'), '.3f')} | "
                        + " | ".join(_f(ms.get(c), '.3f') for c in cats)
                        + f" | {_f(row.get('lm_head_alone_ms'), '.3f')} | {_f(row.get('kernels_per_step'), '.0f')} |")
+    return out + [""] + render_cpu_phases(prof)
+
+
+def render_cpu_phases(prof: dict[str, Any]) -> list[str]:
+    """The host side of the same steps: vLLM's phases, inclusive ms per step (stepprof.CPU_PHASES)."""
+    from spark_quant.stepprof import CPU_PHASES
+
+    labels = list(dict.fromkeys(label for *_, label in CPU_PHASES))
+    rows = [(name, row) for name, r in prof.items() if r.get("ok") for row in r["rows"] if row.get("cpu_phases")]
+    if not rows:
+        return []
+    seen = [lb for lb in labels if any(lb in row["cpu_phases"] for _, row in rows)]
+    out = ["### The host side of a decode step", "",
+           "Host (CPU) ms per decode step in vLLM's own methods, timed by wrapping them (inclusive: a phase "
+           "contains what it calls), same two-length difference. With async scheduling the CPU prepares the next "
+           "step while the GPU runs this one; `wait for GPU result` is the time the host had nothing to do. "
+           "When the engine step minus that wait is close to the wall time, the step is CPU-bound and a faster "
+           "GPU path cannot shorten it.", "",
+           "| model | c | mode | wall ms | " + " | ".join(lb.strip() for lb in seen) + " |",
+           "|" + "---|" * (4 + len(seen))]
+    for name, row in rows:
+        ph = row["cpu_phases"]
+        out.append(f"| {name} | {row['concurrency']} | {row['mode']} | {_f(row['wall_ms_per_step'], '.3f')} | "
+                   + " | ".join(_f(ph.get(lb, {}).get("ms"), ".3f") for lb in seen) + " |")
     return out + [""]
 
 

