@@ -90,6 +90,17 @@ for f in sorted(glob.glob("checkpoints/*/manifest.json")) + sorted(glob.glob("ca
     m = json.load(open(f)); print(f, m.get("timings"), m.get("seconds"), m.get("reused_from"))
 PY
       ;;
+    pipeline-lite)  # what speed2 needs: full proxy, W8A8 (512 samples), FP8, the W8A8 serving profile
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU; echo "calibrate + quantize wall $((SECONDS - t0))s"
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="name=full-fp8_dynamic" RECIPE=recipes/fp8_dynamic.yaml
+      $QUANT_PYTHON -m spark_quant serving-profile --model $CK ;;
+    speed2)  # engine setting: vLLM's V1 model runner (less host work per step) against the default V2, x REPEATS
+      V1='::{"env": {"VLLM_USE_V2_MODEL_RUNNER": "0"}}'
+      $SERVE_PYTHON eval/gpu_speed.py --tokens 300 --requests 4 --concurrency 1,16,256 --repeats ${REPEATS:-2} \
+        --out eval/results/speed2 --model bf16=$BASE/LLM --model w8a8=$CK/LLM --model "bf16-v1=$BASE/LLM$V1" \
+        --model "w8a8-v1=$CK/LLM$V1" --model "w8a8-profile-v1=$CK-spark-profile/LLM$V1" \
+        --model fp8=checkpoints/full-fp8_dynamic/LLM ;;
     speed)  # every recipe's checkpoint and the serving profiles, interleaved; speed.md is rewritten per repeat
       $SPEED --repeats ${REPEATS:-2} --out eval/results/speed --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
         --model w8a8-profile=$CK-spark-profile/LLM --model w8a16=checkpoints/full-w8a16_int8_gptq/LLM \
@@ -109,7 +120,7 @@ PY
 collect_job() {
   [ -n "${OUT:-}" ] || return 0
   cp /root/$1.log "$OUT/$1.log" 2>/dev/null || true
-  for d in eval/results/speed eval/results/stepprof; do
+  for d in eval/results/speed eval/results/speed2 eval/results/stepprof; do
     [ "$1" = "${d#eval/results/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
   done
   if [ "$1" = eval ]; then
@@ -117,6 +128,7 @@ collect_job() {
     cp $r/results.json $r/report.md "$OUT/" 2>/dev/null || true
     grep -h "init engine\|Graph capturing\|Model loading took" $r/logs/*.log > "$OUT/startup.txt" 2>/dev/null || true
   fi
+  case $1 in speed*) mkdir -p "$OUT/logs-$1"; cp eval/results/$1/logs/*.result.json "$OUT/logs-$1/" 2>/dev/null ;; esac
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
   return 0
 }
