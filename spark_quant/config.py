@@ -81,6 +81,10 @@ class EvalConfig(_Section):
     engine_args: dict[str, Any] = Field(
         {}, description="extra vLLM engine arguments for both models, e.g. {async_scheduling: true} (measured as given)"
     )
+    engine_env: dict[str, str] = Field(
+        {}, description="environment variables of both models' vLLM workers, e.g. {VLLM_USE_V2_MODEL_RUNNER: '0'} "
+        "(settings vLLM reads only from the environment; measured as given)"
+    )
     cudagraph_sizes: Literal["compact", "vllm"] = Field(
         "compact", description="CUDA graph batch sizes captured at engine start: compact = powers of two, their "
         "midpoints and the sweep's concurrencies (about 15 graphs, a faster start); vllm = vLLM's default (~67)"

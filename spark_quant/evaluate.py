@@ -226,6 +226,7 @@ def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
         "device": "cuda" if cuda else "cpu",
         "seed": 0,
         "engine_overrides": overrides,
+        "env": dict(e.engine_env),
     }
 
 

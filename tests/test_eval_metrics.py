@@ -197,3 +197,34 @@ def test_a_worker_that_reports_vllms_wrapper_error_gets_the_root_cause_and_oom(t
     res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
     assert res["ok"] is False
     assert res["error"].startswith("vLLM worker failed (out of memory): ValueError: Available memory on node 0")
+
+
+def test_engine_env_reaches_the_worker_and_the_start_is_timed(tmp_path, monkeypatch):
+    # eval.engine_env -> the worker's environment; the engine-start lines of its log -> res["startup"]
+    from spark_quant.evaluate import _base_spec
+
+    exp = load_experiment(None, ["eval.engine_env={VLLM_USE_V2_MODEL_RUNNER: '0'}"])
+    spec = _base_spec(exp, tmp_path, "bfloat16")
+    assert spec["env"] == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    fake = tmp_path / "fake.sh"
+    fake.write_text("#!/bin/sh\n"
+                    "echo 'INFO [model_runner.py:305] Model loading took 0.95 GiB and 2.939693 seconds'\n"
+                    "echo 'INFO [model_runner.py:747] Graph capturing finished in 2 secs, took 0.18 GiB'\n"
+                    "echo 'INFO [core.py:340] init engine (profile, create kv cache, warmup model) took 47.60 s "
+                    "(compilation: 23.49 s)'\n"
+                    "echo \"{\\\"ok\\\": true, \\\"v2\\\": \\\"$VLLM_USE_V2_MODEL_RUNNER\\\"}\" > \"$4\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    res = run_worker({**spec, "tasks": []}, tmp_path, "t", timeout_s=30)
+    assert res["ok"] and res["v2"] == "0"
+    assert res["startup"] == {"load_s": 2.939693, "engine_init_s": 47.6, "compile_s": 23.49, "graph_capture_s": 2.0}
+
+
+def test_compact_cuda_graph_sizes_cover_every_measured_concurrency():
+    from spark_quant.evaluate import compact_capture_sizes
+
+    sizes = compact_capture_sizes([1, 4, 16, 64, 200])
+    assert set([1, 4, 16, 64, 200]) <= set(sizes) and max(sizes) == 200 and sizes == sorted(set(sizes))
+    assert len(sizes) < 20  # vLLM's default captures ~67 sizes up to 512
+    assert compact_capture_sizes([1]) == [1]
