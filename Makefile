@@ -84,7 +84,7 @@ validate: $(QUANT_ENV)
 
 ## Run the test suite (CPU; real llm-compressor and vLLM on the tiny proxy)
 test: $(QUANT_ENV) $(SERVE_ENV)
-	$(QUANT_PYTHON) -m pytest -q
+	$(QUANT_PYTHON) -m pytest -q --durations=15
 
 ## Remove generated artifacts (keeps the environments)
 clean:

@@ -219,6 +219,30 @@ def stage_folder(out: Path, overwrite: bool, stage: str, replace_stale: bool = F
         raise
 
 
+def swap_into_place(tmp: Path, out: Path, already_done) -> Path:
+    """Move a finished ``tmp`` folder to ``out``, replacing what is there, never leaving ``out`` half-built.
+
+    ``already_done(out)`` is asked when the rename fails: another process may have finished the same
+    build first (then its result is kept). Otherwise the previous ``out`` is put back and the error raised.
+    """
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if already_done(out):
+            return out
+        if old is not None and not out.exists():
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spark_quant import spark
+from spark_quant.artifacts import swap_into_place
 from spark_quant.tokenizer import build_spark_tokenizer
 
 if TYPE_CHECKING:
@@ -211,21 +212,7 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         # Written last: a folder with PROXY.json is complete.
         (tmp / PROXY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
-        old = None
-        if out.exists():  # a proxy of another size/seed: replace it
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if _is_built(out, size, seed):  # another process finished the same build first
-                return out
-            if old is not None and not out.exists():
-                old.rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return swap_into_place(tmp, out, lambda o: _is_built(o, size, seed))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

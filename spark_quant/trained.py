@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
+from spark_quant.artifacts import swap_into_place
 
 LANGUAGE_VERSION = 1
 LANGUAGE_SEED = 20261127  # fixes the synthetic language's tables; not the training seed
@@ -522,21 +523,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        try:
-            tmp.rename(out)
-        except OSError:
-            if is_trained_proxy(out, size, seed):
-                return out
-            if old is not None and not out.exists():
-                old.rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return swap_into_place(tmp, out, lambda o: is_trained_proxy(o, size, seed))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
