@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spark_quant.artifacts import device_info, git_commit, versions  # noqa: E402
 from spark_quant.config import load_experiment  # noqa: E402
 from spark_quant.evaluate import (  # noqa: E402
-    _base_spec,
-    _speed_summary,
     heldout_prompts,
     run_worker,
+    speed_summary,
     timing_tasks,
+    worker_spec,
 )
 from spark_quant.model import load_tokenizer  # noqa: E402
 from spark_quant.report import _f, render_step_profile  # noqa: E402
@@ -72,7 +72,7 @@ def main() -> int:
     for label, path, engine in a.model:
         engine = dict(engine)
         env = engine.pop("env", {})  # e.g. {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-        base = _base_spec(exp, path, "bfloat16")
+        base = worker_spec(exp, path, "bfloat16")
         over = dict(base["engine_overrides"])
         cc = {**(over.get("compilation_config") or {}), **(engine.pop("compilation_config", None) or {})}
         over.update(engine)
@@ -85,7 +85,7 @@ def main() -> int:
             if not rs:
                 continue
             ok = [r for r in rs if r.get("ok")]
-            summary[label] = _speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
+            summary[label] = speed_summary(ok, exp.eval.rtf_target) if ok else {"error": rs[0].get("error")}
             summary[label]["weights_gib_loaded"] = ok[0].get("weights_gib_loaded") if ok else None
             summary[label]["kernels"] = ok[0].get("kernels") if ok else None
             summary[label]["startup"] = [r.get("startup") for r in ok]

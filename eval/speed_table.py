@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spark_quant.evaluate import _speed_summary  # noqa: E402
+from spark_quant.evaluate import speed_summary  # noqa: E402
 from spark_quant.report import _f  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def main() -> int:
     for f in a.results:
         label = re.sub(r"-\d+\.result\.json$", "", f.name)
         runs.setdefault(label, []).append(json.loads(f.read_text()))
-    summ = {lb: _speed_summary([r for r in rs if r.get("ok")], 1.0) for lb, rs in runs.items()}
+    summ = {lb: speed_summary([r for r in rs if r.get("ok")], 1.0) for lb, rs in runs.items()}
     conc = sorted({t["concurrency"] for s in summ.values() for t in s["throughput"]})
     ref = {t["concurrency"]: t["tokens_per_s"] for t in next(iter(summ.values()))["throughput"]}
     lines = [f"Speed ({a.title}); medians over each label's runs; ratios against `{next(iter(summ))}`.", "",

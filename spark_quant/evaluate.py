@@ -208,7 +208,8 @@ def compact_capture_sizes(concurrency: list[int]) -> list[int]:
     return sorted(s for s in sizes | {top} if s <= top)
 
 
-def _base_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
+def worker_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
+    """The engine part of a serve_worker / stepprof spec for one model (tasks are added by the caller)."""
     e = exp.eval
     cuda = _has_cuda_device()
     overrides = dict(e.engine_args)
@@ -431,7 +432,7 @@ def max_concurrency_under(rows: list[dict[str, Any]], target: float) -> int | No
     return max(ok) if ok else None
 
 
-def _speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, Any]:
+def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, Any]:
     """Median over repeats of each timing metric."""
     lat = [latency_metrics(r["tasks"]["latency"]) for r in runs]
     latg = [latency_metrics(r["tasks"]["latency_greedy"]) for r in runs]
@@ -569,8 +570,8 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     with stage_folder(out, overwrite=overwrite, stage="eval", replace_stale=derived) as tmp:
         logs = tmp / "logs"
         logs.mkdir()
-        base_spec = _base_spec(exp, served["baseline"], exp.eval.baseline_dtype)
-        quant_spec = _base_spec(exp, served["quantized"], "bfloat16")
+        base_spec = worker_spec(exp, served["baseline"], exp.eval.baseline_dtype)
+        quant_spec = worker_spec(exp, served["quantized"], "bfloat16")
         # teacher-forced scoring needs prompt logprobs, which a Spark serving profile cannot give
         score_self = [] if exp.eval.spark_profile else [
             {"name": "score_self", "kind": "score", "prompts": [p["ids"] for p in prompts],
@@ -651,7 +652,7 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             continue
         res["engines"][name] = {**rs[0]["engine"], "kernels": rs[0]["kernels"], "load_wall_s": rs[0]["wall_s"],
                                 "weights_gib_loaded": rs[0].get("weights_gib_loaded")}
-        res["speed"][name] = _speed_summary(rs, exp.eval.rtf_target)
+        res["speed"][name] = speed_summary(rs, exp.eval.rtf_target)
     q = runs["quantized"][0]
     b = runs["baseline"][0]
     if q.get("ok"):

@@ -116,6 +116,15 @@ def test_a_crashed_worker_is_a_failed_row_not_a_crash():
     assert "quantized" not in res["speed"]
 
 
+
+def _fake_worker(tmp_path, monkeypatch, body: str, name: str = "fake.sh") -> None:
+    """A shell script in place of the serving interpreter: it gets `-m MODULE SPEC RESULT` ($1..$4)."""
+    fake = tmp_path / name
+    fake.write_text("#!/bin/sh\n" + body)
+    fake.chmod(0o755)
+    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+
+
 def test_run_worker_turns_a_startup_failure_into_an_error(tmp_path, monkeypatch):
     # an interpreter that exits at once stands in for a worker that dies (no result file written)
     monkeypatch.setenv("SERVE_PYTHON", "/bin/false")
@@ -124,25 +133,19 @@ def test_run_worker_turns_a_startup_failure_into_an_error(tmp_path, monkeypatch)
 
 
 def test_run_worker_kills_a_hung_worker_at_the_timeout(tmp_path, monkeypatch):
-    hang = tmp_path / "hang.sh"
-    hang.write_text("#!/bin/sh\nsleep 60\n")
-    hang.chmod(0o755)
-    monkeypatch.setenv("SERVE_PYTHON", str(hang))
+    _fake_worker(tmp_path, monkeypatch, "sleep 60\n", "hang.sh")
     res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=2)
     assert res["ok"] is False and "timed out after 2s" in res["error"]
 
 
 def test_a_failed_worker_reports_vllms_root_cause_not_the_last_line(tmp_path, monkeypatch):
     # vLLM logs the cause in the engine process, then generic wrappers; the row must carry the cause
-    fake = tmp_path / "fake.sh"
-    fake.write_text("#!/bin/sh\n"
-                    "echo '(Worker pid=1) ERROR 11-27 [multiproc_executor.py:953] ValueError: Failed to find a kernel "
-                    "that can implement the WNA16 linear layer. Reasons: '\n"
-                    "echo 'Exception: WorkerProc initialization failed due to an exception in a background process.'\n"
-                    "echo 'RuntimeError: Engine core initialization failed. See root cause above.'\n"
-                    "exit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    _fake_worker(tmp_path, monkeypatch,
+                 "echo '(Worker pid=1) ERROR 11-27 [multiproc_executor.py:953] ValueError: Failed to find a kernel "
+                 "that can implement the WNA16 linear layer. Reasons: '\n"
+                 "echo 'Exception: WorkerProc initialization failed due to an exception in a background process.'\n"
+                 "echo 'RuntimeError: Engine core initialization failed. See root cause above.'\n"
+                 "exit 1\n")
     res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
     assert res["ok"] is False
     assert res["error"].startswith("vLLM worker exited with 1: ValueError: Failed to find a kernel")
@@ -153,10 +156,7 @@ def test_out_of_memory_is_named_for_gpu_and_cpu_messages(tmp_path, monkeypatch):
                  "ValueError: No available memory for the cache blocks. Try increasing gpu_memory_utilization",
                  "ValueError: Available memory on node 0 (1/23 GiB) on kv cache allocation is less than requested "
                  "memory for kv (-0.8/0.02 GiB)."):
-        fake = tmp_path / "oom.sh"
-        fake.write_text(f"#!/bin/sh\necho '{line}'\nexit 1\n")
-        fake.chmod(0o755)
-        monkeypatch.setenv("SERVE_PYTHON", str(fake))
+        _fake_worker(tmp_path, monkeypatch, f"echo '{line}'\nexit 1\n", "oom.sh")
         res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
         assert "(out of memory)" in res["error"], line
 
@@ -186,14 +186,11 @@ def test_set_without_equals_is_one_line():
 def test_a_worker_that_reports_vllms_wrapper_error_gets_the_root_cause_and_oom(tmp_path, monkeypatch):
     # serve_worker catches vLLM's "Engine core initialization failed" and writes it as its result;
     # the row must carry the cause vLLM logged before it (here: no memory left for the KV cache)
-    fake = tmp_path / "fake.sh"
-    fake.write_text("#!/bin/sh\n"
-                    "echo '(Worker pid=5) ERROR [cpu_worker.py:241] ValueError: Available memory on node 0 (20/23 GiB) "
-                    "on kv cache allocation is less than requested memory for kv (-0.83/0.02 GiB).'\n"
-                    "echo '{\"ok\": false, \"error\": \"RuntimeError: Engine core initialization failed. See root cause "
-                    "above.\"}' > \"$4\"\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    _fake_worker(tmp_path, monkeypatch,
+                 "echo '(Worker pid=5) ERROR [cpu_worker.py:241] ValueError: Available memory on node 0 (20/23 GiB) "
+                 "on kv cache allocation is less than requested memory for kv (-0.83/0.02 GiB).'\n"
+                 "echo '{\"ok\": false, \"error\": \"RuntimeError: Engine core initialization failed. See root cause "
+                 "above.\"}' > \"$4\"\n")
     res = run_worker({"model": str(tmp_path), "dtype": "bfloat16", "tasks": []}, tmp_path, "t", timeout_s=30)
     assert res["ok"] is False
     assert res["error"].startswith("vLLM worker failed (out of memory): ValueError: Available memory on node 0")
@@ -201,20 +198,17 @@ def test_a_worker_that_reports_vllms_wrapper_error_gets_the_root_cause_and_oom(t
 
 def test_engine_env_reaches_the_worker_and_the_start_is_timed(tmp_path, monkeypatch):
     # eval.engine_env -> the worker's environment; the engine-start lines of its log -> res["startup"]
-    from spark_quant.evaluate import _base_spec
+    from spark_quant.evaluate import worker_spec
 
     exp = load_experiment(None, ["eval.engine_env={VLLM_USE_V2_MODEL_RUNNER: '0'}"])
-    spec = _base_spec(exp, tmp_path, "bfloat16")
+    spec = worker_spec(exp, tmp_path, "bfloat16")
     assert spec["env"] == {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-    fake = tmp_path / "fake.sh"
-    fake.write_text("#!/bin/sh\n"
-                    "echo 'INFO [model_runner.py:305] Model loading took 0.95 GiB and 2.939693 seconds'\n"
-                    "echo 'INFO [model_runner.py:747] Graph capturing finished in 2 secs, took 0.18 GiB'\n"
-                    "echo 'INFO [core.py:340] init engine (profile, create kv cache, warmup model) took 47.60 s "
-                    "(compilation: 23.49 s)'\n"
-                    "echo \"{\\\"ok\\\": true, \\\"v2\\\": \\\"$VLLM_USE_V2_MODEL_RUNNER\\\"}\" > \"$4\"\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("SERVE_PYTHON", str(fake))
+    _fake_worker(tmp_path, monkeypatch,
+                 "echo 'INFO [model_runner.py:305] Model loading took 0.95 GiB and 2.939693 seconds'\n"
+                 "echo 'INFO [model_runner.py:747] Graph capturing finished in 2 secs, took 0.18 GiB'\n"
+                 "echo 'INFO [core.py:340] init engine (profile, create kv cache, warmup model) took 47.60 s "
+                 "(compilation: 23.49 s)'\n"
+                 "echo \"{\\\"ok\\\": true, \\\"v2\\\": \\\"$VLLM_USE_V2_MODEL_RUNNER\\\"}\" > \"$4\"\n")
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     res = run_worker({**spec, "tasks": []}, tmp_path, "t", timeout_s=30)
     assert res["ok"] and res["v2"] == "0"
