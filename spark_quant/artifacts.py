@@ -219,6 +219,18 @@ def stage_folder(out: Path, overwrite: bool, stage: str, replace_stale: bool = F
         raise
 
 
+def skip_if_current(out: Path, stage: str, inputs: Any, overwrite: bool, replace_stale: bool,
+                    why: str = "inputs unchanged") -> bool:
+    """True (after verifying its files) if ``out`` already holds this stage's result for ``inputs``;
+    otherwise check that ``out`` may be written and return False."""
+    if is_up_to_date(out, stage, fingerprint(inputs)) and not overwrite:
+        verify_files(out)
+        print(f"{stage}: {out} is up to date ({why}); skipping")
+        return True
+    check_writable(out, overwrite, stage, replace_stale=replace_stale)
+    return False
+
+
 def swap_into_place(tmp: Path, out: Path, already_done) -> Path:
     """Move a finished ``tmp`` folder to ``out``, replacing what is there, never leaving ``out`` half-built.
 

@@ -287,8 +287,7 @@ def build_profile(source: Path, out: Path | None = None, overwrite: bool = False
     whose source did not change is kept. ``out`` defaults to ``derived_profile_dir``,
     which is replaced when stale; an explicit ``out`` needs ``overwrite``.
     """
-    from spark_quant.artifacts import (check_writable, fingerprint, is_up_to_date, link_or_copy, stage_folder,
-                                       verify_files, write_manifest)
+    from spark_quant.artifacts import link_or_copy, skip_if_current, stage_folder, write_manifest
     from spark_quant.model import llm_dir
 
     source = Path(source)
@@ -298,11 +297,8 @@ def build_profile(source: Path, out: Path | None = None, overwrite: bool = False
     if out.resolve() == source.resolve():
         raise UserError(f"{out}: --out is the source folder; choose another output folder")
     inputs = _source_inputs(source)
-    if is_up_to_date(out, "serving-profile", fingerprint(inputs)) and not overwrite:
-        verify_files(out)
-        print(f"serving-profile: {out} is up to date (source unchanged); skipping")
+    if skip_if_current(out, "serving-profile", inputs, overwrite, replace_stale=derived, why="source unchanged"):
         return out
-    check_writable(out, overwrite, "serving-profile", replace_stale=derived)
     started = time.time()
     with stage_folder(out, overwrite=overwrite, stage="serving-profile", replace_stale=derived) as tmp:
         for item in sorted(source.iterdir()):

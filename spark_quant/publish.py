@@ -32,13 +32,12 @@ import yaml
 from spark_quant import spark
 from spark_quant.artifacts import (
     MANIFEST,
-    check_writable,
     fingerprint,
-    is_up_to_date,
     link_or_copy,
     read_manifest,
     require_manifest,
     sha256_file,
+    skip_if_current,
     stage_folder,
     verify_files,
     write_manifest,
@@ -559,11 +558,8 @@ def stage_release(ckpt_dir: Path, checked: dict[str, Any], out: Path, repo_id: s
               "results": (checked["results_manifest"] or {}).get("files"),
               "repo_id": repo_id, "revision": revision, "license": license_, "forced": checked["problems"],
               "card_code": fingerprint(Path(__file__).read_text(encoding="utf-8"))}  # card logic changed: restage
-    if is_up_to_date(out, "publish", fingerprint(inputs)) and not overwrite:
-        verify_files(out)
-        print(f"publish: {out} is up to date (inputs unchanged); not restaged")
+    if skip_if_current(out, "publish", inputs, overwrite, replace_stale=derived, why="inputs unchanged, not restaged"):
         return out
-    check_writable(out, overwrite, "publish", replace_stale=derived)
     started = time.time()
     with stage_folder(out, overwrite=overwrite, stage="publish", replace_stale=derived) as tmp:
         layout = []
