@@ -168,19 +168,6 @@ def compare(result_dirs: list[Path], out: Path, overwrite: bool = True) -> Path:
     return Path(out)
 
 
-def _python(kind: str) -> str:
-    """The interpreter of a stage's environment: $QUANT_PYTHON / $SERVE_PYTHON, else .venv/<kind>, else this one."""
-    import os
-    import sys
-
-    from spark_quant.evaluate import _resolve_python
-
-    env = os.environ.get(f"{kind.upper()}_PYTHON")
-    if env:
-        return _resolve_python(env)
-    local = Path(f".venv/{kind}/bin/python")
-    return os.path.abspath(local) if local.exists() else sys.executable
-
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:
     """calibrate, quantize and eval each experiment (each in its environment), then compare them all.
@@ -193,6 +180,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:
     import subprocess
 
     from spark_quant.config import load_experiment
+    from spark_quant.evaluate import stage_python
 
     if not experiments:
         raise UserError("sweep: name at least one experiment YAML (EXPERIMENTS=\"a.yaml b.yaml\")")
@@ -206,7 +194,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:
     for path, exp in zip(experiments, exps):
         for stage, py in (("calibrate", "quant"), ("quantize", "quant"), ("eval", "serve")):
             print(f"sweep: {exp.name}: {stage}", flush=True)
-            rc = subprocess.run([_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
+            rc = subprocess.run([stage_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
             if rc != 0:
                 failed.append(f"{exp.name} ({stage}, exit {rc})")
                 break

@@ -51,13 +51,19 @@ EXPECTED_KERNEL = {"cuda": "CutlassInt8ScaledMMLinearKernel", "cpu": "CPUInt8Sca
 WARMUP_TOKENS = 8
 
 
-def serve_python() -> str:
-    """Interpreter of the serving environment: $SERVE_PYTHON, else .venv/serve, else this one."""
-    env = os.environ.get("SERVE_PYTHON")
+def stage_python(kind: str) -> str:
+    """Interpreter of an environment ("quant" or "serve"): $QUANT_PYTHON / $SERVE_PYTHON, else
+    .venv/<kind>, else this one."""
+    env = os.environ.get(f"{kind.upper()}_PYTHON")
     if env:
         return _resolve_python(env)
-    local = Path(".venv/serve/bin/python")
+    local = Path(f".venv/{kind}/bin/python")
     return os.path.abspath(local) if local.exists() else sys.executable
+
+
+def serve_python() -> str:
+    """Interpreter of the serving environment: $SERVE_PYTHON, else .venv/serve, else this one."""
+    return stage_python("serve")
 
 
 def _resolve_python(path: str) -> str:

@@ -215,4 +215,3 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         return swap_into_place(tmp, out, lambda o: _is_built(o, size, seed))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out

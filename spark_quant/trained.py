@@ -526,4 +526,3 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         return swap_into_place(tmp, out, lambda o: is_trained_proxy(o, size, seed))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
