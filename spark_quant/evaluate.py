@@ -165,21 +165,20 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
     return res
 
 
-_STARTUP_RE = {
-    "load_s": r"Model loading took [\d.]+ GiB(?: memory)? and ([\d.]+) seconds",
-    "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
-    "compile_s": r"init engine \(profile, create kv cache, warmup model\) took [\d.]+ s \(compilation: ([\d.]+) s",
-    "graph_capture_s": r"Graph capturing finished in ([\d.]+) secs",
-}
+_STARTUP_RE = (  # named groups: the keys of startup_times()
+    r"Model loading took [\d.]+ GiB(?: memory)? and (?P<load_s>[\d.]+) seconds",
+    r"init engine \(profile, create kv cache, warmup model\) took (?P<engine_init_s>[\d.]+) s"
+    r"(?: \(compilation: (?P<compile_s>[\d.]+) s)?",
+    r"Graph capturing finished in (?P<graph_capture_s>[\d.]+) secs",
+)
 
 
 def startup_times(log: str) -> dict[str, float]:
     """Where a vLLM engine start went, from its log: weights, compile, CUDA graph capture, whole init."""
     out = {}
-    for key, pat in _STARTUP_RE.items():
+    for pat in _STARTUP_RE:
         m = re.search(pat, log)
-        if m:
-            out[key] = float(m.group(1))
+        out.update({k: float(v) for k, v in (m.groupdict() if m else {}).items() if v is not None})
     return out
 
 
