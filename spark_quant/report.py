@@ -220,6 +220,27 @@ def render_step_profile(prof: dict[str, Any]) -> list[str]:
     return out + [""] + render_cpu_phases(prof)
 
 
+def render_speed_matrix(summary: dict[str, dict[str, Any]], conc: list[int]) -> list[str]:
+    """One row per served variant (``evaluate.speed_summary`` + ``weights_gib_loaded``); the first is
+    the reference of the ratio column."""
+    ref = next(iter(summary.values()), {})
+    rtps = {r["concurrency"]: r["tokens_per_s"] for r in ref.get("throughput", [])}
+    lines = ["| variant | weights GiB | b1 ms/token sampled | runs | b1 ms/token greedy | "
+             + " | ".join(f"tok/s c={c}" for c in conc) + f" | tok/s c={conc[-1]} ratio |",
+             "|" + "---|" * (5 + len(conc) + 1)]
+    for label, s in summary.items():
+        if "error" in s and "throughput" not in s:
+            lines.append(f"| {label} | failed: {str(s['error'])[:150]} |" + " |" * (4 + len(conc)))
+            continue
+        tps = {r["concurrency"]: r["tokens_per_s"] for r in s["throughput"]}
+        runs_s = "/".join(f"{x:.3f}" for x in s["ms_per_token_sampled_runs"] if x is not None)
+        ratio = tps.get(conc[-1]) / rtps[conc[-1]] if rtps.get(conc[-1]) and tps.get(conc[-1]) else None
+        lines.append(f"| {label} | {_f(s.get('weights_gib_loaded'))} | {_f(s['ms_per_token_sampled'], '.3f')} | "
+                     f"{runs_s} | {_f(s['ms_per_token_greedy'], '.3f')} | "
+                     + " | ".join(_f(tps.get(c), ".0f") for c in conc) + f" | {_f(ratio)} |")
+    return lines
+
+
 def render_cpu_phases(prof: dict[str, Any]) -> list[str]:
     """The host side of the same steps: vLLM's phases, inclusive ms per step (stepprof.CPU_PHASES)."""
     from spark_quant.stepprof import CPU_PHASES
