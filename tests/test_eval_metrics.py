@@ -222,3 +222,17 @@ def test_compact_cuda_graph_sizes_cover_every_measured_concurrency():
     assert set([1, 4, 16, 64, 200]) <= set(sizes) and max(sizes) == 200 and sizes == sorted(set(sizes))
     assert len(sizes) < 20  # vLLM's default captures ~67 sizes up to 512
     assert compact_capture_sizes([1]) == [1]
+
+
+def test_speed_matrix_rows_give_ratios_against_the_first_variant_and_name_failures():
+    from spark_quant.report import render_speed_matrix
+
+    def summ(ms, tps):
+        return {"ms_per_token_sampled": ms, "ms_per_token_sampled_runs": [ms, ms + 0.1], "ms_per_token_greedy": ms - 0.2,
+                "weights_gib_loaded": 0.95, "throughput": [{"concurrency": 1, "tokens_per_s": 400},
+                                                           {"concurrency": 256, "tokens_per_s": tps}]}
+    lines = render_speed_matrix({"bf16": summ(2.0, 40000), "w8a8": summ(2.5, 30000), "bad": {"error": "boom"}}, [1, 256])
+    assert lines[0].startswith("| variant | weights GiB |") and lines[0].endswith("| tok/s c=256 ratio |")
+    assert lines[2] == "| bf16 | 0.95 | 2.000 | 2.000/2.100 | 1.800 | 400 | 40000 | 1.00 |"
+    assert lines[3].endswith("| 400 | 30000 | 0.75 |")
+    assert lines[4].startswith("| bad | failed: boom |")
