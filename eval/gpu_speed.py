@@ -18,24 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from spark_quant.artifacts import device_info, git_commit, versions  # noqa: E402
-from spark_quant.config import load_experiment  # noqa: E402
-from spark_quant.evaluate import (  # noqa: E402
-    heldout_prompts,
-    run_worker,
-    speed_summary,
-    timing_tasks,
-    worker_spec,
-)
-from spark_quant.model import load_tokenizer  # noqa: E402
-from spark_quant.report import render_speed_matrix, render_step_profile  # noqa: E402
+from spark_quant.config import load_experiment
+from spark_quant.envinfo import device_info, git_commit, versions
+from spark_quant.models.folder import load_tokenizer
+from spark_quant.reporting.metrics import speed_summary
+from spark_quant.reporting.report import render_speed_matrix, render_step_profile
+from spark_quant.serving.client import run_worker, timing_tasks, worker_spec
+from spark_quant.stages.evaluate import eval_prompts
 
 
 def _variant(arg: str) -> tuple[str, Path, dict]:
@@ -62,7 +54,7 @@ def main() -> int:
                                          f"eval.latency_requests={a.requests}", "eval.natural_max_tokens=0",
                                          "eval.num_prompts=16"])
     base_llm = a.model[0][1]
-    prompts = heldout_prompts(exp, load_tokenizer(base_llm), [])
+    prompts = eval_prompts(exp, load_tokenizer(base_llm), [])
     a.out.mkdir(parents=True, exist_ok=True)
     logs = a.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -120,7 +112,7 @@ def main() -> int:
     for label in filter(None, a.stepprof.split(",")):
         spec = {**specs[label],
                 "concurrency": [int(c) for c in a.stepprof_concurrency.split(",")], "modes": ["sampled", "greedy"]}
-        steps[label] = run_worker(spec, logs, f"{label}-stepprof", a.timeout, module="spark_quant.stepprof")
+        steps[label] = run_worker(spec, logs, f"{label}-stepprof", a.timeout, module="spark_quant.serving.stepprof")
     report(steps)
     return 0
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from spark_quant.evaluate import speed_summary  # noqa: E402
-from spark_quant.report import render_speed_matrix  # noqa: E402
+from spark_quant.reporting.metrics import speed_summary
+from spark_quant.reporting.report import render_speed_matrix
 
 
 def main() -> int:

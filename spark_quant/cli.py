@@ -145,11 +145,11 @@ def _validate_recipe(path: Path) -> None:
     try:
         import llmcompressor  # noqa: F401
     except ImportError:
-        from spark_quant.recipes import check_structure
+        from spark_quant.stages.recipes import check_structure
 
         check_structure(path)
         return
-    from spark_quant.quantize import load_recipe
+    from spark_quant.stages.quantize import load_recipe
 
     load_recipe(path)
 
@@ -160,40 +160,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "proxy":
             if args.weights == "trained":
-                from spark_quant.trained import build_trained_proxy as build_proxy
+                from spark_quant.models.trained import build_trained_proxy as build_proxy
             else:
-                from spark_quant.proxy import build_proxy
+                from spark_quant.models.proxy import build_proxy
 
             out = build_proxy(args.out, size=args.size, seed=args.seed)
             print(f"proxy: {out}")
         elif args.cmd == "compare":
-            from spark_quant.compare import compare
+            from spark_quant.stages.sweep import compare
 
             compare(args.results, args.out)
         elif args.cmd == "sweep":
-            from spark_quant.compare import sweep
+            from spark_quant.stages.sweep import sweep
 
             sweep(args.experiments, args.overrides, args.out)
         elif args.cmd == "serving-profile":
-            from spark_quant.profile import build_profile
+            from spark_quant.models.serving_profile import build_profile
 
             build_profile(args.model, out=args.out, overwrite=args.overwrite)
         elif args.cmd == "validate":
             return validate(args.files, args.fields)
         elif args.cmd == "calibrate":
-            from spark_quant.calibrate import calibrate
+            from spark_quant.stages.calibrate import calibrate
 
             calibrate(_experiment(args), out=args.out, overwrite=args.overwrite)
         elif args.cmd == "quantize":
-            from spark_quant.quantize import quantize
+            from spark_quant.stages.quantize import quantize
 
             quantize(_experiment(args), calib_dir=args.calibration, out=args.out, overwrite=args.overwrite)
         elif args.cmd == "eval":
-            from spark_quant.evaluate import evaluate
+            from spark_quant.stages.evaluate import evaluate
 
             evaluate(_experiment(args), ckpt_dir=args.checkpoint, out=args.out, overwrite=args.overwrite)
         elif args.cmd == "publish":
-            from spark_quant.publish import publish
+            from spark_quant.stages.publish import publish
 
             args.model = args.recipe = None
             publish(_experiment(args), args.repo_id, ckpt_dir=args.checkpoint, results_dir=args.results, out=args.out,

@@ -127,7 +127,7 @@ class Experiment(_Section):
     proxy_seed: int = Field(0)
     proxy_weights: Literal["random", "trained"] = Field(
         "random", description="embedded proxy weights: random (seeded init) or trained on a synthetic Spark language "
-        "(peaked outputs, for fidelity numbers; spark_quant/trained.py)"
+        "(peaked outputs, for fidelity numbers; spark_quant/models/trained.py)"
     )
     recipe: Path = Field(Path("recipes/w8a8_int8_sq_gptq.yaml"), description="llm-compressor recipe YAML, unchanged")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

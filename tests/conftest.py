@@ -41,7 +41,7 @@ def run_cli(*args: str, python: str | None = None, check: bool = True, env: dict
 @pytest.fixture(scope="session")
 def tiny_proxy(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
-    from spark_quant.proxy import build_proxy
+    from spark_quant.models.proxy import build_proxy
 
     cached = ROOT / "build/proxy/Spark-TTS-proxy-tiny-s0"
     out = tmp_path_factory.mktemp("proxy") / "Spark-TTS-proxy-tiny-s0"
@@ -53,9 +53,9 @@ def tiny_proxy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_proxy(tmp_path_factory) -> Path:
-    """The trained tiny proxy (spark_quant/trained.py): build/proxy's copy if `make` built it, else trained here."""
+    """The trained tiny proxy (spark_quant/models/trained.py): build/proxy's copy if `make` built it, else trained here."""
     pytest.importorskip("torch")
-    from spark_quant.trained import build_trained_proxy, is_trained_proxy
+    from spark_quant.models.trained import build_trained_proxy, is_trained_proxy
 
     name = "Spark-TTS-proxy-tiny-trained-s0"
     cached = ROOT / "build/proxy" / name

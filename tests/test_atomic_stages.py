@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
-from spark_quant.artifacts import read_manifest, stage_folder, verify_files, write_manifest
+
+from spark_quant.artifacts import read_manifest, verify_files, write_manifest
+from spark_quant.outputs import stage_folder
 from spark_quant.errors import UserError
 
 

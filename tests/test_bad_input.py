@@ -6,8 +6,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from spark_quant.errors import UserError
 
 
@@ -27,7 +27,7 @@ def recipe_dir(tmp_path):
 
 def test_malformed_recipe_yaml_names_the_file_and_line(recipe_dir):
     pytest.importorskip("llmcompressor")
-    from spark_quant.quantize import load_recipe
+    from spark_quant.stages.quantize import load_recipe
 
     bad = recipe_dir / "bad.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W8A8\n")
@@ -37,7 +37,7 @@ def test_malformed_recipe_yaml_names_the_file_and_line(recipe_dir):
 
 def test_unknown_modifier_is_rejected_by_llm_compressor(recipe_dir):
     pytest.importorskip("llmcompressor")
-    from spark_quant.quantize import load_recipe
+    from spark_quant.stages.quantize import load_recipe
 
     bad = recipe_dir / "unknown.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    SuperQuantModifier:\n      bits: 3\n")
@@ -46,7 +46,7 @@ def test_unknown_modifier_is_rejected_by_llm_compressor(recipe_dir):
 
 
 def test_unknown_modifier_is_caught_without_llm_compressor_too(recipe_dir):
-    from spark_quant.recipes import check_structure
+    from spark_quant.stages.recipes import check_structure
 
     bad = recipe_dir / "unknown.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    SuperQuantModifier:\n      bits: 3\n")
@@ -140,9 +140,11 @@ def test_existing_unrelated_folder_is_never_replaced(tmp_path, tiny_proxy):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(out), check=False)
-    _one_line_error(proc, "not a finished spark-quant folder", "--overwrite")
-    assert (out / "notes.txt").read_text() == "precious"
+    for flags in ([], ["--overwrite"]):  # whatever flag is passed
+        proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(out), *flags, check=False)
+        _one_line_error(proc, "not a folder spark-quant made", "refusing to replace it")
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        assert (out / "notes.txt").read_text() == "precious"
 
 
 def test_validate_command_checks_every_shipped_file_and_flags_bad_ones(tmp_path):

@@ -8,15 +8,15 @@ import pytest
 
 from spark_quant import spark
 from spark_quant.config import load_experiment
-from spark_quant.evaluate import (
-    build_results,
+from spark_quant.reporting.metrics import (
     greedy_similarity,
     latency_metrics,
     max_concurrency_under,
-    run_worker,
     teacher_forced,
     throughput_metrics,
 )
+from spark_quant.serving.client import run_worker
+from spark_quant.stages.evaluate import build_results
 
 
 def test_latency_metrics_from_stream_stamps():
@@ -162,8 +162,8 @@ def test_out_of_memory_is_named_for_gpu_and_cpu_messages(tmp_path, monkeypatch):
 
 
 def test_fp8_on_a_gpu_without_fp8_is_a_skipped_row_that_says_why(tmp_path):
-    from spark_quant.compare import row_for
-    from spark_quant.evaluate import write_skipped
+    from spark_quant.stages.evaluate import write_skipped
+    from spark_quant.stages.sweep import row_for
 
     exp = load_experiment(None)
     qman = {"check": {"format": "float-quantized", "weights": {"total_bytes": 10}},
@@ -198,7 +198,7 @@ def test_a_worker_that_reports_vllms_wrapper_error_gets_the_root_cause_and_oom(t
 
 def test_engine_env_reaches_the_worker_and_the_start_is_timed(tmp_path, monkeypatch):
     # eval.engine_env -> the worker's environment; the engine-start lines of its log -> res["startup"]
-    from spark_quant.evaluate import worker_spec
+    from spark_quant.serving.client import worker_spec
 
     exp = load_experiment(None, ["eval.engine_env={VLLM_USE_V2_MODEL_RUNNER: '0'}"])
     spec = worker_spec(exp, tmp_path, "bfloat16")
@@ -216,7 +216,7 @@ def test_engine_env_reaches_the_worker_and_the_start_is_timed(tmp_path, monkeypa
 
 
 def test_compact_cuda_graph_sizes_cover_every_measured_concurrency():
-    from spark_quant.evaluate import compact_capture_sizes
+    from spark_quant.serving.client import compact_capture_sizes
 
     sizes = compact_capture_sizes([1, 4, 16, 64, 200])
     assert set([1, 4, 16, 64, 200]) <= set(sizes) and max(sizes) == 200 and sizes == sorted(set(sizes))
@@ -225,7 +225,7 @@ def test_compact_cuda_graph_sizes_cover_every_measured_concurrency():
 
 
 def test_speed_matrix_rows_give_ratios_against_the_first_variant_and_name_failures():
-    from spark_quant.report import render_speed_matrix
+    from spark_quant.reporting.report import render_speed_matrix
 
     def summ(ms, tps):
         return {"ms_per_token_sampled": ms, "ms_per_token_sampled_runs": [ms, ms + 0.1], "ms_per_token_greedy": ms - 0.2,

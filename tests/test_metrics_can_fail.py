@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ROOT, run_cli, serve_python
 
 pytestmark = pytest.mark.e2e

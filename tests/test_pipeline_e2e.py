@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import ROOT, run_cli, serve_python
+
 from spark_quant import spark
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from spark_quant import spark
-from spark_quant.proxy import PROXY_SIZES, build_proxy, parameter_count, proxy_config
+from spark_quant.errors import UserError
+from spark_quant.models.proxy import PROXY_SIZES, build_proxy, parameter_count, proxy_config
 
 # Spark-TTS-0.5B's LLM/config.json values, as /work/shared/spark-tts-facts.md lists them.
 SPARK_FACTS = {
@@ -46,7 +47,7 @@ def tiny(tmp_path_factory):
 
 def test_import_is_cheap():
     code = (
-        "import sys, spark_quant.proxy, spark_quant.tokenizer; "
+        "import sys, spark_quant.models.proxy, spark_quant.models.tokenizer; "
         "heavy = [m for m in ('torch', 'transformers', 'tokenizers', 'vllm', 'llmcompressor') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
@@ -179,6 +180,6 @@ def test_does_not_replace_foreign_dir(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="not a spark-quant proxy"):
         build_proxy(foreign, "tiny")
     assert (foreign / "keep.txt").read_text() == "x"

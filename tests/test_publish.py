@@ -55,11 +55,12 @@ def make_results(ckpt: Path, out: Path, kernel: str = KERNEL) -> Path:
     """An eval folder for ``ckpt`` written by the eval stage's own code (build_results, write_results,
     render_report, write_manifest) from synthetic worker results: a real eval costs minutes on 2 cores."""
     from spark_quant import spark
-    from spark_quant.artifacts import read_manifest, stage_folder, write_manifest
+    from spark_quant.artifacts import read_manifest, write_manifest
+    from spark_quant.outputs import stage_folder
     from spark_quant.config import load_experiment
-    from spark_quant.evaluate import build_results, write_results
-    from spark_quant.model import read_config
-    from spark_quant.report import render_report
+    from spark_quant.models.folder import read_config
+    from spark_quant.reporting.report import render_report
+    from spark_quant.stages.evaluate import build_results, write_results
 
     exp = load_experiment(None)
     qman = read_manifest(ckpt)
@@ -210,7 +211,8 @@ def test_release_of_a_spark_layout_source_carries_the_codec_and_the_source_licen
 
 
 def test_commit_operations_are_exactly_the_staged_files_as_the_hub_client_hashes_them(made, tmp_path):
-    from spark_quant.publish import commit_operations, file_plan
+    from spark_quant.hub import commit_operations
+    from spark_quant.stages.publish import file_plan
 
     out = tmp_path / "release"
     assert publish_cli("--repo-id", "me/x", "--checkpoint", str(made["proxy"]), "--results", str(made["proxy_res"]),
@@ -331,7 +333,7 @@ def test_hub_http_errors_become_one_actionable_line_without_the_token():
     import httpx
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    from spark_quant.publish import explain, is_transient
+    from spark_quant.hub import explain, is_transient
 
     def err(status: int, body: str = "") -> HfHubHTTPError:
         req = httpx.Request("POST", "http://hub.local/api/repos/create")
@@ -376,7 +378,7 @@ def test_the_resolved_experiment_in_the_release_loads_as_an_experiment(made, tmp
 
 def test_source_license_is_read_from_the_source_card_or_must_be_given(tmp_path):
     from spark_quant.errors import UserError
-    from spark_quant.publish import find_license
+    from spark_quant.stages.publish import find_license
 
     ckpt, src = tmp_path / "ckpt", tmp_path / "src"
     ckpt.mkdir()
@@ -419,7 +421,8 @@ def test_the_cards_vllm_snippet_runs_on_the_staged_release(made, tmp_path):
 def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
     from huggingface_hub import ModelCard
 
-    from spark_quant.publish import card_context, check_inputs, render_card
+    from spark_quant.reporting.card import card_context, render_card
+    from spark_quant.stages.publish import check_inputs
 
     checked = check_inputs(made["real"], made["real_res"], force=False)
     res = checked["results"]
@@ -427,8 +430,9 @@ def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
     for name in ("baseline", "quantized"):
         res["speed"][name]["natural"] = {"ms_per_token_sampled": 7.0, "output_tokens_p50": 400, "rtf_b1": 0.35,
                                          "throughput": [], "max_concurrency_rtf_p99_under_target": 64}
-    ctx = card_context(made["real"], checked, "org/Spark-TTS-0.5B-W8A8-int8", "cc-by-nc-sa-4.0", False, "v1",
-                       [{"path": "LLM/", "what": "the INT8 LLM"}], "spark-quant/experiment.yaml")
+    llm_config = json.loads((made["real"] / "LLM" / "config.json").read_text())
+    ctx = card_context(checked, llm_config, "org/Spark-TTS-0.5B-W8A8-int8", "cc-by-nc-sa-4.0", None, "v1",
+                       [{"path": "LLM/", "what": "the INT8 LLM"}], "spark-quant/experiment.yaml", "x")
     card = render_card(ctx)
     back = ModelCard(str(card))  # parses the rendered front matter again
     assert back.data.base_model == "SparkAudio/Spark-TTS-0.5B" and back.data.license == "cc-by-nc-sa-4.0"
@@ -439,13 +443,13 @@ def test_card_names_the_gpu_and_fills_natural_length_rows_when_measured(made):
 
 
 def test_the_stand_in_s_weights_are_named_random_or_trained(tmp_path):
-    from spark_quant.proxy import _config_yaml
-    from spark_quant.publish import proxy_kind
+    from spark_quant.models.proxy import config_yaml
+    from spark_quant.stages.publish import proxy_kind
 
-    (tmp_path / "config.yaml").write_text(_config_yaml("tiny"))
+    (tmp_path / "config.yaml").write_text(config_yaml("tiny"))
     assert proxy_kind(tmp_path, {}) == "random"
-    trained = _config_yaml("tiny").replace("random-initialized stand-in", "synthetically trained stand-in")
-    (tmp_path / "config.yaml").write_text(trained)  # as spark_quant/trained.py writes it
+    trained = config_yaml("tiny").replace("random-initialized stand-in", "synthetically trained stand-in")
+    (tmp_path / "config.yaml").write_text(trained)  # as spark_quant/models/trained.py writes it
     assert proxy_kind(tmp_path, {}) == "trained"
     (tmp_path / "config.yaml").write_text("sample_rate: 16000\n")
     assert proxy_kind(tmp_path, {"config": {"proxy_weights": "trained"}}) == "trained"

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli, serve_python
+
 from spark_quant.artifacts import read_manifest, verify_files
 
 pytestmark = pytest.mark.e2e

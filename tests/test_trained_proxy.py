@@ -11,11 +11,12 @@ import json
 import random
 
 import pytest
-
 from conftest import ROOT
+
 from spark_quant import spark
-from spark_quant.calibrate import read_corpus
-from spark_quant.trained import CLONE_K, K_BY_SPEED, Corpus, Language, example, output_for
+from spark_quant.models.spark_language import CLONE_K, K_BY_SPEED, Language, example, output_for
+from spark_quant.models.trained import Corpus
+from spark_quant.spark.corpus import read_corpus
 
 TRAIN = read_corpus(ROOT / "calibration/texts/train.txt")
 HELDOUT = read_corpus(ROOT / "calibration/texts/heldout.txt")
@@ -23,7 +24,7 @@ HELDOUT = read_corpus(ROOT / "calibration/texts/heldout.txt")
 
 @pytest.fixture(scope="module")
 def tok(tiny_proxy):
-    from spark_quant.model import load_tokenizer
+    from spark_quant.models.folder import load_tokenizer
 
     return load_tokenizer(tiny_proxy / "LLM")
 
@@ -89,7 +90,7 @@ def _measure(model_dir, tok):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spark_quant.trained import measure
+    from spark_quant.models.trained import measure
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir / "LLM"), dtype=torch.float32).eval()
     return measure(model, tok, HELDOUT, n=6, max_new=240)

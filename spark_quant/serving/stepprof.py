@@ -1,6 +1,6 @@
 """Where one decode step's time goes: GPU kernels by kind, against the step's wall time.
 
-    python -m spark_quant.stepprof SPEC.json RESULT.json     (serving environment, vLLM in-process)
+    python -m spark_quant.serving.stepprof SPEC.json RESULT.json     (serving environment, vLLM in-process)
 
 SPEC: {"model", "dtype", "max_model_len", "gpu_memory_utilization", "concurrency": [1, 16, 256],
 "short": 16, "long": 80, "modes": ["sampled", "greedy"], "engine_overrides": {...}}.
@@ -224,7 +224,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from spark_quant.serve_worker import ensure_profile_plugin
+    from spark_quant.serving.worker import ensure_profile_plugin
 
     ensure_profile_plugin()
     timer = PhaseTimer()

@@ -13,17 +13,17 @@ torch and transformers are imported inside functions: importing this module is c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spark_quant import spark
-from spark_quant.artifacts import swap_into_place
-from spark_quant.tokenizer import build_spark_tokenizer
+from spark_quant.artifacts import sha256_file
+from spark_quant.errors import UserError
+from spark_quant.models.tokenizer import build_spark_tokenizer
+from spark_quant.outputs import atomic_folder
 
 if TYPE_CHECKING:
     from transformers import Qwen2Config
@@ -70,7 +70,7 @@ ARCHITECTURE = "Qwen2ForCausalLM"
 AUDIO_CONFIG = {"sample_rate": spark.SAMPLE_RATE, "latent_hop_length": 320, "ref_segment_duration": 6}
 
 
-def _check_size(size: str) -> dict:
+def check_size(size: str) -> dict:
     if size not in PROXY_SIZES:
         raise ValueError(f"proxy size must be one of {sorted(PROXY_SIZES)}, got {size!r}")
     return PROXY_SIZES[size]
@@ -80,7 +80,7 @@ def proxy_config(size: str = "tiny") -> Qwen2Config:
     """The transformers ``Qwen2Config`` of a proxy size (``full`` = Spark-TTS-0.5B's LLM config)."""
     from transformers import Qwen2Config
 
-    kwargs = dict(_check_size(size))
+    kwargs = dict(check_size(size))
     kwargs["dtype"] = kwargs.pop("torch_dtype")  # transformers 5 name; config.json also gets torch_dtype
     return Qwen2Config(architectures=[ARCHITECTURE], **kwargs)
 
@@ -107,15 +107,7 @@ def _config_json(size: str, config: Qwen2Config) -> dict:
     return dict(sorted(d.items()))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_marker(out: Path) -> dict | None:
+def read_marker(out: Path) -> dict | None:
     try:
         return json.loads((out / PROXY_MARKER).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -123,11 +115,11 @@ def _read_marker(out: Path) -> dict | None:
 
 
 def _is_built(out: Path, size: str, seed: int) -> bool:
-    marker = _read_marker(out)
+    marker = read_marker(out)
     return bool(marker) and marker.get("size") == size and marker.get("seed") == seed
 
 
-def _write_weights(llm_dir: Path, size: str, seed: int) -> int:
+def write_weights(llm_dir: Path, size: str, seed: int) -> int:
     """Seeded random init, saved as FP32 safetensors (tied lm_head not stored, like the real file)."""
     import torch
     from safetensors.torch import save_file
@@ -152,7 +144,7 @@ def _write_weights(llm_dir: Path, size: str, seed: int) -> int:
     return n_params
 
 
-def _config_yaml(size: str) -> str:
+def config_yaml(size: str) -> str:
     lines = [
         "# spark-quant proxy: random-initialized stand-in for Spark-TTS-0.5B, NOT the real model",
         "# (LLM/ has random weights; there is no BiCodec or wav2vec2, so it cannot make speech).",
@@ -172,25 +164,23 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     temporary sibling directory that is renamed into place, so ``out`` is never
     half-written; a folder at ``out`` that is not a proxy is never replaced.
     """
-    _check_size(size)
+    check_size(size)
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     out = Path(out)
     if _is_built(out, size, seed):
         return out
-    if out.exists() and _read_marker(out) is None:
-        raise FileExistsError(f"{out} exists and is not a spark-quant proxy ({PROXY_MARKER} missing); not replacing it")
+    if out.exists() and read_marker(out) is None:
+        raise UserError(f"{out}: exists and is not a spark-quant proxy ({PROXY_MARKER} missing); refusing to replace "
+                        "it: choose another folder")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(out, PROXY_MARKER, lambda o: _is_built(o, size, seed)) as tmp:
         started = time.perf_counter()
         llm = tmp / "LLM"
         llm.mkdir(parents=True)
-        n_params = _write_weights(llm, size, seed)
+        n_params = write_weights(llm, size, seed)
         build_spark_tokenizer(llm)
-        (tmp / "config.yaml").write_text(_config_yaml(size))
+        (tmp / "config.yaml").write_text(config_yaml(size))
 
         import torch
         import transformers
@@ -205,13 +195,10 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
             "parameters": n_params,
             "weights_dtype": "float32",
             "config": PROXY_SIZES[size],
-            "model_safetensors_sha256": _sha256(llm / "model.safetensors"),
+            "model_safetensors_sha256": sha256_file(llm / "model.safetensors"),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         # Written last: a folder with PROXY.json is complete.
         (tmp / PROXY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-        return swap_into_place(tmp, out, lambda o: _is_built(o, size, seed))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -2,7 +2,7 @@
 
 Runs in the *serving* environment, always as its own process:
 
-    python -m spark_quant.serve_worker SPEC.json RESULT.json
+    python -m spark_quant.serving.worker SPEC.json RESULT.json
 
 SPEC holds the engine settings and a list of tasks; RESULT receives the engine
 facts (KV-cache capacity, load time) and one entry per task. The last line of
@@ -84,10 +84,10 @@ def ensure_profile_plugin() -> None:
     import tempfile
     from importlib.metadata import entry_points
 
-    from spark_quant.vllm_spark import register
+    from spark_quant.serving.vllm_plugin import register
 
     register()
-    target = "spark_quant.vllm_spark:register"
+    target = "spark_quant.serving.vllm_plugin:register"
     if any(ep.value == target for ep in entry_points(group="vllm.general_plugins")):
         return
     root = Path(tempfile.mkdtemp(prefix="spark-quant-vllm-plugin-"))
@@ -101,7 +101,7 @@ def ensure_profile_plugin() -> None:
 
 class Worker:
     def __init__(self, spec: dict[str, Any]):
-        from spark_quant.profile import load_permutation
+        from spark_quant.spark.permutation import load_permutation
 
         self.spec = spec
         self.engine = None
@@ -311,7 +311,7 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
     if len(argv) != 2:
-        print("usage: python -m spark_quant.serve_worker SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m spark_quant.serving.worker SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")

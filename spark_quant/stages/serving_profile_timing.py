@@ -1,6 +1,6 @@
 """Batch-1 decode timing of Spark serving profiles against the models they come from.
 
-    python -m spark_quant.profile_timing --model DIR [--model DIR ...] [--out FILE.json]
+    python -m spark_quant.stages.serving_profile_timing --model DIR [--model DIR ...] [--out FILE.json]
         [--tokens 256] [--requests 8] [--repeats 2] [--eager] [--memory 0.6]
 
 For each ``--model`` (a Spark-TTS model folder or a quantized checkpoint) the
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from spark_quant import spark
+from spark_quant.spark.heldout import heldout_prompts
 
 TEXTS = ("We measure how fast the model writes speech tokens at batch one.",
          "今天的天气很好，我们一起去公园散步吧。",
@@ -36,12 +35,7 @@ def prompts(llm: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(llm))
-    rng = random.Random(0)
-    out = []
-    for t in TEXTS:
-        out.append(tok.encode(spark.controllable_prompt(t, "female", "moderate", "moderate")))
-        out.append(tok.encode(spark.clone_prompt(t, [rng.randrange(spark.GLOBAL_CODEBOOK) for _ in range(32)])))
-    return out
+    return [p["ids"] for p in heldout_prompts(TEXTS, len(TEXTS), tok.encode, seed=0)]
 
 
 def tasks(ids: list[list[int]], tokens: int, requests: int) -> list[dict[str, Any]]:
@@ -59,7 +53,7 @@ def tasks(ids: list[list[int]], tokens: int, requests: int) -> list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spark_quant.profile_timing", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m spark_quant.stages.serving_profile_timing", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, action="append", required=True, help="model or checkpoint folder")
     ap.add_argument("--out", type=Path, default=None, help="write every run's raw result here (JSON)")
     ap.add_argument("--tokens", type=int, default=256)
@@ -70,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args(argv)
 
-    from spark_quant.evaluate import _has_cuda_device, latency_metrics, run_worker
-    from spark_quant.profile import build_profile
+    from spark_quant.models.serving_profile import build_profile
+    from spark_quant.stages.evaluate import has_cuda_device, latency_metrics, run_worker
 
-    cuda = _has_cuda_device()
+    cuda = has_cuda_device()
     pairs = [(m, build_profile(m)) for m in args.model]
     ids = prompts(args.model[0] / "LLM")
     work = Path(tempfile.mkdtemp(prefix="spark-profile-timing-"))
@@ -106,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.append({"model": src.name, "variant": variant, "sampled_ms_per_token": s,
                             "greedy_ms_per_token": g, "runs": mine})
             print(f"{src.name:<40}{variant:<15}{s:>16.3f}{g:>15.3f}")
-    from spark_quant.artifacts import device_info, git_commit, versions
+    from spark_quant.envinfo import device_info, git_commit, versions
 
     doc = {"device": "cuda" if cuda else "cpu", "host": device_info(), "versions": versions(),
            "git_commit": git_commit(), "tokens": args.tokens, "requests": args.requests, "eager": args.eager,

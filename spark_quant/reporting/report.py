@@ -242,14 +242,12 @@ def render_speed_matrix(summary: dict[str, dict[str, Any]], conc: list[int]) -> 
 
 
 def render_cpu_phases(prof: dict[str, Any]) -> list[str]:
-    """The host side of the same steps: vLLM's phases, inclusive ms per step (stepprof.CPU_PHASES)."""
-    from spark_quant.stepprof import CPU_PHASES
-
-    labels = list(dict.fromkeys(label for *_, label in CPU_PHASES))
+    """The host side of the same steps: vLLM's phases, inclusive ms per step, in the order the step profiler
+    lists them (serving/stepprof.py's CPU_PHASES)."""
     rows = [(name, row) for name, r in prof.items() if r.get("ok") for row in r["rows"] if row.get("cpu_phases")]
     if not rows:
         return []
-    seen = [lb for lb in labels if any(lb in row["cpu_phases"] for _, row in rows)]
+    seen = list(dict.fromkeys(lb for _, row in rows for lb in row["cpu_phases"]))
     out = ["### The host side of a decode step", "",
            "Host (CPU) ms per decode step in vLLM's own methods, timed by wrapping them (inclusive: a phase "
            "contains what it calls), same two-length difference. With async scheduling the CPU prepares the next "

@@ -14,23 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spark_quant.artifacts import (
-    check_writable,
-    fingerprint,
-    is_up_to_date,
-    link_or_copy,
-    require_manifest,
-    reuse_equivalent,
-    sha256_file,
-    stage_folder,
-    verify_files,
-    write_manifest,
-)
-from spark_quant.calibrate import SAMPLES
+from spark_quant.artifacts import link_or_copy, require_manifest, sha256_file, write_manifest
 from spark_quant.config import Experiment
 from spark_quant.errors import UserError
-from spark_quant.recipes import read_recipe
-from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
+from spark_quant.models.ensure import ensure_model
+from spark_quant.models.folder import load_tokenizer, model_fingerprint
+from spark_quant.outputs import begin_stage, stage_folder
+from spark_quant.spark.corpus import SAMPLES
+from spark_quant.stages.recipes import read_recipe
 
 
 def load_recipe(path: Path):
@@ -171,16 +162,9 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         "max_seq_length": exp.calibration.max_seq_length,
         "batch_size": exp.calibration.batch_size,
     }
-    if is_up_to_date(out, "quantize", fingerprint(inputs)) and not overwrite:
-        verify_files(out)
-        print(f"quantize: {out} is up to date (inputs unchanged); skipping")
+    if begin_stage(out, "quantize", inputs, overwrite, derived, sources=[model_dir, calib_dir, recipe_path],
+                   reuse=True, updates={"calibration_dir": str(calib_dir)}):
         return out
-    if derived and (src := reuse_equivalent(out, "quantize", fingerprint(inputs), overwrite, replace_stale=True,
-                                            updates={"calibration_dir": str(calib_dir)})):
-        print(f"quantize: {out} reuses {src} (same model, recipe and calibration samples)")
-        return out
-
-    check_writable(out, overwrite, "quantize", replace_stale=derived)
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot

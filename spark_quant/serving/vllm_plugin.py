@@ -25,8 +25,7 @@ top-p, min-p, seeds, stop token ids, min_tokens and sampled-token logprobs are.
 
 from __future__ import annotations
 
-ARCHITECTURE = "SparkQwen2ForCausalLM"
-N_FIELD = "spark_emit_vocab_size"
+from spark_quant.spark.permutation import ARCHITECTURE, N_FIELD
 
 
 def register() -> None:
@@ -34,7 +33,7 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "spark_quant.vllm_spark:SparkQwen2ForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "spark_quant.serving.vllm_plugin:SparkQwen2ForCausalLM")
 
 
 def _model_class():
@@ -80,13 +79,13 @@ def _model_class():
         def load_weights(self, weights):
             return AutoWeightsLoader(self).load_weights(weights)
 
-    SparkQwen2ForCausalLM.__qualname__ = ARCHITECTURE  # pickled by reference: spark_quant.vllm_spark.<name>
+    SparkQwen2ForCausalLM.__qualname__ = ARCHITECTURE  # pickled by reference: spark_quant.serving.vllm_plugin.<name>
     SparkQwen2ForCausalLM.__module__ = __name__
     return SparkQwen2ForCausalLM
 
 
 def __getattr__(name: str):
-    # vLLM resolves "spark_quant.vllm_spark:SparkQwen2ForCausalLM" lazily; importing this module
+    # vLLM resolves "spark_quant.serving.vllm_plugin:SparkQwen2ForCausalLM" lazily; importing this module
     # stays free of vLLM (the plugin function runs in processes that may never load the model).
     if name == "SparkQwen2ForCausalLM":
         cls = _model_class()

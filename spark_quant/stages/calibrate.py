@@ -28,62 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
-from spark_quant.artifacts import (
-    check_writable,
-    fingerprint,
-    is_up_to_date,
-    reuse_equivalent,
-    sha256_file,
-    stage_folder,
-    write_manifest,
-)
+from spark_quant.artifacts import sha256_file, write_manifest
 from spark_quant.config import Experiment
-from spark_quant.errors import UserError
-from spark_quant.model import ensure_model, load_tokenizer, model_fingerprint
+from spark_quant.models.ensure import ensure_model
+from spark_quant.models.folder import load_tokenizer, model_fingerprint
+from spark_quant.models.generate import decode
+from spark_quant.outputs import begin_stage, stage_folder
+from spark_quant.spark.corpus import REFERENCES, SAMPLES, read_corpus, read_references
 
-SAMPLES = "samples.jsonl"
-REFERENCES = "references.jsonl"
 LEVELS = list(spark.LEVEL)
 GENDERS = list(spark.GENDER)
-
-
-def read_corpus(path: Path) -> list[str]:
-    """Non-empty lines of a UTF-8 corpus; one-line errors for a missing, empty or non-UTF-8 file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: corpus file not found; set calibration.corpus to a UTF-8 text file, one sentence a line")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}: line {line} is not UTF-8; re-save the corpus as UTF-8") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise UserError(f"{path}: corpus is empty; it needs at least one sentence")
-    return lines
-
-
-def read_references(path: Path) -> list[dict[str, Any]]:
-    """User-supplied BiCodec references: JSONL of {global: [32 ints], semantic: [ints], text: str?}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: calibration.references not found; give a JSONL of BiCodec tokens or set it to null")
-    refs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            g, s = r["global"], r.get("semantic", [])
-            spark.clone_prompt("x", g, r.get("text") or None, s if r.get("text") else None)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path}: line {n}: not a BiCodec reference ({e}); expected {{\"global\": [32 ints], "
-                            f"\"semantic\": [ints], \"text\": \"...\"}}") from None
-        refs.append({"global": list(g), "semantic": list(s), "text": r.get("text") or ""})
-    if not refs:
-        raise UserError(f"{path}: no references in the file")
-    return refs
 
 
 # --- grammar-constrained generation (Spark's output format) ----------------------
@@ -153,60 +107,15 @@ def generate_constrained(
     sem = torch.arange(s0, s0 + spark.SEMANTIC_CODEBOOK, device=device)
     sem_eos = torch.cat([sem, torch.tensor([spark.EOS_ID], device=device)])
     gen = torch.Generator(device=device).manual_seed(seed)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        # One decode step is a handful of tiny GEMMs: on a 2-core machine OpenMP's hand-off costs
-        # far more than it saves (a 16x256 @ 256x768 linear: 4.3 ms on 2 threads, 0.1 ms on 1).
-        torch.set_num_threads(1)
-    try:
-        return _generate_batches(model, prompts, steps, sem, sem_eos, max_new, min_semantic, gen, batch_size,
-                                 desc, sampling, device, head)
-    finally:
-        torch.set_num_threads(threads)
 
+    def choose(h, j):
+        if j < len(steps):
+            cand = torch.arange(*steps[j], device=device)
+        else:
+            cand = sem_eos if min_semantic is not None and j - len(steps) >= min_semantic else sem
+        return cand[_sample((h @ head[cand].T).float(), gen, **sampling)], None
 
-def _generate_batches(model, prompts, steps, sem, sem_eos, max_new, min_semantic, gen, batch_size, desc, sampling,
-                      device, head) -> list[list[int]]:
-    import torch
-    from tqdm import tqdm
-
-    outs: list[list[int]] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), spark.PAD_ID, dtype=torch.long, device=device)
-        att = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-        for i, p in enumerate(batch):
-            ids[i, width - len(p):] = torch.tensor(p, device=device)
-            att[i, width - len(p):] = 1
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        done = torch.zeros(len(batch), dtype=torch.bool, device=device)
-        rows: list[list[int]] = [[] for _ in batch]
-        with torch.no_grad():
-            out = model.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
-            for j in range(max_new):
-                h = out.last_hidden_state[:, -1]
-                if j < len(steps):
-                    lo, hi = steps[j]
-                    cand = torch.arange(lo, hi, device=device)
-                else:
-                    n_sem = j - len(steps)
-                    cand = sem_eos if min_semantic is not None and n_sem >= min_semantic else sem
-                logits = (h @ head[cand].T).float()
-                tok = cand[_sample(logits, gen, **sampling)]
-                tok = torch.where(done, torch.full_like(tok, spark.PAD_ID), tok)
-                for i, t in enumerate(tok.tolist()):
-                    if not done[i]:
-                        rows[i].append(t)
-                done |= tok == spark.EOS_ID
-                if bool(done.all()):
-                    break
-                att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
-                pos = pos[:, -1:] + 1
-                out = model.model(input_ids=tok[:, None], attention_mask=att, position_ids=pos,
-                                  past_key_values=out.past_key_values, use_cache=True)
-        outs += rows
-    return outs
+    return decode(model, prompts, max_new, choose, batch_size, desc)[0]
 
 
 def _len_stats(lengths: list[int]) -> dict[str, float]:
@@ -239,14 +148,9 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
         "references_sha256": sha256_file(cfg.references) if cfg.references else None,
         "model": model_fingerprint(model_dir),
     }
-    if is_up_to_date(out, "calibrate", fingerprint(inputs)) and not overwrite:
-        print(f"calibrate: {out} is up to date (inputs unchanged); skipping")
+    if begin_stage(out, "calibrate", inputs, overwrite, derived, sources=[model_dir, cfg.corpus, cfg.references],
+                   reuse=True):
         return out
-    if derived and (src := reuse_equivalent(out, "calibrate", fingerprint(inputs), overwrite, replace_stale=True)):
-        print(f"calibrate: {out} reuses {src} (same model and calibration settings)")
-        return out
-
-    check_writable(out, overwrite, "calibrate", replace_stale=derived)
     started = time.time()
     tok = load_tokenizer(llm)
     rng = random.Random(cfg.seed)

@@ -30,73 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spark_quant import spark
 from spark_quant.errors import UserError
+from spark_quant.spark.permutation import (
+    ARCHITECTURE,
+    N_FIELD,
+    PROFILE_MARKER,
+    PROFILE_VERSION,
+    Permutation,
+)
 
-PROFILE_MARKER = "spark_profile.json"
-ARCHITECTURE = "SparkQwen2ForCausalLM"
-N_FIELD = "spark_emit_vocab_size"
-PROFILE_VERSION = 1
 EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
-
-
-def profile_emit_order() -> list[int]:
-    """Original ids of profile ids 0..N-1: Spark's added tokens in order (global_0 -> 0), then EOS."""
-    return list(range(spark.SPARK_FIRST_ID, spark.SPARK_LAST_ID + 1)) + [spark.EOS_ID]
-
-
-class Permutation:
-    """The profile's id swap. ``to_profile`` and ``to_original`` are the same map (a swap is an involution)."""
-
-    def __init__(self, emit: list[int], vocab_size: int):
-        n = len(emit)
-        if len(set(emit)) != n or min(emit) < n or max(emit) >= vocab_size:
-            raise ValueError("emittable ids must be distinct, >= their count and < vocab_size")
-        self.emit = list(emit)
-        self.n = n
-        self.vocab_size = vocab_size
-        table = list(range(vocab_size))
-        for k, orig in enumerate(emit):
-            table[orig], table[k] = k, orig
-        self.table = table
-
-    @classmethod
-    def spark(cls, vocab_size: int = spark.VOCAB_SIZE) -> Permutation:
-        return cls(profile_emit_order(), vocab_size)
-
-    def to_profile(self, ids: list[int]) -> list[int]:
-        t = self.table
-        return [t[i] for i in ids]
-
-    def to_original(self, ids: list[int]) -> list[int]:
-        t = self.table
-        return [t[i] for i in ids]
-
-    def marker(self) -> dict[str, Any]:
-        return {
-            "spark_profile": PROFILE_VERSION,
-            N_FIELD: self.n,
-            "vocab_size": self.vocab_size,
-            "permutation": "swap: profile id k <-> original id emit_original_ids[k] for k < N; others unchanged",
-            "emit_original_ids": self.emit,
-        }
-
-    @classmethod
-    def from_marker(cls, m: dict[str, Any]) -> Permutation:
-        return cls(m["emit_original_ids"], m["vocab_size"])
-
-
-def load_permutation(llm: Path) -> Permutation | None:
-    """The permutation of a profile ``LLM/`` folder, or None if it is not a profile."""
-    path = Path(llm) / PROFILE_MARKER
-    if not path.is_file():
-        return None
-    try:
-        return Permutation.from_marker(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: unreadable Spark profile marker ({e}); rebuild with `spark-quant serving-profile`") \
-            from None
 
 
 # --- weights ------------------------------------------------------------------------
@@ -239,7 +183,7 @@ def profile_config(cfg: dict[str, Any], perm: Permutation) -> dict[str, Any]:
 
 def transform_llm(src: Path, dst: Path) -> dict[str, Any]:
     """Write the profile of the ``LLM/`` folder ``src`` into the empty folder ``dst``; return a summary."""
-    from spark_quant.model import read_config
+    from spark_quant.models.folder import read_config
 
     src, dst = Path(src), Path(dst)
     raw = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
@@ -268,7 +212,7 @@ def derived_profile_dir(source: Path) -> Path:
 
 def _source_inputs(source: Path) -> dict[str, Any]:
     from spark_quant.artifacts import read_manifest, sha256_file
-    from spark_quant.model import model_fingerprint
+    from spark_quant.models.folder import model_fingerprint
 
     llm = source / "LLM"
     man = read_manifest(source)
@@ -287,17 +231,16 @@ def build_profile(source: Path, out: Path | None = None, overwrite: bool = False
     whose source did not change is kept. ``out`` defaults to ``derived_profile_dir``,
     which is replaced when stale; an explicit ``out`` needs ``overwrite``.
     """
-    from spark_quant.artifacts import link_or_copy, skip_if_current, stage_folder, write_manifest
-    from spark_quant.model import llm_dir
+    from spark_quant.artifacts import link_or_copy, write_manifest
+    from spark_quant.models.folder import llm_dir
+    from spark_quant.outputs import begin_stage, stage_folder
 
     source = Path(source)
     llm = llm_dir(source)
     derived = out is None
     out = Path(out) if out is not None else derived_profile_dir(source)
-    if out.resolve() == source.resolve():
-        raise UserError(f"{out}: --out is the source folder; choose another output folder")
     inputs = _source_inputs(source)
-    if skip_if_current(out, "serving-profile", inputs, overwrite, replace_stale=derived, why="source unchanged"):
+    if begin_stage(out, "serving-profile", inputs, overwrite, derived, sources=[source], why="source unchanged"):
         return out
     started = time.time()
     with stage_folder(out, overwrite=overwrite, stage="serving-profile", replace_stale=derived) as tmp:

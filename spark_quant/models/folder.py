@@ -78,22 +78,6 @@ def load_tokenizer(llm: Path):
     return tok
 
 
-def ensure_model(model_dir: Path, is_proxy: bool, proxy_size: str, proxy_seed: int,
-                 proxy_weights: str = "random") -> Path:
-    """Build the embedded proxy (random or trained weights) if it is the model and is missing; return the LLM folder."""
-    if is_proxy and proxy_weights == "trained":
-        from spark_quant.trained import build_trained_proxy
-
-        build_trained_proxy(model_dir, size=proxy_size, seed=proxy_seed)
-    elif is_proxy:
-        from spark_quant.proxy import build_proxy
-
-        build_proxy(model_dir, size=proxy_size, seed=proxy_seed)
-    llm = llm_dir(model_dir)
-    check_weights_shape(llm, read_config(llm))
-    return llm
-
-
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
     """What identifies a model cheaply: its LLM config and the size + mtime of each weight file."""
     llm = Path(model_dir) / "LLM"

@@ -1,0 +1,1 @@
+"""The pipeline stages, each: inputs -> outputs.begin_stage (skip / reuse / writable) -> work -> manifest."""
