@@ -26,7 +26,7 @@ STAGE_ARGS = -e $(EXPERIMENT) $(if $(MODEL),--model $(MODEL)) $(if $(RECIPE),--r
 export SERVE_PYTHON QUANT_PYTHON
 
 .DEFAULT_GOAL := help
-.PHONY: help envs calibrate quantize eval serving-profile publish sweep validate proxy test clean
+.PHONY: help envs calibrate quantize eval serving-profile publish sweep validate proxy test test-quick clean
 
 ## Show this help
 help:
@@ -85,6 +85,10 @@ validate: $(QUANT_ENV)
 ## Run the test suite (CPU; real llm-compressor and vLLM on the tiny proxy)
 test: $(QUANT_ENV) $(SERVE_ENV)
 	$(QUANT_PYTHON) -m pytest -q --durations=15
+
+## The quick tier: no vLLM engine, no llm-compressor run, no training (about 2 minutes)
+test-quick: $(QUANT_ENV) $(SERVE_ENV)
+	$(QUANT_PYTHON) -m pytest -q -m "not e2e" --durations=10
 
 ## Remove generated artifacts (keeps the environments)
 clean:

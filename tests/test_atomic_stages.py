@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, run_cli
 
 from spark_quant.artifacts import read_manifest, verify_files, write_manifest
-from spark_quant.outputs import stage_folder
 from spark_quant.errors import UserError
+from spark_quant.outputs import stage_folder
 
 
 def test_stage_folder_keeps_the_old_result_when_the_stage_raises(tmp_path):
@@ -77,7 +77,11 @@ def test_sigkill_during_calibrate_leaves_previous_result_and_rerun_finishes(tiny
 def test_sigkill_during_quantize_never_leaves_a_finished_looking_checkpoint(tiny_proxy, tmp_path):
     pytest.importorskip("llmcompressor")
     cal, ckpt = tmp_path / "cal", tmp_path / "ckpt"
-    fast = ["--set", "calibration.num_samples=8", "--set", "calibration.num_references=2"]
+    # round-to-nearest W8A8 (no GPTQ): what is tested is the folder's atomicity, so the quantization may be quick
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: [Linear]\n"
+                      "      ignore: [lm_head]\n      scheme: W8A8\n")
+    fast = ["--set", "calibration.num_samples=8", "--set", "calibration.clone_fraction=0", "--recipe", str(recipe)]
     run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *fast)
     _kill_during(["quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *fast],
                  tmp_path, ".ckpt.tmp-*")
@@ -85,4 +89,4 @@ def test_sigkill_during_quantize_never_leaves_a_finished_looking_checkpoint(tiny
     run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *fast)
     man = json.loads((ckpt / "manifest.json").read_text())
     verify_files(ckpt, man)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "ckpt", "rtn.yaml"]  # the killed run's temp is gone

@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, run_cli, serve_python
+from conftest import ROOT, TINY_CAL, run_cli
 
 from spark_quant import spark
 
 pytestmark = pytest.mark.e2e
-FAST_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
-            "--set", "calibration.continuation_tokens=16"]
+FAST_CAL = TINY_CAL
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_proxy, tmp_path_factory):
-    pytest.importorskip("llmcompressor")
-    work = tmp_path_factory.mktemp("pipeline")
-    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
-    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *FAST_CAL)
-    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *FAST_CAL)
-    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "work": work}
+def pipeline(tiny_w8a8):
+    return tiny_w8a8
 
 
 def test_calibration_samples_mix_both_prompt_kinds(pipeline):
@@ -115,15 +109,8 @@ def test_hand_edited_calibration_file_is_refused(pipeline, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_eval_under_vllm_reports_kernel_latency_throughput_and_agreement(pipeline):
-    py = serve_python()
-    if py is None:
-        pytest.skip("no serving environment with vLLM (make envs builds one)")
-    out = pipeline["work"] / "eval"
-    proc = run_cli("eval", "--model", str(pipeline["model"]), "--checkpoint", str(pipeline["ckpt"]), "--out", str(out),
-                   "--set", "eval.num_prompts=3", "--set", "eval.max_new_tokens=24", "--set", "eval.similarity_max_tokens=24",
-                   "--set", "eval.latency_requests=2", "--set", "eval.concurrency=[1,4]", "--set", "eval.enforce_eager=true",
-                   python=py)
+def test_eval_under_vllm_reports_kernel_latency_throughput_and_agreement(tiny_eval):
+    out, proc = tiny_eval["out"], tiny_eval["proc"]
     last = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line of stdout is one JSON document
     assert last["passed"] and last["device"] == "cpu"
     assert last["kernels"] == ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]

@@ -56,9 +56,9 @@ def make_results(ckpt: Path, out: Path, kernel: str = KERNEL) -> Path:
     render_report, write_manifest) from synthetic worker results: a real eval costs minutes on 2 cores."""
     from spark_quant import spark
     from spark_quant.artifacts import read_manifest, write_manifest
-    from spark_quant.outputs import stage_folder
     from spark_quant.config import load_experiment
     from spark_quant.models.folder import read_config
+    from spark_quant.outputs import stage_folder
     from spark_quant.reporting.report import render_report
     from spark_quant.stages.evaluate import build_results, write_results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,35 +13,22 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, serve_python
+from conftest import ROOT, TINY_CAL, eval_args, require_serving, run_cli
 
 from spark_quant.artifacts import read_manifest, verify_files
 
 pytestmark = pytest.mark.e2e
-FAST_CAL = ["--set", "calibration.num_samples=8", "--set", "calibration.num_references=2"]
-SMALL_EVAL = ["--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=8", "--set", "eval.similarity_max_tokens=8",
-              "--set", "eval.latency_requests=1", "--set", "eval.concurrency=[1]", "--set", "eval.enforce_eager=true"]
+FAST_CAL = TINY_CAL  # the shared calibration's settings
+CHEAP_CAL = ["--set", "calibration.num_samples=8", "--set", "calibration.num_references=2"]
 
 
 @pytest.fixture(scope="module")
-def work(tiny_proxy, tmp_path_factory):
-    pytest.importorskip("llmcompressor")
-    w = tmp_path_factory.mktemp("reliability")
-    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(w / "cal"), *FAST_CAL)
-    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(w / "cal"), "--out", str(w / "ckpt"), *FAST_CAL)
-    return {"model": tiny_proxy, "dir": w, "cal": w / "cal", "ckpt": w / "ckpt"}
+def work(tiny_w8a8):
+    return {**tiny_w8a8, "dir": tiny_w8a8["work"]}
 
 
 def _eval_args(work, out: Path, *more: str) -> list[str]:
-    return ["eval", "--model", str(work["model"]), "--checkpoint", str(work["ckpt"]), "--out", str(out),
-            *SMALL_EVAL, *more]
-
-
-def _serve_or_skip() -> str:
-    py = serve_python()
-    if py is None:
-        pytest.skip("no serving environment with vLLM (make envs builds one)")
-    return py
+    return eval_args(work, out, *more)
 
 
 def test_recipe_that_targets_no_layer_is_refused_before_any_work(work, tmp_path):
@@ -58,7 +46,7 @@ def test_recipe_that_targets_no_layer_is_refused_before_any_work(work, tmp_path)
 def test_experiments_with_the_same_calibration_share_one_run(work, tmp_path):
     """A second experiment whose calibration inputs are identical reuses the first one's folder (hard links)."""
     base = ["calibrate", "-e", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"), "--model", str(work["model"]),
-            *FAST_CAL, "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
+            *CHEAP_CAL, "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
     run_cli(*base, "--set", "name=first", cwd=tmp_path)
     t0 = time.time()
     second = run_cli(*base, "--set", "name=second", "--recipe", str(ROOT / "recipes/w8a8_int8_gptq.yaml"), cwd=tmp_path)
@@ -83,7 +71,7 @@ def test_serving_environment_without_vllm_is_one_line_before_any_work(work, tmp_
 
 
 def test_experiment_that_requires_a_gpu_is_refused_on_a_cpu(work, tmp_path):
-    py = _serve_or_skip()
+    py = require_serving()
     if any(Path("/dev").glob("nvidia[0-9]*")):
         pytest.skip("this machine has a GPU")
     proc = run_cli(*_eval_args(work, tmp_path / "e", "--set", "eval.require_gpu=true"), python=py, check=False)
@@ -92,13 +80,11 @@ def test_experiment_that_requires_a_gpu_is_refused_on_a_cpu(work, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def evaluated(work):
-    """One finished eval, then a second one beside it that reuses the measured baseline."""
-    py = _serve_or_skip()
-    res = work["dir"] / "results"
-    run_cli(*_eval_args(work, res / "a"), python=py)
-    second = run_cli(*_eval_args(work, res / "b"), python=py)
-    return {"py": py, "results": res, "second": second}
+def evaluated(tiny_eval):
+    """The session's eval (results/a), then a second one beside it that reuses the measured baseline."""
+    res = tiny_eval["out"].parent
+    second = run_cli(*_eval_args(tiny_eval, res / "b"), python=tiny_eval["py"])
+    return {"py": tiny_eval["py"], "results": res, "second": second}
 
 
 def test_baseline_is_measured_once_for_evals_with_the_same_settings(evaluated):
@@ -125,10 +111,14 @@ def test_compare_writes_one_table_and_a_plot(evaluated, tmp_path):
     assert "comparison:" in proc.stdout
 
 
-def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, evaluated):
-    out = evaluated["results"] / "a"
+def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, evaluated, tmp_path):
+    # a copy of the session's eval folder (others read the original); a changed report-only setting makes new
+    # inputs while the worker specs stay the same: the baseline comes from the cache, only the quantized engine runs
+    out = tmp_path / "a"
+    shutil.copytree(evaluated["results"] / "a", out)
+    shutil.copytree(evaluated["results"] / ".baseline-cache", tmp_path / ".baseline-cache")
     before = (out / "results.json").read_bytes()
-    args = _eval_args(work, out, "--overwrite", "--set", "eval.max_new_tokens=9")
+    args = _eval_args(work, out, "--overwrite", "--set", "eval.rtf_target=2.0")
     proc = subprocess.Popen([evaluated["py"], "-m", "spark_quant", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "SPARK_QUANT_TEST_PAUSE_BEFORE_MANIFEST": "120"})
@@ -141,9 +131,10 @@ def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, 
     proc.wait()
     assert (out / "results.json").read_bytes() == before
     verify_files(out)
-    assert json.loads((out / "results.json").read_text())["settings"]["max_new_tokens"] == 8
-    run_cli(*args, python=evaluated["py"])
-    assert json.loads((out / "results.json").read_text())["settings"]["max_new_tokens"] == 9
+    assert json.loads((out / "results.json").read_text())["settings"]["rtf_target"] == 1.0
+    rerun = run_cli(*args, python=evaluated["py"])
+    assert "reusing the measured baseline" in rerun.stdout
+    assert json.loads((out / "results.json").read_text())["settings"]["rtf_target"] == 2.0
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 

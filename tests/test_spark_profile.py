@@ -182,7 +182,7 @@ def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: s
     if py is None:
         pytest.skip("no serving environment with vLLM (make envs builds one)")
     spec = {"model": str(model_llm), "dtype": dtype, "max_model_len": 1024, "max_num_seqs": 8,
-            "gpu_memory_utilization": 0.3, "enforce_eager": True, "seed": 0, "tasks": tasks,
+            "gpu_memory_utilization": 0.05, "enforce_eager": True, "seed": 0, "tasks": tasks,
             "engine_overrides": {"logprobs_mode": "processed_logits"}}
     spec_path, res_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
@@ -236,14 +236,9 @@ def test_profile_greedy_equals_the_restricted_greedy_of_the_unmodified_model(tin
 
 
 @pytest.fixture(scope="module")
-def int8(tiny_proxy, tmp_path_factory):
-    pytest.importorskip("llmcompressor")
-    work = tmp_path_factory.mktemp("int8")
-    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
-    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *FAST_CAL)
-    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *FAST_CAL)
-    prof = build_profile(ckpt)  # the derived folder eval uses: <checkpoint>-spark-profile
-    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "profile": prof, "work": work}
+def int8(tiny_w8a8):
+    prof = build_profile(tiny_w8a8["ckpt"])  # the derived folder eval uses: <checkpoint>-spark-profile
+    return {**tiny_w8a8, "profile": prof}
 
 
 @pytest.mark.e2e
@@ -303,6 +298,7 @@ def test_eval_with_spark_profile_serves_both_profiles_and_reports_original_ids(i
                    "--set", "eval.spark_profile=true", "--set", "eval.num_prompts=2", "--set", "eval.max_new_tokens=16",
                    "--set", "eval.similarity_max_tokens=16", "--set", "eval.latency_requests=2",
                    "--set", "eval.concurrency=[1,2]", "--set", "eval.enforce_eager=true",
+                   "--set", "eval.cpu_memory_utilization=0.05",
                    "--set", "eval.min_valid_rate_recovery=0", python=py)
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["passed"] and len(last["kernels"]) == 1 and "Int8ScaledMMLinearKernel" in last["kernels"][0]
