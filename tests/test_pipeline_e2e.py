@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from conftest import ROOT, TINY_CAL, run_cli
+from conftest import TINY_CAL, run_cli
 
 from spark_quant import spark
 
@@ -53,20 +54,19 @@ def test_same_seed_gives_byte_identical_samples_and_other_seed_differs(pipeline,
 
 
 def test_unchanged_inputs_skip_the_stage_and_changed_inputs_rerun_it(pipeline, tmp_path):
-    # the derived output folder (calibration/runs/<experiment>), as `make calibrate` uses it, under tmp_path
-    args = ["calibrate", "--model", str(pipeline["model"]), *FAST_CAL,
-            "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
-    out = tmp_path / "calibration/runs/spark-tts_w8a8_int8"
-    exp = ["-e", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml")]
-    run_cli(*args, *exp, cwd=tmp_path)
+    # the derived output folder (calibration/runs/<experiment>), as `make calibrate` uses it: a copy of the
+    # session's, under tmp_path
+    shutil.copytree(pipeline["cal"], tmp_path / "calibration/runs/tiny-a")
+    out = tmp_path / "calibration/runs/tiny-a"
+    exp = ["-e", str(pipeline["experiment"])]
     mtime = (out / "manifest.json").stat().st_mtime_ns
-    second = run_cli(*args, *exp, cwd=tmp_path)
+    second = run_cli("calibrate", *exp, cwd=tmp_path)
     assert "up to date" in second.stdout and (out / "manifest.json").stat().st_mtime_ns == mtime
-    run_cli(*args, *exp, "--set", "calibration.clone_fraction=0.25", cwd=tmp_path)
+    run_cli("calibrate", *exp, "--set", "calibration.clone_fraction=0.25", cwd=tmp_path)
     man = json.loads((out / "manifest.json").read_text())
     assert man["counts"]["controllable"] == 18
     # an explicit --out that holds an older result is protected instead
-    proc = run_cli(*args, *exp, "--out", str(out), "--set", "calibration.clone_fraction=0.5", cwd=tmp_path, check=False)
+    proc = run_cli("calibrate", *exp, "--out", str(out), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "already exists; pass --overwrite" in proc.stderr
     assert json.loads((out / "manifest.json").read_text())["counts"]["controllable"] == 18
 
@@ -110,8 +110,10 @@ def test_hand_edited_calibration_file_is_refused(pipeline, tmp_path):
 
 
 def test_eval_under_vllm_reports_kernel_latency_throughput_and_agreement(tiny_eval):
-    out, proc = tiny_eval["out"], tiny_eval["proc"]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line of stdout is one JSON document
+    out = tiny_eval["out"]
+    # each eval prints a table and, as its last line, one JSON document (the sweep passes both through)
+    docs = [json.loads(ln) for ln in tiny_eval["proc"].stdout.splitlines() if ln.startswith('{"experiment"')]
+    last = next(d for d in docs if d["experiment"] == "tiny-a")
     assert last["passed"] and last["device"] == "cpu"
     assert last["kernels"] == ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
     res = json.loads((out / "results.json").read_text())

@@ -43,22 +43,25 @@ def test_recipe_that_targets_no_layer_is_refused_before_any_work(work, tmp_path)
     assert not (tmp_path / "q").exists()
 
 
-def test_experiments_with_the_same_calibration_share_one_run(work, tmp_path):
-    """A second experiment whose calibration inputs are identical reuses the first one's folder (hard links)."""
-    base = ["calibrate", "-e", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"), "--model", str(work["model"]),
-            *CHEAP_CAL, "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}"]
-    run_cli(*base, "--set", "name=first", cwd=tmp_path)
-    t0 = time.time()
-    second = run_cli(*base, "--set", "name=second", "--recipe", str(ROOT / "recipes/w8a8_int8_gptq.yaml"), cwd=tmp_path)
-    assert "reuses calibration/runs/first" in second.stdout and time.time() - t0 < 60
-    a, b = tmp_path / "calibration/runs/first", tmp_path / "calibration/runs/second"
-    assert (a / "samples.jsonl").read_bytes() == (b / "samples.jsonl").read_bytes()
-    assert os.stat(a / "samples.jsonl").st_ino == os.stat(b / "samples.jsonl").st_ino  # linked, no copy
-    man = read_manifest(b)
-    assert man["reused_from"].endswith("calibration/runs/first") and man["stage"] == "calibrate"
-    verify_files(b, man)
+def test_experiments_with_the_same_calibration_share_one_run(tiny_sweep, tmp_path):
+    """The sweep's second experiment has the same calibration and recipe: it reused the first one's calibration
+    and checkpoint folders (hard links, no second llm-compressor run) and its measured baseline."""
+    w, out = tiny_sweep["work"], tiny_sweep["proc"].stdout
+    assert "calibrate: calibration/runs/tiny-a is up to date" in out and "quantize: checkpoints/tiny-a is up to date" in out
+    assert "calibrate: calibration/runs/tiny-b reuses calibration/runs/tiny-a" in out
+    assert "quantize: checkpoints/tiny-b reuses checkpoints/tiny-a" in out
+    for stage, a, b in (("calibrate", "calibration/runs/tiny-a", "calibration/runs/tiny-b"),
+                        ("quantize", "checkpoints/tiny-a", "checkpoints/tiny-b")):
+        a, b = w / a, w / b
+        f = "samples.jsonl" if stage == "calibrate" else "LLM/model.safetensors"
+        assert (a / f).read_bytes() == (b / f).read_bytes()
+        assert os.stat(a / f).st_ino == os.stat(b / f).st_ino  # linked, no copy
+        man = read_manifest(b)
+        assert man["reused_from"].endswith(str(a.relative_to(w))) and man["stage"] == stage
+        verify_files(b, man)
     # other calibration settings: a new run, not a reuse
-    third = run_cli(*base, "--set", "name=third", "--set", "calibration.seed=5", cwd=tmp_path)
+    shutil.copytree(w / "calibration/runs/tiny-a", tmp_path / "calibration/runs/tiny-a")
+    third = run_cli("calibrate", "-e", str(w / "tiny-a.yaml"), *CHEAP_CAL, "--set", "name=third", cwd=tmp_path)
     assert "reuses" not in third.stdout and "reused_from" not in read_manifest(tmp_path / "calibration/runs/third")
 
 
@@ -80,34 +83,38 @@ def test_experiment_that_requires_a_gpu_is_refused_on_a_cpu(work, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_eval):
-    """The session's eval (results/a), then a second one beside it that reuses the measured baseline."""
-    res = tiny_eval["out"].parent
-    second = run_cli(*_eval_args(tiny_eval, res / "b"), python=tiny_eval["py"])
-    return {"py": tiny_eval["py"], "results": res, "second": second}
+def evaluated(tiny_sweep):
+    """The sweep's two evals: tiny-a measured, tiny-b with the same settings reusing a's baseline."""
+    return {"py": tiny_sweep["py"], "results": tiny_sweep["results"], "second": tiny_sweep["proc"],
+            "sweep": tiny_sweep["sweep"]}
 
 
 def test_baseline_is_measured_once_for_evals_with_the_same_settings(evaluated):
     assert "reusing the measured baseline" in evaluated["second"].stdout
-    a = json.loads((evaluated["results"] / "a/results.json").read_text())
-    b = json.loads((evaluated["results"] / "b/results.json").read_text())
+    a = json.loads((evaluated["results"] / "tiny-a/results.json").read_text())
+    b = json.loads((evaluated["results"] / "tiny-b/results.json").read_text())
     assert "reused_from" not in a["raw"]["baseline"][0] and b["raw"]["baseline"][0]["reused_from"]
     # the same baseline samples, so the same baseline numbers; quantized runs are each their own
     assert a["speed"]["baseline"] == b["speed"]["baseline"]
     assert a["raw"]["quantized"][0]["tasks"]["latency"] != b["raw"]["quantized"][0]["tasks"]["latency"]
 
 
-def test_compare_writes_one_table_and_a_plot(evaluated, tmp_path):
+def test_sweep_and_compare_write_one_table_and_a_plot(evaluated, tmp_path):
+    sweep = evaluated["sweep"]
+    rows = json.loads((sweep / "comparison.json").read_text())
+    assert [r["experiment"] for r in rows] == ["tiny-a", "tiny-b"]
+    for r in rows:
+        assert r["verdict"] == "PASS" and 0 <= r["top1"] <= 1 and r["kl"] >= 0 and r["ms_sampled_ratio"] > 0
+        assert r["weights_gb"] > 0 and r["quantize_s"] > 0
+    assert (sweep / "fidelity_vs_speed.png").stat().st_size > 1000 and read_manifest(sweep)["stage"] == "compare"
+    # compare alone, with a folder that never ran: a row that says so
     res = evaluated["results"]
-    proc = run_cli("compare", str(res / "a"), str(res / "b"), str(res / "never-ran"), "--out", str(tmp_path / "cmp"))
+    proc = run_cli("compare", str(res / "tiny-a"), str(res / "tiny-b"), str(res / "never-ran"),
+                   "--out", str(tmp_path / "cmp"))
     md = (tmp_path / "cmp/comparison.md").read_text()
     rows = json.loads((tmp_path / "cmp/comparison.json").read_text())
     assert [r["experiment"] for r in rows][2] == "never-ran" and rows[2]["verdict"].startswith("missing")
-    for r in rows[:2]:
-        assert r["verdict"] == "PASS" and 0 <= r["top1"] <= 1 and r["kl"] >= 0 and r["ms_sampled_ratio"] > 0
-        assert r["weights_gb"] > 0 and r["quantize_s"] > 0
     assert md.count("\n| ") == 4 and "TF KL" in md and "| never-ran |" in md
-    assert (tmp_path / "cmp/fidelity_vs_speed.png").stat().st_size > 1000
     assert "comparison:" in proc.stdout
 
 
@@ -115,7 +122,7 @@ def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, 
     # a copy of the session's eval folder (others read the original); a changed report-only setting makes new
     # inputs while the worker specs stay the same: the baseline comes from the cache, only the quantized engine runs
     out = tmp_path / "a"
-    shutil.copytree(evaluated["results"] / "a", out)
+    shutil.copytree(evaluated["results"] / "tiny-a", out)
     shutil.copytree(evaluated["results"] / ".baseline-cache", tmp_path / ".baseline-cache")
     before = (out / "results.json").read_bytes()
     args = _eval_args(work, out, "--overwrite", "--set", "eval.rtf_target=2.0")

@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, serve_python
+from conftest import ROOT, require_serving, run_cli, serve_python
 
 from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.models.serving_profile import EMBED_KEY, HEAD_KEY, build_profile
+from spark_quant.serving.client import run_worker
 from spark_quant.spark.permutation import (
     ARCHITECTURE,
     N_FIELD,
@@ -176,23 +177,17 @@ def _prompt_ids(llm: Path) -> list[list[int]]:
 
 
 def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: str = "bfloat16") -> dict:
-    """One serve_worker run; top-k logprobs report the logits after the sampler's processors (for the
-    unmodified model: after the allowed_token_ids mask), so both engines report comparable values."""
-    py = serve_python()
-    if py is None:
-        pytest.skip("no serving environment with vLLM (make envs builds one)")
+    """One worker run (serving.client.run_worker, as the eval runs them); top-k logprobs report the logits after
+    the sampler's processors (for the unmodified model: after the allowed_token_ids mask), so both engines
+    report comparable values."""
+    require_serving()
     spec = {"model": str(model_llm), "dtype": dtype, "max_model_len": 1024, "max_num_seqs": 8,
             "gpu_memory_utilization": 0.05, "enforce_eager": True, "seed": 0, "tasks": tasks,
             "engine_overrides": {"logprobs_mode": "processed_logits"}}
-    spec_path, res_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    proc = subprocess.run([py, "-m", "spark_quant.serving.worker", str(spec_path), str(res_path)], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(res_path.read_text())
-    assert res["ok"], res
-    res["log"] = proc.stdout + proc.stderr
+    res = run_worker(spec, workdir, tag, timeout_s=900)
+    log = (workdir / res["log"]).read_text(errors="replace")
+    assert res.get("ok"), (res.get("error"), log[-3000:])
+    res["log"] = log
     return res
 
 

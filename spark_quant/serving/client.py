@@ -37,12 +37,11 @@ WARMUP_TOKENS = 8
 
 def stage_python(kind: str) -> str:
     """Interpreter of an environment ("quant" or "serve"): $QUANT_PYTHON / $SERVE_PYTHON, else
-    .venv/<kind>, else this one."""
+    .venv/<kind> (in the current folder, then the repository's), else this one."""
     env = os.environ.get(f"{kind.upper()}_PYTHON")
     if env:
         return _resolve_python(env)
-    local = Path(f".venv/{kind}/bin/python")
-    return os.path.abspath(local) if local.exists() else sys.executable
+    return _resolve_python(f".venv/{kind}/bin/python", default=sys.executable)
 
 
 def serve_python() -> str:
@@ -50,7 +49,7 @@ def serve_python() -> str:
     return stage_python("serve")
 
 
-def _resolve_python(path: str) -> str:
+def _resolve_python(path: str, default: str | None = None) -> str:
     """A relative interpreter path (the Makefile exports .venv/serve/bin/python) made absolute: from the
     current folder if it is there, else from the repository root, so stages run from any folder."""
     p = Path(path)
@@ -59,7 +58,7 @@ def _resolve_python(path: str) -> str:
     for base in (Path.cwd(), REPO_ROOT):
         if (base / p).exists():
             return os.path.abspath(base / p)  # not resolve(): a venv's python is a symlink to the base one
-    return path
+    return default or path
 
 
 def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,

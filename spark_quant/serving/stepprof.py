@@ -224,17 +224,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from spark_quant.serving.worker import ensure_profile_plugin
+    from spark_quant.serving.worker import engine_kwargs, ensure_profile_plugin
 
     ensure_profile_plugin()
     timer = PhaseTimer()
-    kw = dict(model=spec["model"], tokenizer=spec.get("tokenizer") or spec["model"], dtype=spec.get("dtype", "bfloat16"),
-              max_model_len=spec.get("max_model_len", 4096), max_num_seqs=max(spec["concurrency"]),
-              gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.6), enable_prefix_caching=False,
-              enforce_eager=spec.get("enforce_eager", False), seed=0, disable_log_stats=True)
-    kw.update(spec.get("engine_overrides", {}))
     t0 = time.time()
-    llm = LLM(**kw)
+    llm = LLM(**engine_kwargs({**spec, "max_num_seqs": max(spec["concurrency"]), "seed": 0}))
     load_s = time.time() - t0
     cfg = llm.llm_engine.model_config.hf_config
     cuda = torch.cuda.is_available()

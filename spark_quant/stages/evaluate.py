@@ -97,6 +97,8 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     tok = load_tokenizer(base_llm)
     refs_path = Path(qman.get("calibration_dir", exp.calibration_dir)) / REFERENCES
     refs = [json.loads(x) for x in refs_path.read_text().splitlines()] if refs_path.is_file() else []
+    voices = (f"the calibration's references ({refs_path})" if refs else
+              f"random global tokens (no calibration references at {refs_path})")
     prompts = eval_prompts(exp, tok, refs)
     if exp.eval.baseline_dtype == "float16":
         print("eval: WARNING: float16 baseline requested; Spark-TTS is known to produce garbage in FP16. "
@@ -145,9 +147,10 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
-        if exp.eval.profile_concurrency:
+        results["clone_voices"] = voices
+        if exp.eval.step_profile_concurrency:
             results["step_profile"] = {
-                name: run_worker({**spec, "concurrency": exp.eval.profile_concurrency, "modes": ["sampled", "greedy"]},
+                name: run_worker({**spec, "concurrency": exp.eval.step_profile_concurrency, "modes": ["sampled", "greedy"]},
                                  logs, f"{name}-stepprof", timeout, module="spark_quant.serving.stepprof")
                 for name, spec in (("baseline", base_spec), ("quantized", quant_spec))}
         write_results(results, tmp)

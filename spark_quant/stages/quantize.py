@@ -163,7 +163,7 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         "batch_size": exp.calibration.batch_size,
     }
     if begin_stage(out, "quantize", inputs, overwrite, derived, sources=[model_dir, calib_dir, recipe_path],
-                   reuse=True, updates={"calibration_dir": str(calib_dir)}):
+                   reuse=True, updates={"calibration_dir": str(calib_dir.resolve())}):
         return out
     import torch
     from datasets import Dataset
@@ -214,7 +214,7 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
             extra={
                 "model_dir": str(model_dir),
                 "model_is_proxy": is_proxy,
-                "calibration_dir": str(calib_dir),
+                "calibration_dir": str(calib_dir.resolve()),  # eval reads its references from any folder
                 "num_calibration_samples": len(ds),
                 "calibration_batch_size": bs,
                 "calibration_tokens_dropped_by_batching": dropped,

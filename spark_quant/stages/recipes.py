@@ -1,7 +1,9 @@
-"""A structural recipe check for environments without llm-compressor (e.g. the serving one).
+"""Reading recipes, and checking them where llm-compressor is not installed (the serving environment).
 
-The quantization environment checks recipes with llm-compressor itself
-(``quantize.load_recipe``); this one only catches what can be seen without it.
+The quantization environment checks a recipe with llm-compressor itself (``quantize.load_recipe``). Elsewhere
+``check_recipe`` asks the quantization environment's interpreter to do that check, so modifier names are
+llm-compressor's own (no copy of its list here to drift); only without any llm-compressor at hand is the check
+structural (stages of ``*_modifiers`` groups), and it says so.
 """
 
 from __future__ import annotations
@@ -10,14 +12,6 @@ from pathlib import Path
 
 from spark_quant.errors import UserError
 from spark_quant.yamlio import read_yaml
-
-# llm-compressor 0.14 modifiers a recipe may name
-KNOWN_MODIFIERS = {
-    "SmoothQuantModifier", "GPTQModifier", "QuantizationModifier", "AWQModifier", "SparseGPTModifier",
-    "WandaPruningModifier", "MagnitudePruningModifier", "ConstantPruningModifier", "SpinQuantModifier",
-    "QuIPModifier", "AutoRoundModifier", "LogarithmicEqualizationModifier", "OutputDistillationModifier",
-    "IMatrixGatherer", "SmoothQuantModifierV2",
-}
 
 
 def read_recipe(path: Path) -> dict:
@@ -28,7 +22,9 @@ def read_recipe(path: Path) -> dict:
     return data
 
 
-def check_structure(path: Path) -> None:
+def check_structure(path: Path) -> int:
+    """The recipe's shape: a mapping of stages, each with ``*_modifiers`` groups of named modifiers.
+    Returns the number of modifiers found."""
     path = Path(path)
     data = read_recipe(path)
     found = 0
@@ -36,12 +32,39 @@ def check_structure(path: Path) -> None:
         if not isinstance(groups, dict):
             raise UserError(f"{path}: {stage}: expected a mapping of modifier groups")
         for group, mods in groups.items():
-            if not group.endswith("_modifiers") or not isinstance(mods, dict):
-                continue
-            for name in mods:
-                if name not in KNOWN_MODIFIERS:
-                    raise UserError(f"{path}: {stage}.{group}.{name}: unknown modifier; "
-                                    f"known: {', '.join(sorted(KNOWN_MODIFIERS))}")
-                found += 1
+            if group.endswith("_modifiers") and isinstance(mods, dict):
+                found += len(mods)
     if not found:
         raise UserError(f"{path}: no modifiers found (expected STAGE: NAME_modifiers: Modifier: {{...}})")
+    return found
+
+
+def check_recipe(path: Path) -> str:
+    """Check a recipe with llm-compressor: here if it is installed, else in the quantization environment's
+    interpreter; structurally if neither is at hand. Returns how it was checked; raises UserError."""
+    import subprocess
+    import sys
+
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from spark_quant.stages.quantize import load_recipe
+
+        load_recipe(path)
+        return "llm-compressor"
+    check_structure(path)
+    from spark_quant.serving.client import stage_python
+
+    quant = stage_python("quant")
+    if quant == sys.executable:
+        return "structure only (no llm-compressor here or in .venv/quant; modifier names not checked)"
+    code = ("import sys\nfrom spark_quant.errors import UserError\nfrom spark_quant.stages.quantize import load_recipe\n"
+            "try:\n    load_recipe(sys.argv[1])\nexcept UserError as e:\n    print(e); sys.exit(2)\n")
+    proc = subprocess.run([quant, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 2:
+        raise UserError(proc.stdout.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        return f"structure only (the quantization environment {quant} could not check it)"
+    return f"llm-compressor (in {quant})"
