@@ -62,6 +62,28 @@ def run_cli(*args: str, python: str | None = None, check: bool = True, env: dict
     return proc
 
 
+def run_inprocess(*args: str, check: bool = True, cwd: Path | None = None):
+    """`spark-quant ARGS` in this process (no interpreter start-up: for stage mechanics and bad-input tests in
+    the quantization environment); returns a CompletedProcess with what it printed."""
+    import contextlib
+    import io
+
+    from spark_quant.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(cwd or ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.chdir(here)
+    proc = subprocess.CompletedProcess(["spark-quant", *args], rc, out.getvalue(), err.getvalue())
+    if check and rc != 0:
+        raise AssertionError(f"spark-quant {' '.join(args)} failed ({rc}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
 # --- the suite's shape: markers from fixtures, cheap tests first, the trained proxy built meanwhile ---------
 def pytest_collection_modifyitems(config, items):
     from spark_quant.serving.client import has_cuda_device

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_inprocess
 
 from spark_quant.errors import UserError
 
@@ -68,7 +68,8 @@ def test_quantize_with_bad_recipe_exits_before_touching_outputs(tmp_path, tiny_p
     pytest.importorskip("llmcompressor")
     bad = tmp_path / "bad.yaml"
     bad.write_text("quant_stage: [\n")
-    proc = run_cli("quantize", "--model", str(tiny_proxy), "--recipe", str(bad), "--calibration", str(tmp_path / "cal"),
+    proc = run_inprocess("quantize", "--model", str(tiny_proxy), "--recipe", str(bad),
+                         "--calibration", str(tmp_path / "cal"),
                    "--out", str(tmp_path / "out"), check=False)
     _one_line_error(proc, str(bad), "not valid YAML")
     assert not (tmp_path / "out").exists()
@@ -76,14 +77,14 @@ def test_quantize_with_bad_recipe_exits_before_touching_outputs(tmp_path, tiny_p
 
 def test_quantize_without_calibration_says_which_stage_to_run(tmp_path, tiny_proxy):
     pytest.importorskip("llmcompressor")
-    proc = run_cli("quantize", "--model", str(tiny_proxy), "--calibration", str(tmp_path / "nocal"),
+    proc = run_inprocess("quantize", "--model", str(tiny_proxy), "--calibration", str(tmp_path / "nocal"),
                    "--out", str(tmp_path / "out"), check=False)
     _one_line_error(proc, str(tmp_path / "nocal"), "make calibrate")
 
 
 def test_model_folder_without_llm_subfolder(tmp_path):
     (tmp_path / "model").mkdir()
-    proc = run_cli("calibrate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), check=False)
+    proc = run_inprocess("calibrate", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "c"), check=False)
     _one_line_error(proc, "no LLM/config.json")
 
 
@@ -93,7 +94,7 @@ def test_not_a_qwen2_model(tmp_path, tiny_proxy):
     cfg = json.loads((model / "LLM/config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
     (model / "LLM/config.json").write_text(json.dumps(cfg))
-    proc = run_cli("calibrate", "--model", str(model), "--out", str(tmp_path / "c"), check=False)
+    proc = run_inprocess("calibrate", "--model", str(model), "--out", str(tmp_path / "c"), check=False)
     _one_line_error(proc, "config.json", "not a Qwen2ForCausalLM")
 
 
@@ -103,7 +104,7 @@ def test_vocab_size_disagreeing_with_the_embedding(tmp_path, tiny_proxy):
     cfg = json.loads((model / "LLM/config.json").read_text())
     cfg["vocab_size"] = 170000
     (model / "LLM/config.json").write_text(json.dumps(cfg))
-    proc = run_cli("calibrate", "--model", str(model), "--out", str(tmp_path / "c"), check=False)
+    proc = run_inprocess("calibrate", "--model", str(model), "--out", str(tmp_path / "c"), check=False)
     _one_line_error(proc, "vocab_size 170000 disagrees with the embedding's 166000 rows")
 
 
@@ -117,7 +118,7 @@ def test_tokenizer_without_spark_tokens_is_refused(tmp_path, tiny_proxy):
     tj = json.loads((model / "LLM/tokenizer.json").read_text())
     tj["added_tokens"] = [t for t in tj["added_tokens"] if t["id"] < 151665]
     (model / "LLM/tokenizer.json").write_text(json.dumps(tj))
-    proc = run_cli("calibrate", "--model", str(model), "--out", str(tmp_path / "c"),
+    proc = run_inprocess("calibrate", "--model", str(model), "--out", str(tmp_path / "c"),
                    "--set", "calibration.num_samples=2", check=False)
     _one_line_error(proc, "tokenizer is not Spark-TTS's", "<|bicodec_global_0|> is missing")
     assert not (tmp_path / "c").exists()
@@ -126,12 +127,12 @@ def test_tokenizer_without_spark_tokens_is_refused(tmp_path, tiny_proxy):
 def test_empty_and_non_utf8_corpus(tmp_path, tiny_proxy):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
+    proc = run_inprocess("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
                    "--set", f"calibration.corpus={empty}", check=False)
     _one_line_error(proc, str(empty), "corpus is empty")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
-    proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
+    proc = run_inprocess("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
                    "--set", f"calibration.corpus={latin}", check=False)
     _one_line_error(proc, str(latin), "line 2 is not UTF-8")
 
@@ -140,7 +141,7 @@ def test_bad_reference_file_names_the_line(tmp_path, tiny_proxy):
     refs = tmp_path / "refs.jsonl"
     refs.write_text(json.dumps({"global": list(range(32)), "semantic": [1, 2]}) + "\n"
                     + json.dumps({"global": list(range(30))}) + "\n")
-    proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
+    proc = run_inprocess("calibrate", "--model", str(tiny_proxy), "--out", str(tmp_path / "c"),
                    "--set", f"calibration.references={refs}", check=False)
     _one_line_error(proc, str(refs), "line 2", "exactly 32 global tokens")
 
@@ -150,18 +151,18 @@ def test_existing_unrelated_folder_is_never_replaced(tmp_path, tiny_proxy):
     out.mkdir()
     (out / "notes.txt").write_text("precious")
     for flags in ([], ["--overwrite"]):  # whatever flag is passed
-        proc = run_cli("calibrate", "--model", str(tiny_proxy), "--out", str(out), *flags, check=False)
+        proc = run_inprocess("calibrate", "--model", str(tiny_proxy), "--out", str(out), *flags, check=False)
         _one_line_error(proc, "not a folder spark-quant made", "refusing to replace it")
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
         assert (out / "notes.txt").read_text() == "precious"
 
 
 def test_validate_command_checks_every_shipped_file_and_flags_bad_ones(tmp_path):
-    proc = run_cli("validate", *[str(p) for p in sorted((ROOT / "experiments").glob("*.yaml"))],
+    proc = run_inprocess("validate", *[str(p) for p in sorted((ROOT / "experiments").glob("*.yaml"))],
                    *[str(p) for p in sorted((ROOT / "recipes").glob("*.yaml"))])
     assert proc.stdout.count("ok  ") == len(list((ROOT / "experiments").glob("*.yaml"))) + len(
         list((ROOT / "recipes").glob("*.yaml")))
     bad = tmp_path / "exp.yaml"
     bad.write_text("eval:\n  concurrency: [0]\n")
-    proc = run_cli("validate", str(bad), check=False)
+    proc = run_inprocess("validate", str(bad), check=False)
     assert proc.returncode == 1 and "eval.concurrency" in proc.stdout
