@@ -79,13 +79,16 @@ def load_tokenizer(llm: Path):
 
 
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
-    """What identifies a model cheaply: its LLM config and the size + mtime of each weight file."""
+    """What identifies a model: its LLM config and the size + sha256 of each file in ``LLM/`` (digests cached
+    by size and mtime, so a model is hashed once). Not its path and not its mtimes: a copied or moved
+    checkout is the same model, and its stages stay up to date."""
+    from spark_quant.artifacts import sha256_cached
+
     llm = Path(model_dir) / "LLM"
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(llm.glob("*.safetensors"))}
+    files = {p.name: [p.stat().st_size, sha256_cached(p)] for p in sorted(llm.iterdir())
+             if p.is_file() and not p.name.startswith(".")}
     proxy = Path(model_dir) / "PROXY.json"
-    return {
-        "path": str(Path(model_dir).resolve()),
-        "config": json.loads((llm / "config.json").read_text()),
-        "weights": files,
-        "proxy": json.loads(proxy.read_text()) if proxy.is_file() else None,
-    }
+    marker = json.loads(proxy.read_text()) if proxy.is_file() else None
+    if isinstance(marker, dict):
+        marker = {k: v for k, v in marker.items() if k not in ("build_seconds", "train_seconds")}
+    return {"config": json.loads((llm / "config.json").read_text()), "files": files, "proxy": marker}
