@@ -15,11 +15,11 @@ SAMPLES = "samples.jsonl"
 REFERENCES = "references.jsonl"
 
 
-def read_corpus(path: Path) -> list[str]:
+def read_corpus(path: Path, field: str = "calibration.corpus") -> list[str]:
     """Non-empty lines of a UTF-8 corpus; one-line errors for a missing, empty or non-UTF-8 file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: corpus file not found; set calibration.corpus to a UTF-8 text file, one sentence a line")
+        raise UserError(f"{path}: {field} file not found; set {field} to a UTF-8 text file, one sentence a line")
     text = _decode_utf8(path, "corpus")
     for n, ln in enumerate(text.splitlines(), 1):
         check_no_special_tokens(ln, f"{path}: line {n}")
@@ -89,7 +89,7 @@ def read_references(path: Path) -> list[dict[str, Any]]:
 
 def read_heldout(heldout: Path, train: Path) -> list[str]:
     """The held-out texts, refused if any line is also a calibration text."""
-    texts = read_corpus(heldout)
+    texts = read_corpus(heldout, "eval.heldout")
     seen = set(read_corpus(train))
     overlap = [t for t in texts if t in seen]
     if overlap:
