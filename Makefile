@@ -21,8 +21,25 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 QUANT_ENV := $(if $(filter $(VENV)/quant/bin/python,$(QUANT_PYTHON)),$(VENV)/quant/.ready)
 SERVE_ENV := $(if $(filter $(VENV)/serve/bin/python,$(SERVE_PYTHON)),$(VENV)/serve/.ready)
 SERVE_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),serve-cuda,serve-cpu)
-STAGE_ARGS = -e $(EXPERIMENT) $(if $(MODEL),--model $(MODEL)) $(if $(RECIPE),--recipe $(RECIPE)) \
-             $(foreach s,$(SET),--set $(s)) $(if $(OVERWRITE),--overwrite)
+
+# Flags: OVERWRITE, FORCE, PRIVATE, DRY_RUN take 1/0, true/false, yes/no, on/off; unset or empty = off.
+# Anything else stops make with one line (FORCE=maybe must not publish a failed release).
+YES := 1 true True TRUE yes Yes YES on On ON
+NO := 0 false False FALSE no No NO off Off OFF
+bool = $(strip $(if $(word 2,$($(1))),$(error $(1)='$($(1))': expected one value: 1 or 0 (true/false, yes/no)),\
+         $(if $(filter $(YES),$($(1))),y,$(if $(or $(filter $(NO),$($(1))),$(if $(strip $($(1))),,empty)),,\
+         $(error $(1)='$($(1))': expected 1 or 0 (true/false, yes/no, on/off))))))
+flag = $(if $(filter y,$(call bool,$(1))),$(2))
+# a value passed to the shell as one word, whatever it holds (spaces, quotes)
+q = '$(subst ','\'',$(1))'
+# SET is a space-separated list of FIELD=VALUE, so a value cannot hold a space: say so instead of splitting it
+set_args = $(foreach s,$(SET),$(if $(findstring =,$(s)),--set $(call q,$(s)),$(error SET: '$(s)' is not FIELD=VALUE: \
+           SET splits at spaces, so values cannot contain them (write lists as [1,8]); for such a value run \
+           $(QUANT_PYTHON) -m spark_quant STAGE --set 'field=value with spaces')))
+# OVERWRITE applies to the stages named on the command line, not to the upstream stages make runs first
+STAGE_ARGS = -e $(call q,$(EXPERIMENT)) $(if $(MODEL),--model $(call q,$(MODEL))) \
+             $(if $(RECIPE),--recipe $(call q,$(RECIPE))) $(set_args) \
+             $(if $(filter $@,$(MAKECMDGOALS)),$(call flag,OVERWRITE,--overwrite))
 export SERVE_PYTHON QUANT_PYTHON
 
 .DEFAULT_GOAL := help
@@ -32,6 +49,7 @@ export SERVE_PYTHON QUANT_PYTHON
 help:
 	@awk '/^## /{d=substr($$0,4)} /^[a-z-]+:/{if(d){split($$1,t,":");printf "  make %-10s %s\n",t[1],d;d=""}}' $(MAKEFILE_LIST)
 	@echo "  variables: EXPERIMENT=$(EXPERIMENT) MODEL= RECIPE= SET='field=value ...' OVERWRITE=1"
+	@echo "  flags (OVERWRITE, FORCE, PRIVATE, DRY_RUN) take 1/0, true/false or yes/no"
 
 $(VENV)/quant/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)/quant
@@ -56,27 +74,29 @@ proxy: $(QUANT_ENV)
 calibrate: $(QUANT_ENV)
 	$(QUANT_PYTHON) -m spark_quant calibrate $(STAGE_ARGS)
 
-## Stage 2: apply the llm-compressor recipe, save a compressed-tensors checkpoint
-quantize: $(QUANT_ENV)
+## Stage 2: apply the llm-compressor recipe, save a compressed-tensors checkpoint (runs calibrate first: skipped if up to date)
+quantize: $(QUANT_ENV) calibrate
 	$(QUANT_PYTHON) -m spark_quant quantize $(STAGE_ARGS)
 
-## Stage 3: baseline vs quantized under vLLM; writes eval/results/<experiment>/
-eval: $(SERVE_ENV)
+## Stage 3: baseline vs quantized under vLLM; writes eval/results/<experiment>/ (runs quantize first: skipped if up to date)
+eval: $(SERVE_ENV) quantize
 	$(SERVE_PYTHON) -m spark_quant eval $(STAGE_ARGS)
 
 ## Spark serving profile (head over the 13,494 emittable tokens) of MODEL, default the experiment's checkpoint
 serving-profile: $(QUANT_ENV)
-	$(QUANT_PYTHON) -m spark_quant serving-profile --model $(or $(MODEL),checkpoints/$(basename $(notdir $(EXPERIMENT))))
+	$(QUANT_PYTHON) -m spark_quant serving-profile --model $(call q,$(or $(MODEL),checkpoints/$(basename $(notdir $(EXPERIMENT)))))
 
 ## Stage 4: model card + one-commit upload of the checkpoint (REPO_ID=ns/name; DRY_RUN=1 stages build/release/ only)
 publish: $(QUANT_ENV)
 	@test -n "$(REPO_ID)" || { echo "make publish: set REPO_ID=namespace/name (DRY_RUN=1 to stage without uploading)"; exit 2; }
-	$(QUANT_PYTHON) -m spark_quant publish -e $(EXPERIMENT) --repo-id $(REPO_ID) $(if $(DRY_RUN),--dry-run) \
-	    $(if $(FORCE),--force) $(if $(PRIVATE),--private) $(if $(REVISION),--revision $(REVISION)) $(if $(OVERWRITE),--overwrite)
+	$(QUANT_PYTHON) -m spark_quant publish -e $(call q,$(EXPERIMENT)) --repo-id $(call q,$(REPO_ID)) \
+	    $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,PRIVATE,--private) \
+	    $(if $(REVISION),--revision $(call q,$(REVISION))) $(call flag,OVERWRITE,--overwrite)
 
 ## Run several experiments and compare them: one table + plot (EXPERIMENTS="a.yaml b.yaml", SWEEP=name)
 sweep: $(QUANT_ENV) $(SERVE_ENV)
-	$(QUANT_PYTHON) -m spark_quant sweep $(EXPERIMENTS) --out eval/sweeps/$(SWEEP) $(foreach s,$(SET),--set $(s))
+	$(if $(or $(findstring /,$(SWEEP)),$(filter . ..,$(SWEEP)),$(word 2,$(SWEEP)),$(if $(SWEEP),,empty)),\
+	    $(error SWEEP='$(SWEEP)': must be one folder name, the comparison goes to eval/sweeps/NAME))$(QUANT_PYTHON) -m spark_quant sweep $(EXPERIMENTS) --out eval/sweeps/$(SWEEP) $(set_args)
 
 ## Check experiment and recipe YAML files without loading a model
 validate: $(QUANT_ENV)

@@ -28,6 +28,40 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def digest_cache_path() -> Path:
+    """Where file digests are remembered: ``build/cache/sha256.json`` of the project (the working directory,
+    like every stage folder), or ``$SPARK_QUANT_DIGEST_CACHE``."""
+    return Path(os.environ.get("SPARK_QUANT_DIGEST_CACHE") or "build/cache/sha256.json")
+
+
+def sha256_cached(path: Path) -> str:
+    """sha256 of a file, remembered by (absolute path, size, mtime_ns): a 2 GB model is hashed once, not at
+    every stage. A changed file (other size or mtime) is hashed again; a lost or broken cache only costs time."""
+    path = Path(path)
+    st = path.stat()
+    key = str(path.resolve())
+    cache_file = digest_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key) if isinstance(cache, dict) else None
+    if isinstance(hit, list) and hit[:2] == [st.st_size, st.st_mtime_ns]:
+        return hit[2]
+    digest = sha256_file(path)
+    if not isinstance(cache, dict):
+        cache = {}
+    cache[key] = [st.st_size, st.st_mtime_ns, digest]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        part = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.part")
+        part.write_text(json.dumps(cache, indent=0, sort_keys=True))
+        os.replace(part, cache_file)  # concurrent runs may drop each other's entries, never corrupt the file
+    except OSError:
+        pass
+    return digest
+
+
 def hash_tree(root: Path) -> dict[str, str]:
     """sha256 of every regular file under root (symlinks followed), manifest excluded."""
     out = {}

@@ -34,6 +34,29 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished output folder")
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"{v} is outside 0 <= seed < 2**63")
+    return v
+
+
+def _os_error(e: OSError) -> str | None:
+    """One line for the OS refusing a write (permissions, read-only or full disk); None for anything else."""
+    import errno
+
+    why = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system",
+           errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded"}.get(e.errno)
+    if why is None:
+        return None
+    where = e.filename or "a file"
+    return (f"{where}: {why}; choose another --out (or free space / fix the permissions) and rerun: finished "
+            "outputs are untouched")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spark-quant", description="INT8 Spark-TTS: calibrate, quantize, evaluate.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -42,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("proxy", help="build the embedded Spark-compatible default model")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="0 <= seed < 2**63")
     p.add_argument("--weights", choices=["random", "trained"], default="random",
                    help="random init, or trained on a synthetic Spark language (a few CPU minutes at tiny)")
 
@@ -201,16 +224,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"spark-quant: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        line = _os_error(e)
+        if line is None or args.debug:
+            if args.debug:
+                raise
+            return _internal(e)
+        print(f"spark-quant: error: {line}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("spark-quant: interrupted; finished outputs are untouched", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"spark-quant: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _internal(e)
+
+
+def _internal(e: BaseException) -> int:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    print(f"spark-quant: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

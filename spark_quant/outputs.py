@@ -190,6 +190,7 @@ def begin_stage(out: Path, stage: str, inputs: Any, overwrite: bool, derived: bo
     folders only), else None: the caller does the work and writes ``out`` with ``stage_folder``."""
     out = Path(out)
     check_not_a_source(out, list(sources), stage)
+    remove_dead_temporaries(out)  # also when the stage is skipped: a kill -9 leaves no folder behind for good
     fp = fingerprint(inputs)
     if not overwrite and is_owned(out, stage) and read_manifest(out).get("inputs_fingerprint") == fp:
         verify_files(out)

@@ -357,7 +357,7 @@ def test_an_existing_release_folder_is_not_replaced_without_overwrite(made, tmp_
     (out / "keep.txt").write_text("mine")
     proc = publish_cli("--repo-id", "me/x", "--checkpoint", str(made["proxy"]), "--results", str(made["proxy_res"]),
                        "--out", str(out), "--dry-run", tmp=tmp_path)
-    assert proc.returncode == 2 and "already exists" in _one_line_error(proc)
+    assert proc.returncode == 2 and "exists and is not a folder spark-quant made" in _one_line_error(proc)
     assert (out / "keep.txt").read_text() == "mine"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spark_quant.models.folder import check_weights_shape, llm_dir, read_config
+from spark_quant.models.folder import check_not_quantized, check_weights_shape, llm_dir, read_config
 
 
 def ensure_model(model_dir: Path, is_proxy: bool, proxy_size: str, proxy_seed: int,
@@ -19,5 +19,7 @@ def ensure_model(model_dir: Path, is_proxy: bool, proxy_size: str, proxy_seed: i
 
         build_proxy(model_dir, size=proxy_size, seed=proxy_seed)
     llm = llm_dir(model_dir)
-    check_weights_shape(llm, read_config(llm))
+    cfg = read_config(llm)
+    check_not_quantized(llm, cfg)
+    check_weights_shape(llm, cfg)
     return llm

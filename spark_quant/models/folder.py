@@ -43,13 +43,11 @@ def read_config(llm: Path) -> dict[str, Any]:
 
 def check_weights_shape(llm: Path, cfg: dict[str, Any]) -> None:
     """The embedding's row count must equal config.vocab_size (reads the safetensors header only)."""
-    from safetensors import safe_open
-
     files = sorted(Path(llm).glob("*.safetensors"))
     if not files:
         raise UserError(f"{llm}: no *.safetensors weights; the LLM folder is incomplete")
     for f in files:
-        with safe_open(str(f), "pt") as st:
+        with _open_safetensors(f) as st:
             for key in st.keys():
                 if key.endswith("embed_tokens.weight"):
                     rows = st.get_slice(key).get_shape()[0]
@@ -62,9 +60,37 @@ def check_weights_shape(llm: Path, cfg: dict[str, Any]) -> None:
     raise UserError(f"{llm}: no embed_tokens.weight in the safetensors files; not a Qwen2 checkpoint")
 
 
+def _open_safetensors(path: Path):
+    """``safe_open`` whose failure (a truncated or corrupt download) names the file."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), "pt")
+    except Exception as e:  # SafetensorError, OSError: the header cannot be read
+        raise UserError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]}); it is truncated "
+                        "or corrupt: download or copy it again") from None
+
+
+def check_not_quantized(llm: Path, cfg: dict[str, Any]) -> None:
+    """A stage's source model is the unquantized one: a checkpoint given as --model would be re-quantized
+    (or its INT8 weights fed to BF16 matmuls)."""
+    qc = cfg.get("quantization_config")
+    if qc:
+        raise UserError(f"{llm}/config.json: already quantized ({qc.get('quant_method', 'quantization_config')}); "
+                        "give the source (unquantized) Spark-TTS model as --model / model:, and a checkpoint only "
+                        "as --checkpoint")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # the fast tokenizer, or the slow one's vocabulary
+
+
 def load_tokenizer(llm: Path):
     """Load the LLM's tokenizer and refuse one without Spark-TTS's tokens at Spark-TTS's ids."""
     from transformers import AutoTokenizer
+
+    if not any((Path(llm) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{llm}: no tokenizer files ({' or '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+                        "Spark-TTS-0.5B/LLM into it")
 
     try:
         tok = AutoTokenizer.from_pretrained(str(llm))
@@ -79,13 +105,16 @@ def load_tokenizer(llm: Path):
 
 
 def model_fingerprint(model_dir: Path) -> dict[str, Any]:
-    """What identifies a model cheaply: its LLM config and the size + mtime of each weight file."""
+    """What identifies a model: its LLM config and the size + sha256 of each file in ``LLM/`` (digests cached
+    by size and mtime, so a model is hashed once). Not its path and not its mtimes: a copied or moved
+    checkout is the same model, and its stages stay up to date."""
+    from spark_quant.artifacts import sha256_cached
+
     llm = Path(model_dir) / "LLM"
-    files = {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(llm.glob("*.safetensors"))}
+    files = {p.name: [p.stat().st_size, sha256_cached(p)] for p in sorted(llm.iterdir())
+             if p.is_file() and not p.name.startswith(".")}
     proxy = Path(model_dir) / "PROXY.json"
-    return {
-        "path": str(Path(model_dir).resolve()),
-        "config": json.loads((llm / "config.json").read_text()),
-        "weights": files,
-        "proxy": json.loads(proxy.read_text()) if proxy.is_file() else None,
-    }
+    marker = json.loads(proxy.read_text()) if proxy.is_file() else None
+    if isinstance(marker, dict):
+        marker = {k: v for k, v in marker.items() if k not in ("build_seconds", "train_seconds")}
+    return {"config": json.loads((llm / "config.json").read_text()), "files": files, "proxy": marker}

@@ -23,7 +23,7 @@ from spark_quant import spark
 from spark_quant.artifacts import sha256_file
 from spark_quant.errors import UserError
 from spark_quant.models.tokenizer import build_spark_tokenizer
-from spark_quant.outputs import atomic_folder
+from spark_quant.outputs import atomic_folder, remove_dead_temporaries
 
 if TYPE_CHECKING:
     from transformers import Qwen2Config
@@ -168,6 +168,7 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     if not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     out = Path(out)
+    remove_dead_temporaries(out)  # a build killed with -9 left its temporary folder (GBs for the full proxy)
     if _is_built(out, size, seed):
         return out
     if out.exists() and read_marker(out) is None:

@@ -53,7 +53,7 @@ from spark_quant.models.spark_language import (
     example,
     output_for,
 )
-from spark_quant.outputs import atomic_folder
+from spark_quant.outputs import atomic_folder, remove_dead_temporaries
 from spark_quant.spark.heldout import heldout_prompts
 
 MARKER = "PROXY.json"
@@ -288,6 +288,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
 
     check_size(size)
     out = Path(out)
+    remove_dead_temporaries(out)
     if is_trained_proxy(out, size, seed):
         return out
     if out.exists() and read_marker(out) is None:

@@ -155,12 +155,22 @@ def controllable_prompt(text: str, gender: str, pitch: str, speed: str) -> str:
     )
 
 
+def check_codes(kind: str, codes: list[int], codebook: int) -> None:
+    """BiCodec codes are integers in the codebook: 1.0 or true would become literal text in the prompt."""
+    if not isinstance(codes, (list, tuple)):
+        raise ValueError(f"{kind} tokens must be a list of integers, got {type(codes).__name__}")
+    for c in codes:
+        if isinstance(c, bool) or not isinstance(c, int):
+            raise ValueError(f"{kind} token {c!r} is not an integer (write 5, not 5.0 or true)")
+        if not 0 <= c < codebook:
+            raise ValueError(f"{kind} token {c} outside the codebook 0..{codebook - 1}")
+
+
 def _check_globals(global_tokens: list[int]) -> None:
-    if len(global_tokens) != N_GLOBAL:
-        raise ValueError(f"voice cloning needs exactly {N_GLOBAL} global tokens, got {len(global_tokens)}")
-    bad = [g for g in global_tokens if not 0 <= g < GLOBAL_CODEBOOK]
-    if bad:
-        raise ValueError(f"global token {bad[0]} outside the codebook 0..{GLOBAL_CODEBOOK - 1}")
+    if not isinstance(global_tokens, (list, tuple)) or len(global_tokens) != N_GLOBAL:
+        n = len(global_tokens) if isinstance(global_tokens, (list, tuple)) else type(global_tokens).__name__
+        raise ValueError(f"voice cloning needs exactly {N_GLOBAL} global tokens, got {n}")
+    check_codes("global", global_tokens, GLOBAL_CODEBOOK)
 
 
 def clone_prompt(
@@ -184,9 +194,7 @@ def clone_prompt(
         )
     if not semantic_tokens:
         raise ValueError("a clone prompt with the reference transcript needs the reference's semantic tokens")
-    bad = [s for s in semantic_tokens if not 0 <= s < SEMANTIC_CODEBOOK]
-    if bad:
-        raise ValueError(f"semantic token {bad[0]} outside the codebook 0..{SEMANTIC_CODEBOOK - 1}")
+    check_codes("semantic", semantic_tokens, SEMANTIC_CODEBOOK)
     sem_str = "".join(f"<|bicodec_semantic_{s}|>" for s in semantic_tokens)
     return (
         f"<|task_tts|><|start_content|>{prompt_text}{text}<|end_content|>"

@@ -31,10 +31,11 @@ from spark_quant import spark
 from spark_quant.artifacts import sha256_file, write_manifest
 from spark_quant.config import Experiment
 from spark_quant.models.ensure import ensure_model
-from spark_quant.models.folder import load_tokenizer, model_fingerprint
+from spark_quant.models.folder import load_tokenizer
 from spark_quant.models.generate import decode
 from spark_quant.outputs import begin_stage, stage_folder
 from spark_quant.spark.corpus import REFERENCES, SAMPLES, read_corpus, read_references
+from spark_quant.stages.upstream import calibration_inputs
 
 LEVELS = list(spark.LEVEL)
 GENDERS = list(spark.GENDER)
@@ -142,12 +143,7 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
     user_refs = read_references(cfg.references) if cfg.references else None
     llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
 
-    inputs = {
-        "config": cfg.model_dump(mode="json"),
-        "corpus_sha256": sha256_file(cfg.corpus),
-        "references_sha256": sha256_file(cfg.references) if cfg.references else None,
-        "model": model_fingerprint(model_dir),
-    }
+    inputs = calibration_inputs(exp, model_dir)
     if begin_stage(out, "calibrate", inputs, overwrite, derived, sources=[model_dir, cfg.corpus, cfg.references],
                    reuse=True):
         return out
@@ -202,7 +198,9 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
         samples.append({"kind": "clone_transcript" if with_transcript else "clone", "text": text, "prompt": prompt})
     rng.shuffle(samples)
 
-    for smp in samples:
+    from tqdm import tqdm
+
+    for smp in tqdm(samples, desc="tokenizing samples", unit="sample", leave=False, disable=len(samples) < 1000):
         smp["input_ids"] = tok.encode(smp.pop("prompt"))
         smp["prompt_tokens"] = len(smp["input_ids"])
     if cfg.continuation_tokens:
@@ -216,7 +214,7 @@ def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False)
                 continue
             conts = generate_constrained(
                 model, [s["input_ids"] for s in group], phase, cfg.continuation_tokens, 1, open_block,
-                cfg.seed + 1000, cfg.generation_batch_size, f"continuations/{kind}", sampling,
+                (cfg.seed + 1000) % 2**63, cfg.generation_batch_size, f"continuations/{kind}", sampling,
             )
             for s, c in zip(group, conts):
                 s["input_ids"] = s["input_ids"] + c

@@ -48,6 +48,7 @@ from spark_quant.serving.client import (
 )
 from spark_quant.spark.corpus import REFERENCES, read_heldout
 from spark_quant.spark.heldout import heldout_prompts, random_globals
+from spark_quant.stages.upstream import check_checkpoint as check_upstream_checkpoint
 
 
 # --- prompts -----------------------------------------------------------------------
@@ -85,6 +86,7 @@ def write_skipped(exp: Experiment, out: Path, overwrite: bool, derived: bool, re
 
 
 def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
+    ckpt_derived = ckpt_dir is None
     ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.results_dir)
@@ -93,6 +95,8 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")
     verify_files(ckpt_dir, qman)
     base_llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
+    if ckpt_derived:  # the pipeline's checkpoint must be made from what the experiment asks for
+        check_upstream_checkpoint(exp, model_dir, ckpt_dir, qman)
     quant_llm = ckpt_dir / "LLM"
     tok = load_tokenizer(base_llm)
     refs_path = Path(qman.get("calibration_dir", exp.calibration_dir)) / REFERENCES

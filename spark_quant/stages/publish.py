@@ -233,6 +233,12 @@ def publish(exp, repo_id: str, ckpt_dir: Path | None = None, results_dir: Path |
             overwrite: bool = False) -> dict[str, Any]:
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id or ""):
         raise UserError(f"--repo-id {repo_id!r}: expected NAMESPACE/NAME, e.g. you/Spark-TTS-0.5B-W8A8-int8")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:  # the hub's own rule (no "--" or "..", at most 96 characters, ...), before anything is staged
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"--repo-id {repo_id!r}: the hub would refuse it ({str(e).splitlines()[0][:200]})") from None
     ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
     results_dir = Path(results_dir or exp.results_dir)
     derived = out is None

@@ -22,6 +22,12 @@ from spark_quant.models.folder import load_tokenizer, model_fingerprint
 from spark_quant.outputs import begin_stage, stage_folder
 from spark_quant.spark.corpus import SAMPLES
 from spark_quant.stages.recipes import read_recipe
+from spark_quant.stages.upstream import (
+    check_calibration,
+    check_degradations,
+    degradations,
+    llmcompressor_warnings,
+)
 
 
 def load_recipe(path: Path):
@@ -141,6 +147,7 @@ def copy_tokenizer_files(src_llm: Path, dst_llm: Path) -> None:
 
 
 def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
+    calib_derived = calib_dir is None
     calib_dir = Path(calib_dir or exp.calibration_dir)
     derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
     out = Path(out or exp.checkpoint_dir)
@@ -153,6 +160,8 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         raise UserError(f"{samples}: does not match its manifest's sha256 (edited by hand?); rerun `make calibrate`")
     llm = ensure_model(model_dir, is_proxy, exp.proxy_size, exp.proxy_seed, exp.proxy_weights)
     check_recipe_targets(recipe, recipe_path, llm)
+    if calib_derived:  # the pipeline's calibration must be the one the experiment asks for
+        check_calibration(exp, model_dir, calib_dir, calib)
 
     inputs = {
         "recipe": recipe_path.read_text(encoding="utf-8"),
@@ -161,6 +170,8 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         "model": model_fingerprint(model_dir),
         "max_seq_length": exp.calibration.max_seq_length,
         "batch_size": exp.calibration.batch_size,
+        "calibration_fingerprint": calib.get("inputs_fingerprint"),
+        "allow_fallback": exp.quantize_allow_fallback,
     }
     if begin_stage(out, "quantize", inputs, overwrite, derived, sources=[model_dir, calib_dir, recipe_path],
                    reuse=True, updates={"calibration_dir": str(calib_dir.resolve())}):
@@ -187,16 +198,19 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
         model = model.to("cuda")
     t_load = time.time() - started
     t0 = time.time()
-    oneshot(
-        model=model,
-        dataset=ds,
-        recipe=str(recipe_path),
-        max_seq_length=exp.calibration.max_seq_length,
-        num_calibration_samples=len(ds),
-        shuffle_calibration_samples=False,
-        batch_size=bs,
-    )
+    with llmcompressor_warnings() as warnings:
+        oneshot(
+            model=model,
+            dataset=ds,
+            recipe=str(recipe_path),
+            max_seq_length=exp.calibration.max_seq_length,
+            num_calibration_samples=len(ds),
+            shuffle_calibration_samples=False,
+            batch_size=bs,
+        )
     t_oneshot = time.time() - t0
+    fallbacks = degradations(warnings)
+    check_degradations(fallbacks, exp, recipe_path)  # before anything is written
 
     with stage_folder(out, overwrite=overwrite, stage="quantize", replace_stale=derived) as tmp:
         for item in sorted(Path(model_dir).iterdir()):
@@ -221,8 +235,12 @@ def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = 
                 "timings": {"load_s": round(t_load, 2), "oneshot_s": round(t_oneshot, 2), "save_s": round(t_save, 2)},
                 "check": check,
                 "source_weights": src_weights,
+                "fallbacks": fallbacks,
+                "warnings": warnings,
             },
         )
     print(f"quantize: wrote {out} (format {check['format']}, lm_head ignored: {check['lm_head_ignored']}, "
-          f"oneshot {t_oneshot:.1f}s)")
+          f"oneshot {t_oneshot:.1f}s, llm-compressor warnings: {len(warnings)}, fallbacks: {len(fallbacks)})")
+    for f in fallbacks:
+        print(f"quantize: FALLBACK (allowed by quantize_allow_fallback): {f[:300]}")
     return out

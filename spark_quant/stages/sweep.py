@@ -12,7 +12,7 @@ from typing import Any
 
 from spark_quant.artifacts import read_manifest, require_manifest, verify_files, write_manifest
 from spark_quant.errors import UserError
-from spark_quant.outputs import stage_folder
+from spark_quant.outputs import check_not_a_source, check_writable, stage_folder
 from spark_quant.reporting.compare import render_plot, render_table, row_from_results
 
 
@@ -38,6 +38,8 @@ def _row_or_missing(folder: Path) -> dict[str, Any]:
 def compare(result_dirs: list[Path], out: Path, overwrite: bool = True) -> Path:
     if not result_dirs:
         raise UserError("compare: name at least one eval folder (eval/results/<experiment>)")
+    check_not_a_source(Path(out), [Path(d) for d in result_dirs], "compare")
+    check_writable(Path(out), overwrite, "compare")
     rows = [_row_or_missing(Path(d)) for d in result_dirs]
     if all(r["verdict"].startswith("missing") for r in rows):
         raise UserError(f"compare: none of {', '.join(map(str, result_dirs))} is a finished eval folder; "
@@ -78,6 +80,9 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path) -> Path:
     if not experiments:
         raise UserError("sweep: name at least one experiment YAML (EXPERIMENTS=\"a.yaml b.yaml\")")
     exps = [load_experiment(Path(e), overrides) for e in experiments]  # validate them all before any work
+    # the comparison folder is checked now, not after hours of runs: new, empty or a comparison it made
+    check_not_a_source(Path(out), [Path(e) for e in experiments], "sweep")
+    check_writable(Path(out), overwrite=True, stage="compare")
     names = [x.name for x in exps]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
