@@ -88,3 +88,30 @@ def test_several_samples_per_prompt_are_pooled_by_prompt():
     assert fid["valid_rate"]["n"] == 4 and fid["valid_rate"]["value"] == pytest.approx(0.75)
     assert fid["per_prompt"]["valid_rate"]["sum"] == [1.0, 0.5]
     assert fid["valid_recovery"]["value"] == pytest.approx(0.75) and fid["valid_recovery"]["n"] == 2
+
+
+def _res(name: str, prefix: list[float]) -> dict:
+    exact = [int(x == 1.0) for x in prefix]
+    fid = fidelity({"greedy": {"per_prompt": {"prefix": prefix, "exact": exact, "token": prefix}}}, len(prefix))
+    return {"experiment": name, "checkpoint": {"recipe": f"recipes/{name}.yaml"}, "fidelity": fid,
+            "prompts": [{"mode": "clone", "text": f"t{i}"} for i in range(len(prefix))],
+            "settings": {"samples_per_prompt": 1}, "verdict": {"status": "PASS", "passed": True, "failures": []}}
+
+
+def test_compare_marks_only_significant_differences_from_the_default_recipe(tmp_path):
+    from spark_quant.reporting.compare import render_table, row_from_results, significance_summary
+
+    rng = random.Random(3)
+    base = [min(1.0, max(0.0, rng.gauss(0.7, 0.2))) for _ in range(40)]
+    rows = [row_from_results(_res("spark-tts_w8a8_int8", base), None, tmp_path),
+            row_from_results(_res("same", [min(1.0, x + rng.gauss(0, 0.01)) for x in base]), None, tmp_path),
+            row_from_results(_res("worse", [max(0.0, x - 0.2) for x in base]), None, tmp_path)]
+    table = render_table(rows)
+    line = {r.split(" | ")[0].strip("| "): r for r in table.splitlines() if r.startswith("| ")}
+    assert " * " not in line["same"] + " " and "* |" not in line["same"]
+    assert "* |" in line["worse"]  # greedy prefix, paired over the same 40 prompts
+    assert "differs from `spark-tts_w8a8_int8` significantly" in table
+    summary = {s["experiment"]: s for s in significance_summary(rows)}
+    assert "greedy_prefix" in summary["worse"]["significant"]
+    assert "greedy_prefix" in summary["same"]["not_significant"]
+    assert rows[0]["ci"]["greedy_prefix"]["n"] == 40

@@ -306,7 +306,8 @@ def fidelity(sim: dict[str, Any], n_prompts: int) -> dict[str, Any]:
     if g:
         for key, src in (("greedy_prefix", "prefix"), ("greedy_exact", "exact")):
             per[key] = {"sum": list(g[src]), "count": [1] * len(g[src])}
-            out[key] = stats.mean_ci(g[src])
+        out["greedy_prefix"] = stats.mean_ci(g["prefix"])
+        out["greedy_exact"] = stats.rate_ci(sum(g["exact"]), len(g["exact"]))  # one greedy output a prompt
     tf = (sim.get("teacher_forced") or {}).get("per_prompt")
     if tf:
         for key, src, cnt in (("top1", "top1", "positions"), ("kl", "kl", "positions"),
@@ -334,3 +335,19 @@ def fidelity(sim: dict[str, Any], n_prompts: int) -> dict[str, Any]:
         out["semantic_tv"] = stats.interval(tv, None, None, len(sq["valid"]), "point estimate (histogram)")
     out["per_prompt"] = per
     return out
+
+
+def format_ci(ci: dict[str, Any] | None, fmt: str = ".3f", n: bool = True) -> str:
+    """'0.998 [0.995, 1.000] n=12' (the interval left out where there is none)."""
+    if not ci or ci.get("value") is None:
+        return "–"
+    s = format(ci["value"], fmt)
+    if ci.get("low") is not None and ci.get("high") is not None:
+        s += f" [{ci['low']:{fmt}}, {ci['high']:{fmt}}]"
+    return s + (f" n={ci['n']}" if n and ci.get("n") is not None else "")
+
+
+def direction(m: Metric) -> str:
+    if m.higher_is_better is None:
+        return f"closer to {m.target:g} is better" if m.target is not None else "–"
+    return "higher is better" if m.higher_is_better else "lower is better"

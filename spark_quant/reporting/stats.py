@@ -134,3 +134,28 @@ def more_units_to_decide(ci: dict[str, Any], threshold: float) -> int | None:
         return None
     need = math.ceil(n * (half / gap) ** 2)
     return max(need - n, 1)
+
+
+def _pooled_diff(sa, ca, sb, cb, axis=-1):
+    return np.sum(sb, axis=axis) / np.sum(cb, axis=axis) - np.sum(sa, axis=axis) / np.sum(ca, axis=axis)
+
+
+def paired_pooled_diff(a: dict[str, list[float]], b: dict[str, list[float]], seed: int = 0) -> dict[str, Any]:
+    """B's pooled mean minus A's ({"sum": [...], "count": [...]} per prompt, the same prompts in the same
+    order), with a paired bootstrap interval over prompts; None bounds when they do not pair."""
+    method = "paired bootstrap (prompts)"
+    if len(a["sum"]) != len(b["sum"]) or not a["sum"]:
+        return interval(None, None, None, 0, method)
+    keep = [i for i in range(len(a["sum"])) if a["count"][i] and b["count"][i]]
+    arrs = tuple(np.asarray([d[k][i] for i in keep], dtype=float) for d in (a, b) for k in ("sum", "count"))
+    if not keep:
+        return interval(None, None, None, 0, method)
+    lo, hi = _bootstrap(arrs, _pooled_diff, True, seed)
+    return interval(float(_pooled_diff(*arrs)), lo, hi, len(keep), method)
+
+
+def significant(diff: dict[str, Any]) -> bool | None:
+    """Whether a difference's interval excludes 0; None without an interval."""
+    if diff.get("low") is None or diff.get("high") is None:
+        return None
+    return diff["low"] > 0 or diff["high"] < 0
