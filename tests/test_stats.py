@@ -115,3 +115,22 @@ def test_compare_marks_only_significant_differences_from_the_default_recipe(tmp_
     assert "greedy_prefix" in summary["worse"]["significant"]
     assert "greedy_prefix" in summary["same"]["not_significant"]
     assert rows[0]["ci"]["greedy_prefix"]["n"] == 40
+
+
+def test_card_quality_rows_carry_intervals_and_say_whether_the_valid_rate_difference_is_noise():
+    from spark_quant import spark
+    from spark_quant.reporting.card import _quality_rows, _verdict_text
+
+    ok = [spark.token_id("<|start_semantic_token|>"), spark.semantic_id(1), spark.EOS_ID]
+    bad = [spark.semantic_id(1)] * 3
+    prompts = [{"mode": "clone"}] * 10
+    base = sampled_quality([{"tokens": ok}] * 10, prompts, 8)
+    quant = sampled_quality([{"tokens": t} for t in [ok] * 9 + [bad]], prompts, 8)
+    sim = {"sampled": {"baseline": base, "quantized": quant, "valid_rate_recovery": 0.9, "duration_ratio": {}}}
+    res = {"similarity": sim, "fidelity": fidelity(sim, 10)}
+    row = next(r for r in _quality_rows(res) if r["metric"].startswith("valid Spark output rate"))
+    assert row["quant"].startswith("0.900 [") and "n=10" in row["quant"]
+    assert "the difference is within the noise" in row["ratio"]  # one output of ten
+    gate = {"status": "INCONCLUSIVE", "text": "valid rate q/b ...: about 40 more prompts would decide it"}
+    assert _verdict_text({"status": "INCONCLUSIVE", "passed": False, "failures": [], "inconclusive": [gate["text"]],
+                          "gates": [gate]}, {}).startswith("INCONCLUSIVE: valid rate q/b")
