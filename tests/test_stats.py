@@ -134,3 +134,16 @@ def test_card_quality_rows_carry_intervals_and_say_whether_the_valid_rate_differ
     gate = {"status": "INCONCLUSIVE", "text": "valid rate q/b ...: about 40 more prompts would decide it"}
     assert _verdict_text({"status": "INCONCLUSIVE", "passed": False, "failures": [], "inconclusive": [gate["text"]],
                           "gates": [gate]}, {}).startswith("INCONCLUSIVE: valid rate q/b")
+
+
+def test_samples_per_prompt_gives_the_sampled_task_one_seed_per_sample_and_inconclusive_exits_4():
+    from spark_quant.config import load_experiment
+    from spark_quant.errors import Inconclusive, StageFailed
+    from spark_quant.serving.client import similarity_tasks
+
+    prompts = [{"ids": [1, 2]}, {"ids": [3]}]
+    one = similarity_tasks(load_experiment(None), prompts, None)[1]
+    assert one["seed"] == 7 and "seeds" not in one  # one sample: the task (and the baseline cache key) as before
+    four = similarity_tasks(load_experiment(None, ["eval.samples_per_prompt=4"]), prompts, None)[1]
+    assert four["seeds"] == [7, 8, 9, 10]
+    assert Inconclusive.exit_code == 4 and StageFailed.exit_code == 3 and issubclass(Inconclusive, StageFailed)
