@@ -318,7 +318,8 @@ def _verdict_text(v: dict[str, Any], s: dict[str, Any]) -> str:
     """'passed its gates' / the FAIL or INCONCLUSIVE line; each gate is decided on its 95% interval."""
     status = v.get("status") or ("PASS" if v.get("passed") else "FAIL")
     gates = "; ".join(f"{g['status']}: {g['text']}" for g in v.get("gates") or [])
-    head = "passed its gates" if status == "PASS" else verdict_line(v)
+    head = {"PASS": "passed its gates", "FAIL": "FAILED: " + "; ".join(v.get("failures") or [])}.get(status) \
+        or verdict_line(v)
     if gates:
         return f"{head} (each gate decided on its 95% interval: {gates})" if status == "PASS" else head
     return head + (f" (eval.min_valid_rate_recovery {s.get('min_valid_rate_recovery')}, "
