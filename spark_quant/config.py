@@ -115,6 +115,16 @@ class EvalConfig(_Section):
     min_valid_rate_recovery: float = Field(
         0.9, ge=0.0, le=2.0, description="gate: valid-output rate of the quantized model over the baseline's"
     )
+    min_top1_agreement: float | None = Field(
+        None, ge=0.0, le=1.0, description="gate: teacher-forced top-1 agreement with the baseline; null = no gate"
+    )
+    max_kl: float | None = Field(
+        None, ge=0.0, description="gate: teacher-forced KL(baseline || quantized), nats/token; null = no gate"
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, le=64, description="sampled outputs per held-out prompt (seeds 7, 8, ...) for the valid-output, "
+        "runaway and duration numbers; more outputs narrow their intervals"
+    )
 
     @field_validator("concurrency")
     @classmethod

@@ -11,3 +11,9 @@ class StageFailed(UserError):
     """A stage ran but its result failed a check (e.g. an eval threshold)."""
 
     exit_code = 3
+
+
+class Inconclusive(StageFailed):
+    """A stage ran but a gate's confidence interval holds its threshold: more outputs are needed to decide."""
+
+    exit_code = 4

@@ -90,7 +90,7 @@ def test_verdict_fails_on_the_wrong_kernel_and_names_it():
     good = "CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
     res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2]])], "quantized": [_run([good], [[1, 2]])]},
                         QMAN, "cpu", CFG)
-    assert res["verdict"] == {"passed": True, "failures": []}
+    assert res["verdict"]["status"] == "PASS" and res["verdict"]["passed"] and res["verdict"]["failures"] == []
     bad = "SomeOtherKernel for CompressedTensorsW8A8Int8"
     res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2]])], "quantized": [_run([bad], [[1, 2]])]},
                         QMAN, "cpu", CFG)
@@ -98,13 +98,32 @@ def test_verdict_fails_on_the_wrong_kernel_and_names_it():
     assert "expected CPUInt8ScaledMMLinearKernel" in res["verdict"]["failures"][0]
 
 
-def test_verdict_fails_when_a_threshold_in_the_experiment_is_missed():
+def test_verdict_fails_when_the_whole_interval_misses_a_threshold_in_the_experiment():
     exp = load_experiment(None, ["eval.min_greedy_prefix_agreement=0.9"])
     k = ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
-    res = build_results(exp, PROMPTS, {"baseline": [_run([], [[1, 2, 3, 4]])], "quantized": [_run(k, [[1, 9, 9, 9]])]},
+    prompts = PROMPTS * 8
+    res = build_results(exp, prompts, {"baseline": [_run([], [[1, 2, 3, 4]] * 8)],
+                                       "quantized": [_run(k, [[1, 9, 9, 9]] * 8)]}, QMAN, "cpu", CFG)
+    assert res["verdict"]["status"] == "FAIL" and not res["verdict"]["passed"]
+    gate = next(g for g in res["verdict"]["gates"] if g["gate"] == "min_greedy_prefix_agreement")
+    assert gate["interval"]["high"] < 0.9 and gate["interval"]["n"] == 8
+    assert "eval.min_greedy_prefix_agreement >= 0.9" in res["verdict"]["failures"][0]
+
+
+def test_an_interval_that_holds_the_threshold_is_inconclusive_and_says_how_many_more_prompts():
+    exp = load_experiment(None, ["eval.min_greedy_prefix_agreement=0.9"])
+    k = ["CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"]
+    prompts = PROMPTS * 8
+    quant = [[1, 2, 3, 4], [1, 2, 3, 9]] * 4  # prefix agreement 1.0 and 0.75: mean 0.875, interval around 0.9
+    res = build_results(exp, prompts, {"baseline": [_run([], [[1, 2, 3, 4]] * 8)], "quantized": [_run(k, quant)]},
                         QMAN, "cpu", CFG)
-    assert not res["verdict"]["passed"]
-    assert "eval.min_greedy_prefix_agreement 0.9" in res["verdict"]["failures"][0]
+    v = res["verdict"]
+    assert v["status"] == "INCONCLUSIVE" and not v["passed"] and v["failures"] == []
+    gate = next(g for g in v["gates"] if g["gate"] == "min_greedy_prefix_agreement")
+    assert gate["interval"]["low"] < 0.9 < gate["interval"]["high"] and gate["more_units"] > 0
+    assert f"about {gate['more_units']} more prompts would decide it" in v["inconclusive"][0]
+    assert res["fidelity"]["greedy_prefix"]["value"] == pytest.approx(0.875)
+    assert res["fidelity"]["per_prompt"]["greedy_prefix"]["sum"] == [1.0, 0.75] * 4
 
 
 def test_a_crashed_worker_is_a_failed_row_not_a_crash():

@@ -73,7 +73,12 @@ class TrainSettings:
 
     @classmethod
     def for_size(cls, size: str) -> TrainSettings:
-        return cls() if size == "tiny" else cls(steps=3000, batch_size=32, lr=1e-3, threads=os.cpu_count() or 2)
+        # full (the 0.5B shape) is for a GPU: bf16 autocast; steps sized for <= 5 minutes on one H200 (not yet
+        # measured there, see docs/benchmarks.md); SPARK_QUANT_TRAIN_STEPS overrides them for such a measurement
+        if size == "tiny":
+            return cls()
+        steps = int(os.environ.get("SPARK_QUANT_TRAIN_STEPS", "1500"))
+        return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2)
 
 
 # --- the synthetic language ----------------------------------------------------------
@@ -138,14 +143,16 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
+    device = next(model.parameters()).device  # a GPU trains in bf16 autocast (weights and optimizer stay FP32)
     try:
         active = _active_ids(corpus, settings.n_negatives, seed)
         remap = torch.full((spark.VOCAB_SIZE,), -1, dtype=torch.long)
         remap[torch.tensor(active)] = torch.arange(len(active))
+        remap = remap.to(device)
         full_emb = model.get_input_embeddings()
-        emb = torch.nn.Embedding(len(active), full_emb.weight.shape[1])
+        emb = torch.nn.Embedding(len(active), full_emb.weight.shape[1]).to(device)
         with torch.no_grad():
-            emb.weight.copy_(full_emb.weight[torch.tensor(active)])
+            emb.weight.copy_(full_emb.weight[torch.tensor(active, device=device)])
         body = model.model
         body.embed_tokens = emb
         params = [p for n, p in model.named_parameters() if not n.startswith("lm_head")]
@@ -167,14 +174,17 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
             for i, (s, plen) in enumerate(batch):
                 ids[i, : len(s)] = torch.tensor(s)
                 tgt[i, plen - 1 : len(s) - 1] = torch.tensor(s[plen:])
-            h = body(input_ids=remap[ids]).last_hidden_state
-            mask = tgt != -100
-            # sampled softmax: the batch's targets plus random rows of the compact vocabulary
-            targets = remap[tgt[mask]]
-            cand = torch.unique(torch.cat([targets, torch.randint(len(active), (settings.n_sampled,))]))
-            pos_in_cand = torch.searchsorted(cand, targets)
-            logits = h[mask] @ emb.weight[cand].T
-            loss = torch.nn.functional.cross_entropy(logits, pos_in_cand)
+            ids, tgt = ids.to(device), tgt.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                h = body(input_ids=remap[ids]).last_hidden_state
+                mask = tgt != -100
+                # sampled softmax: the batch's targets plus random rows of the compact vocabulary
+                targets = remap[tgt[mask]]
+                sampled = torch.randint(len(active), (settings.n_sampled,)).to(device)
+                cand = torch.unique(torch.cat([targets, sampled]))
+                pos_in_cand = torch.searchsorted(cand, targets)
+                logits = h[mask] @ emb.weight[cand].T
+            loss = torch.nn.functional.cross_entropy(logits.float(), pos_in_cand)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,14 +195,14 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
                     f"({time.perf_counter() - started:.0f}s)")
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         with torch.no_grad():
-            full_emb.weight[torch.tensor(active)] = emb.weight
+            full_emb.weight[torch.tensor(active, device=device)] = emb.weight
         body.embed_tokens = full_emb
         model.tie_weights()
         model.eval()
     finally:
         torch.set_num_threads(threads)
     return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), "final_loss": round(statistics.fmean(losses[-20:]), 5),
-            "first_loss": round(losses[0], 4), "active_rows": len(active)}
+            "first_loss": round(losses[0], 4), "active_rows": len(active), "device": str(device)}
 
 
 # --- measurement ---------------------------------------------------------------------
@@ -260,8 +270,9 @@ def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int
     try:
         with torch.no_grad():
             for s, plen in seqs:
-                logits = model(input_ids=torch.tensor([s])).logits[0, plen - 1 : len(s) - 1].float()
-                tgt = torch.tensor(s[plen:])
+                dev = next(model.parameters()).device
+                logits = model(input_ids=torch.tensor([s], device=dev)).logits[0, plen - 1 : len(s) - 1].float()
+                tgt = torch.tensor(s[plen:], device=dev)
                 correct += int((logits.argmax(-1) == tgt).sum())
                 total += len(tgt)
                 nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
@@ -271,13 +282,16 @@ def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int
 
 
 # --- building the model folder -----------------------------------------------------------
-def is_trained_proxy(out: Path, size: str, seed: int) -> bool:
-    """Whether ``out`` holds a finished trained proxy of this size, seed and language version."""
+def is_trained_proxy(out: Path, size: str, seed: int, settings: TrainSettings | None = None) -> bool:
+    """Whether ``out`` holds a finished trained proxy of this size, seed, language version and training
+    settings (a change to either rebuilds it; ``threads`` only changes speed)."""
     from spark_quant.models.proxy import read_marker
 
     m = read_marker(out)
+    want = {k: v for k, v in asdict(settings or TrainSettings.for_size(size)).items() if k != "threads"}
+    got = {k: (m.get("training") or {}).get(k) for k in want} if m else {}
     return bool(m) and m.get("kind") == "trained" and m.get("size") == size and m.get("seed") == seed \
-        and m.get("language_version") == LANGUAGE_VERSION
+        and m.get("language_version") == LANGUAGE_VERSION and got == want
 
 
 def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: TrainSettings | None = None,
@@ -289,12 +303,12 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
     check_size(size)
     out = Path(out)
     remove_dead_temporaries(out)
-    if is_trained_proxy(out, size, seed):
+    settings = settings or TrainSettings.for_size(size)
+    if is_trained_proxy(out, size, seed, settings):
         return out
     if out.exists() and read_marker(out) is None:
         raise UserError(f"{out}: exists and is not a spark-quant proxy ({MARKER} missing); refusing to replace "
                         "it: choose another folder")
-    settings = settings or TrainSettings.for_size(size)
     log = log or (lambda msg: print(msg, flush=True))
 
     import torch
@@ -306,7 +320,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
     from spark_quant.models.tokenizer import build_spark_tokenizer
     from spark_quant.spark.corpus import read_corpus
 
-    with atomic_folder(out, MARKER, lambda o: is_trained_proxy(o, size, seed)) as tmp:
+    with atomic_folder(out, MARKER, lambda o: is_trained_proxy(o, size, seed, settings)) as tmp:
         started = time.perf_counter()
         llm = tmp / "LLM"
         llm.mkdir(parents=True)
@@ -318,10 +332,12 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         if overlap:
             raise ValueError(f"{heldout_path}: {len(overlap)} held-out line(s) are also training texts")
         model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
+        if size != "tiny" and torch.cuda.is_available():  # the tiny proxy trains on the CPU, as in CI
+            model.to("cuda")
         lang = Language()
         corpus = Corpus(tok, train_texts, heldout_texts)
         stats = train(model, corpus, lang, settings, seed, log=log)
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(state, str(llm / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(llm / "model.safetensors", (llm / "config.json").stat().st_mode & 0o777)
         held = teacher_forced_accuracy(model, tok, heldout_texts)
@@ -345,6 +361,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "final_loss": stats["final_loss"],
             "heldout_accuracy": round(held["accuracy"], 4),
             "heldout_loss": round(held["loss"], 4),
+            "heldout_positions": held["positions"],
             "train_accuracy": round(train_acc["accuracy"], 4),
             "heldout_greedy": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in structure.items()},
             "corpus": str(corpus_path),

@@ -9,6 +9,9 @@ from typing import Any
 import yaml
 
 from spark_quant import spark
+from spark_quant.reporting import stats
+from spark_quant.reporting.gates import verdict_line
+from spark_quant.reporting.metrics import METRICS, format_ci
 
 BASE_MODEL = "SparkAudio/Spark-TTS-0.5B"
 
@@ -81,36 +84,53 @@ def _recipe_summary(recipe_text: str) -> str:
 
 
 def _quality_rows(res: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per fidelity number; with ``fidelity`` in results.json (newer evals) every number carries its
+    95% interval and n, and a difference from BF16 says whether it is significant."""
     sim = res.get("similarity") or {}
+    fid = res.get("fidelity") or {}
     rows: list[dict[str, str]] = []
+
+    def ci(key: str, fallback: Any, fmt: str | None = None) -> str:
+        m = METRICS[key] if key in METRICS else None
+        c = fid.get(key)
+        if c and c.get("value") is not None:
+            return format_ci(c, fmt or (m.fmt if m else ".3f"))
+        return _f(fallback, fmt or ".3f")
+
     sampled = sim.get("sampled") or {}
     sb, sq = sampled.get("baseline") or {}, sampled.get("quantized") or {}
     if sb or sq:
         rec = sampled.get("valid_rate_recovery")
+        diff = fid.get("valid_diff") or {}
+        sig = stats.significant(diff) if diff else None
+        noise = {True: "; the difference is significant", False: "; the difference is within the noise",
+                 None: ""}[sig]
         rows.append({"metric": "valid Spark output rate (sampled; 32 global tokens, semantic tokens, EOS)",
-                     "base": _f(sb.get("valid_rate")), "quant": _f(sq.get("valid_rate")),
-                     "ratio": _f(rec) + " recovery" if rec is not None else "not defined (baseline rate 0)"})
-        rows.append({"metric": "runaway rate (no EOS before the limit)", "base": _f(sb.get("runaway_rate")),
-                     "quant": _f(sq.get("runaway_rate")), "ratio": "–"})
+                     "base": ci("valid_rate_baseline", sb.get("valid_rate")), "quant": ci("valid_rate", sq.get("valid_rate")),
+                     "ratio": (ci("valid_recovery", rec) + " recovery" + noise) if rec is not None
+                     else "not defined (baseline rate 0)"})
+        rows.append({"metric": "runaway rate (no EOS before the limit)",
+                     "base": ci("runaway_rate_baseline", sb.get("runaway_rate")),
+                     "quant": ci("runaway_rate", sq.get("runaway_rate")), "ratio": "–"})
         dr = (sampled.get("duration_ratio") or {}).get("mean")
         rows.append({"metric": "audio duration, INT8 / BF16 (mean over prompts)", "base": "–", "quant": "–",
-                     "ratio": _f(dr)})
+                     "ratio": ci("duration_ratio", dr)})
     g = sim.get("greedy") or {}
     if g:
         rows.append({"metric": "greedy: share of tokens before the first divergence", "base": "–", "quant": "–",
-                     "ratio": _f(g.get("prefix_agreement_mean"))})
+                     "ratio": ci("greedy_prefix", g.get("prefix_agreement_mean"))})
         rows.append({"metric": "greedy: identical outputs", "base": "–", "quant": "–",
-                     "ratio": _f(g.get("exact_match_rate"))})
+                     "ratio": ci("greedy_exact", g.get("exact_match_rate"))})
         rows.append({"metric": "greedy: position-wise token agreement", "base": "–", "quant": "–",
                      "ratio": _f(g.get("token_agreement_mean"))})
     tf = sim.get("teacher_forced") or {}
     if tf:
         rows.append({"metric": f"teacher-forced top-1 agreement ({tf.get('positions')} positions)", "base": "–",
-                     "quant": "–", "ratio": _f(tf.get("top1_agreement"))})
+                     "quant": "–", "ratio": ci("top1", tf.get("top1_agreement"))})
         rows.append({"metric": "teacher-forced KL(BF16 ‖ INT8), mean", "base": "–", "quant": "–",
-                     "ratio": _f(tf.get("kl_base_quant_mean"), ".2e")})
+                     "ratio": ci("kl", tf.get("kl_base_quant_mean"), ".2e")})
         rows.append({"metric": "NLL of BF16's greedy tokens, INT8 − BF16", "base": "–", "quant": "–",
-                     "ratio": _f(tf.get("nll_delta_mean"), "+.4f")})
+                     "ratio": ci("nll_delta", tf.get("nll_delta_mean"), "+.4f")})
     return rows
 
 
@@ -284,10 +304,7 @@ def card_context(checked: dict[str, Any], llm_config: dict[str, Any], repo_id: s
                          f"{s.get('max_new_tokens')} new tokens per timed request; sampling T={s.get('temperature')} "
                          f"top_k={s.get('top_k')} top_p={s.get('top_p')}; baseline dtype {s.get('baseline_dtype')}; "
                          f"{s.get('repeats')} interleaved repeat(s); concurrency {s.get('concurrency')}"),
-            "verdict": ("passed its gates" if (res.get("verdict") or {}).get("passed") else
-                        "FAILED: " + "; ".join((res.get("verdict") or {}).get("failures") or []))
-            + f" (eval.min_valid_rate_recovery {s.get('min_valid_rate_recovery')}, "
-              f"eval.min_greedy_prefix_agreement {s.get('min_greedy_prefix_agreement')})",
+            "verdict": _verdict_text(res.get("verdict") or {}, s),
             "kernel": ", ".join(f"`{k}`" for k in (res.get("kernel_check") or {}).get("selected") or []),
             "quality": _quality_rows(res),
         })
@@ -295,6 +312,18 @@ def card_context(checked: dict[str, Any], llm_config: dict[str, Any], repo_id: s
         if not ctx["quality"]:
             ctx["not_measured"].insert(0, "output similarity (a vLLM run failed)")
     return ctx
+
+
+def _verdict_text(v: dict[str, Any], s: dict[str, Any]) -> str:
+    """'passed its gates' / the FAIL or INCONCLUSIVE line; each gate is decided on its 95% interval."""
+    status = v.get("status") or ("PASS" if v.get("passed") else "FAIL")
+    gates = "; ".join(f"{g['status']}: {g['text']}" for g in v.get("gates") or [])
+    head = {"PASS": "passed its gates", "FAIL": "FAILED: " + "; ".join(v.get("failures") or [])}.get(status) \
+        or verdict_line(v)
+    if gates:
+        return f"{head} (each gate decided on its 95% interval: {gates})" if status == "PASS" else head
+    return head + (f" (eval.min_valid_rate_recovery {s.get('min_valid_rate_recovery')}, "
+                   f"eval.min_greedy_prefix_agreement {s.get('min_greedy_prefix_agreement')})")
 
 
 def render_card(ctx: dict[str, Any]):

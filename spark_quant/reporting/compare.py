@@ -13,23 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [
-    ("experiment", "experiment"),
-    ("recipe", "recipe"),
-    ("weights_gb", "weights GB"),
-    ("quantize_s", "quantize s"),
-    ("top1", "TF top-1"),
-    ("kl", "TF KL"),
-    ("nll_delta", "ΔNLL"),
-    ("greedy_prefix", "greedy prefix"),
-    ("greedy_exact", "greedy exact"),
-    ("valid_recovery", "valid rate q/b"),
-    ("semantic_tv", "semantic TV"),
-    ("ms_sampled_ratio", "b1 ms/tok sampled q/b"),
-    ("ms_greedy_ratio", "b1 ms/tok greedy q/b"),
-    ("tps_ratio_max_c", "tok/s q/b @max c"),
-    ("verdict", "verdict"),
-]
+from spark_quant.reporting import stats
+from spark_quant.reporting.gates import verdict_line
+from spark_quant.reporting.metrics import METRICS, PAIRED_KEYS, format_ci
+
+DEFAULT_EXPERIMENT = "spark-tts_w8a8_int8"
+
+COLUMNS = ["experiment", "recipe", "weights_gb", "quantize_s", "top1", "kl", "nll_delta", "greedy_prefix",
+           "greedy_exact", "valid_recovery", "semantic_tv", "ms_sampled_ratio", "ms_greedy_ratio", "tps_ratio_max_c",
+           "verdict"]  # labels, units and directions: metrics.METRICS
 
 
 def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: Path) -> dict[str, Any]:
@@ -62,8 +54,16 @@ def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: P
     row["tps_ratio_max_c"] = tps[max(tps)] if tps else None
     row["ms_per_token_sampled"] = _get(res, "speed", "quantized", "ms_per_token_sampled")
     row["ms_per_token_sampled_baseline"] = _get(res, "speed", "baseline", "ms_per_token_sampled")
-    verdict = res.get("verdict", {})
-    row["verdict"] = "PASS" if verdict.get("passed") else "FAIL: " + "; ".join(verdict.get("failures", []))[:120]
+    fid = res.get("fidelity") or {}
+    row["ci"] = {k: {x: v.get(x) for x in ("value", "low", "high", "n", "method")} for k, v in fid.items()
+                 if k != "per_prompt" and isinstance(v, dict)}
+    for k, ci in row["ci"].items():  # the interval's point estimate is the column's value
+        if k in METRICS and ci.get("value") is not None:
+            row[k] = ci["value"]
+    row["per_prompt"] = fid.get("per_prompt") or {}
+    row["prompts"] = [p.get("text") for p in res.get("prompts") or []]
+    row["seeds"] = _get(res, "settings", "samples_per_prompt")
+    row["verdict"] = verdict_line(res.get("verdict", {}))[:160]
     return row
 
 
@@ -85,11 +85,83 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def reference_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row the others are tested against: the default recipe's experiment if present, else the first
+    row with fidelity numbers."""
+    measured = [r for r in rows if r.get("ci")]
+    return next((r for r in measured if r["experiment"] == DEFAULT_EXPERIMENT), measured[0] if measured else None)
+
+
+def differences(row: dict[str, Any], ref: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each fidelity metric of ``row`` minus ``ref``'s, with a 95% interval: paired over prompts when both
+    were measured on the same prompts and seeds (per-prompt samples kept), else None bounds, and then
+    ``significant`` falls back to whether the two rows' own intervals overlap."""
+    out = {}
+    paired = row.get("prompts") and row.get("prompts") == ref.get("prompts") and row.get("seeds") == ref.get("seeds")
+    for key in PAIRED_KEYS:
+        a, b = (ref.get("per_prompt") or {}).get(key), (row.get("per_prompt") or {}).get(key)
+        if paired and a and b:
+            d = stats.paired_pooled_diff(a, b)
+        else:
+            ca, cb = (ref.get("ci") or {}).get(key) or {}, (row.get("ci") or {}).get(key) or {}
+            ov = stats.overlap(ca, cb)
+            d = stats.interval(None, None, None, 0, "interval overlap") | {"overlap": ov}
+        out[key] = d
+    return out
+
+
+def is_significant(d: dict[str, Any]) -> bool | None:
+    if "overlap" in d:
+        return None if d["overlap"] is None else not d["overlap"]
+    return stats.significant(d)
+
+
+def _cell(r: dict[str, Any], key: str, diffs: dict[str, dict[str, Any]] | None) -> str:
+    m = METRICS.get(key)
+    ci = (r.get("ci") or {}).get(key)
+    if m and ci and ci.get("value") is not None:
+        text = format_ci(ci, m.fmt if abs(ci["value"]) >= 1e-3 or ci["value"] == 0 else ".1e", n=False)
+    else:
+        text = _fmt(r.get(key))
+    if diffs and key in diffs and is_significant(diffs[key]):
+        text += " *"
+    return text
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(label for _, label in COLUMNS) + " |"
+    """The comparison table with each fidelity number's 95% interval; ``*`` marks a difference from the
+    reference row that is significant (its 95% interval excludes 0)."""
+    label = {k: (METRICS[k].label if k in METRICS else k) for k in COLUMNS}
+    head = "| " + " | ".join(label[k] for k in COLUMNS) + " |"
     sep = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_fmt(r.get(key)) for key, _ in COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    ref = reference_row(rows)
+    body = []
+    for r in rows:
+        diffs = differences(r, ref) if ref is not None and r is not ref and r.get("ci") else None
+        body.append("| " + " | ".join(_cell(r, k, diffs) for k in COLUMNS) + " |")
+    notes = []
+    if ref is not None:
+        n = (ref.get("ci", {}).get("top1") or ref.get("ci", {}).get("greedy_prefix") or {}).get("n")
+        notes = ["", f"Values are point estimates [95% interval]; n = {n} prompts (bootstrap) or the outputs of a rate "
+                 f"(Wilson). `*` = differs from `{ref['experiment']}` significantly (paired bootstrap over the same "
+                 "prompts and seeds, 95% interval of the difference excludes 0; rows measured on other prompts: "
+                 "non-overlapping intervals). Unmarked differences are within the noise at this n."]
+    return "\n".join([head, sep, *body, *notes])
+
+
+def significance_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each row, which fidelity metrics differ significantly from the reference row and which do not."""
+    ref = reference_row(rows)
+    out = []
+    for r in rows:
+        if ref is None or r is ref or not r.get("ci"):
+            continue
+        diffs = differences(r, ref)
+        out.append({"experiment": r["experiment"], "reference": ref["experiment"],
+                    "significant": [k for k, d in diffs.items() if is_significant(d)],
+                    "not_significant": [k for k, d in diffs.items() if is_significant(d) is False],
+                    "differences": diffs})
+    return out
 
 
 def render_plot(rows: list[dict[str, Any]], path: Path) -> bool:

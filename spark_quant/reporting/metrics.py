@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from spark_quant import spark
+from spark_quant.reporting import stats
 from spark_quant.reporting.stats import median, pct, summary
 
 
@@ -90,6 +92,7 @@ def greedy_similarity(base: list[dict], quant: list[dict], prompts: list[dict]) 
         "token_agreement_mean": statistics.fmean(pos_agree),
         "global_token_agreement": statistics.fmean(glob_agree) if glob_agree else None,
         "agreement_by_position": [statistics.fmean(by_pos[i]) for i in sorted(by_pos)],
+        "per_prompt": {"prefix": prefix, "exact": [int(x) for x in exact], "token": pos_agree},
     }
 
 
@@ -97,7 +100,9 @@ def teacher_forced(base_self: list[list[dict]], quant: list[list[dict]], base_to
                    vocab: int = spark.VOCAB_SIZE) -> dict[str, Any]:
     """Top-1 agreement, KL(base||quant) over the base top-k plus a tail bucket, NLL difference."""
     top1, kls, dnll = [], [], []
+    per: dict[str, list[float]] = {"top1": [], "kl": [], "positions": [], "nll": [], "nll_positions": []}
     for bp, qp, toks in zip(base_self, quant, base_tokens):
+        marks = (len(top1), len(kls), len(dnll))
         for b, q, tok in zip(bp, qp, toks):
             if not b or not q:
                 continue
@@ -118,11 +123,16 @@ def teacher_forced(base_self: list[list[dict]], quant: list[list[dict]], base_to
             kls.append(max(kl, 0.0))
             if tok in b and tok in q:
                 dnll.append(b[tok] - q[tok])
+        per["top1"].append(sum(top1[marks[0]:]))
+        per["kl"].append(sum(kls[marks[1]:]))
+        per["positions"].append(len(top1) - marks[0])
+        per["nll"].append(sum(dnll[marks[2]:]))
+        per["nll_positions"].append(len(dnll) - marks[2])
     return {"top1_agreement": statistics.fmean(top1) if top1 else None,
             "kl_base_quant_mean": statistics.fmean(kls) if kls else None,
             "kl_base_quant_p99": pct(kls, 0.99),
             "nll_delta_mean": statistics.fmean(dnll) if dnll else None,
-            "positions": len(top1)}
+            "positions": len(top1), "per_prompt": per}
 
 
 def sampled_quality(outputs: list[dict], prompts: list[dict], max_tokens: int) -> dict[str, Any]:
@@ -132,6 +142,8 @@ def sampled_quality(outputs: list[dict], prompts: list[dict], max_tokens: int) -
         for t in s.semantic_tokens:
             sem_hist[t * 64 // spark.SEMANTIC_CODEBOOK] += 1
     return {
+        "valid": [int(p.valid) for p in parsed],
+        "finished": [int(p.finished) for p in parsed],
         "valid_rate": sum(p.valid for p in parsed) / len(parsed),
         "runaway_rate": sum(not p.finished for p in parsed) / len(parsed),
         "audio_seconds": [p.audio_seconds for p in parsed],
@@ -228,3 +240,114 @@ def roofline(res: dict[str, Any], model_cfg: dict[str, Any], context_tokens: flo
                      "ms_per_token_greedy": ms, "achieved_GBps": (total / (ms / 1000) / 1e9) if ms else None,
                      "device_GBps": bw, "floor_ms": floor_ms, "times_floor": (ms / floor_ms) if ms and floor_ms else None}
     return out
+
+
+# --- the metric table -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One reported number: ``higher_is_better`` None = closer to ``target`` is better; ``gate`` = the
+    ``eval.*`` field holding its threshold (a minimum if higher is better, else a maximum)."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool | None
+    fmt: str = ".3f"
+    gate: str | None = None
+    target: float | None = None
+    bounds: tuple[float, float] = (-math.inf, math.inf)  # every value it can take (an unknown interval is this)
+
+
+METRICS: dict[str, Metric] = {m.key: m for m in (
+    Metric("weights_gb", "weights GB", "GB", False, ".3f"),
+    Metric("quantize_s", "quantize s", "s", False, ".1f"),
+    Metric("top1", "TF top-1", "share of positions", True, ".3f", gate="min_top1_agreement",
+           bounds=(0.0, 1.0)),
+    Metric("kl", "TF KL", "nats/token", False, ".4f", gate="max_kl", bounds=(0.0, math.inf)),
+    Metric("nll_delta", "ΔNLL", "nats/token", None, "+.4f", target=0.0),
+    Metric("greedy_prefix", "greedy prefix", "share of tokens", True, ".3f", gate="min_greedy_prefix_agreement",
+           bounds=(0.0, 1.0)),
+    Metric("greedy_exact", "greedy exact", "share of prompts", True, ".3f"),
+    Metric("valid_rate", "valid rate", "share of outputs", True, ".3f"),
+    Metric("valid_rate_baseline", "valid rate (BF16)", "share of outputs", True, ".3f"),
+    Metric("valid_recovery", "valid rate q/b", "ratio", True, ".3f", gate="min_valid_rate_recovery",
+           bounds=(0.0, math.inf)),
+    Metric("valid_diff", "valid rate q−b", "rate difference", None, "+.3f", target=0.0),
+    Metric("runaway_rate", "runaway rate", "share of outputs", False, ".3f"),
+    Metric("duration_ratio", "duration q/b", "ratio", None, ".3f", target=1.0),
+    Metric("semantic_tv", "semantic TV", "total variation", False, ".3f"),
+    Metric("ms_sampled_ratio", "b1 ms/tok sampled q/b", "ratio", False, ".3f"),
+    Metric("ms_greedy_ratio", "b1 ms/tok greedy q/b", "ratio", False, ".3f"),
+    Metric("tps_ratio_max_c", "tok/s q/b @max c", "ratio", True, ".3f"),
+)}
+
+
+# the fidelity numbers with per-prompt samples (compare's paired significance tests pairs them by prompt)
+PAIRED_KEYS = ("top1", "kl", "nll_delta", "greedy_prefix", "greedy_exact", "valid_rate", "runaway_rate",
+               "duration_ratio")
+
+
+def _per_prompt_mean(xs: list[float | None], n_prompts: int) -> list[float | None]:
+    """Outputs are ordered seed-major (output j belongs to prompt j % n_prompts): each prompt's mean of the
+    values that are not None (None where it has none)."""
+    by: list[list[float]] = [[] for _ in range(n_prompts)]
+    for j, x in enumerate(xs):
+        if x is not None:
+            by[j % n_prompts].append(x)
+    return [statistics.fmean(v) if v else None for v in by]
+
+
+def fidelity(sim: dict[str, Any], n_prompts: int) -> dict[str, Any]:
+    """Every fidelity number of an eval with n and a 95% interval (``stats``), keyed as ``METRICS``, plus the
+    per-prompt samples behind them (``per_prompt``: {key: {"sum": [...], "count": [...]}}, one entry a prompt)."""
+    out: dict[str, Any] = {}
+    per: dict[str, dict[str, list[float]]] = {}
+    g = (sim.get("greedy") or {}).get("per_prompt")
+    if g:
+        for key, src in (("greedy_prefix", "prefix"), ("greedy_exact", "exact")):
+            per[key] = {"sum": list(g[src]), "count": [1] * len(g[src])}
+        out["greedy_prefix"] = stats.mean_ci(g["prefix"])
+        out["greedy_exact"] = stats.rate_ci(sum(g["exact"]), len(g["exact"]))  # one greedy output a prompt
+    tf = (sim.get("teacher_forced") or {}).get("per_prompt")
+    if tf:
+        for key, src, cnt in (("top1", "top1", "positions"), ("kl", "kl", "positions"),
+                              ("nll_delta", "nll", "nll_positions")):
+            per[key] = {"sum": tf[src], "count": tf[cnt]}
+            out[key] = stats.pooled_mean_ci(tf[src], tf[cnt])
+    sb, sq = (sim.get("sampled") or {}).get("baseline"), (sim.get("sampled") or {}).get("quantized")
+    if sb and sq and "valid" in sb:
+        out["valid_rate"] = stats.rate_ci(sum(sq["valid"]), len(sq["valid"]))
+        out["valid_rate_baseline"] = stats.rate_ci(sum(sb["valid"]), len(sb["valid"]))
+        out["runaway_rate"] = stats.rate_ci(len(sq["finished"]) - sum(sq["finished"]), len(sq["finished"]))
+        out["runaway_rate_baseline"] = stats.rate_ci(len(sb["finished"]) - sum(sb["finished"]), len(sb["finished"]))
+        vb, vq = _per_prompt_mean(sb["valid"], n_prompts), _per_prompt_mean(sq["valid"], n_prompts)
+        out["valid_recovery"] = stats.paired_ci(vb, vq, "ratio")
+        out["valid_diff"] = stats.paired_ci(vb, vq, "diff")
+        per["valid_rate"] = {"sum": vq, "count": [1] * len(vq)}
+        per["runaway_rate"] = {"sum": [1 - x for x in _per_prompt_mean(sq["finished"], n_prompts)],
+                               "count": [1] * n_prompts}
+        ratios = [y / x if x > 0 else None for x, y in zip(sb["audio_seconds"], sq["audio_seconds"])]
+        by = _per_prompt_mean(ratios, n_prompts)
+        out["duration_ratio"] = stats.mean_ci(by) | {"p5": stats.pct(ratios, 0.05), "p95": stats.pct(ratios, 0.95)}
+        per["duration_ratio"] = {"sum": [x if x is not None else 0.0 for x in by],
+                                 "count": [1 if x is not None else 0 for x in by]}
+        tv = (sim.get("sampled") or {}).get("semantic_distribution_tv")
+        out["semantic_tv"] = stats.interval(tv, None, None, len(sq["valid"]), "point estimate (histogram)")
+    out["per_prompt"] = per
+    return out
+
+
+def format_ci(ci: dict[str, Any] | None, fmt: str = ".3f", n: bool = True) -> str:
+    """'0.998 [0.995, 1.000] n=12' (the interval left out where there is none)."""
+    if not ci or ci.get("value") is None:
+        return "–"
+    s = format(ci["value"], fmt)
+    if ci.get("low") is not None and ci.get("high") is not None:
+        s += f" [{ci['low']:{fmt}}, {ci['high']:{fmt}}]"
+    return s + (f" n={ci['n']}" if n and ci.get("n") is not None else "")
+
+
+def direction(m: Metric) -> str:
+    if m.higher_is_better is None:
+        return f"closer to {m.target:g} is better" if m.target is not None else "–"
+    return "higher is better" if m.higher_is_better else "lower is better"

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spark_quant.reporting.gates import verdict_line
+from spark_quant.reporting.metrics import METRICS, direction, format_ci
+
 
 def _f(x: Any, fmt: str = ".2f", none: str = "–") -> str:
     if x is None:
@@ -32,16 +35,40 @@ def summary_table(res: dict[str, Any]) -> str:
     for c in sorted(bt):
         b, q = bt[c]["tokens_per_s"], qt.get(c, {}).get("tokens_per_s")
         lines.append(f"{'tok/s @ c=' + str(c):<26}{_f(b, '.0f'):>14}{_f(q, '.0f'):>14}{_f(q / b if q else None):>10}")
-    sim = res.get("similarity", {})
-    if sim:
-        lines.append(f"greedy prefix agreement   {_f(sim['greedy']['prefix_agreement_mean'], '.3f'):>14}")
-        lines.append(f"teacher-forced top-1      {_f(sim['teacher_forced']['top1_agreement'], '.3f'):>14}")
+    fid = res.get("fidelity") or {}
+    for key in ("top1", "kl", "greedy_prefix", "valid_recovery"):
+        m = METRICS[key]
+        if fid.get(key):
+            lines.append(f"{m.label:<26}{format_ci(fid[key], m.fmt)}")
     kc = res.get("kernel_check", {})
     if kc:
         lines.append(f"kernel: {', '.join(kc.get('selected') or ['(none logged)'])}")
-    v = res["verdict"]
-    lines.append("verdict: " + ("PASS" if v["passed"] else "FAIL: " + "; ".join(v["failures"])))
+    lines.append("verdict: " + verdict_line(res["verdict"]))
     return "\n".join(lines)
+
+
+def render_fidelity(res: dict[str, Any]) -> list[str]:
+    """The fidelity table (every number with its 95% interval and n, from ``metrics.METRICS``) and the gates."""
+    fid = res.get("fidelity") or {}
+    if not fid:
+        return []
+    out = ["## Fidelity with 95% intervals", "",
+           "n = prompts for bootstrap intervals (resampling prompts), outputs for Wilson intervals of rates; "
+           "q−b and q/b are paired (same prompts, same seeds).", "",
+           "| metric | unit | value [95% interval] | n | interval | direction |", "|---|---|---|---|---|---|"]
+    for key, m in METRICS.items():
+        ci = fid.get(key)
+        if not ci or ci.get("value") is None:
+            continue
+        extra = f" (p5–p95 {_f(ci.get('p5'), '.3f')}–{_f(ci.get('p95'), '.3f')})" if "p5" in ci else ""
+        out.append(f"| {m.label} | {m.unit} | {format_ci(ci, m.fmt, n=False)}{extra} | {ci.get('n')} | "
+                   f"{ci.get('method')} | {direction(m)} |")
+    gates = (res.get("verdict") or {}).get("gates") or []
+    if gates:
+        out += ["", "Gates (PASS: the whole interval clears the threshold; FAIL: the whole interval misses it; "
+                "INCONCLUSIVE: it holds the threshold):", ""]
+        out += [f"- **{g['status']}** {g['text']}" for g in gates]
+    return out + [""]
 
 
 def render_report(res: dict[str, Any]) -> str:
@@ -63,7 +90,7 @@ def render_report(res: dict[str, Any]) -> str:
         "",
         "## Verdict",
         "",
-        ("**PASS**" if res["verdict"]["passed"] else "**FAIL**: " + "; ".join(res["verdict"]["failures"])),
+        "**" + verdict_line(res["verdict"]).replace(":", "**:", 1) + ("**" if res["verdict"].get("passed") else ""),
         "",
     ]
     kc = res.get("kernel_check")
@@ -164,6 +191,7 @@ def render_report(res: dict[str, Any]) -> str:
                 f"concurrencies measured): baseline "
                 f"{_f(sp.get('baseline', {}).get('max_concurrency_rtf_p99_under_target'), 'd', 'none')}, quantized "
                 f"{_f(sp.get('quantized', {}).get('max_concurrency_rtf_p99_under_target'), 'd', 'none')}.", ""]
+    out += render_fidelity(res)
     sim = res.get("similarity")
     if sim:
         g, tf = sim["greedy"], sim["teacher_forced"]

@@ -221,6 +221,8 @@ def similarity_tasks(exp: Experiment, prompts: list[dict[str, Any]], score_with:
         {"name": "sampled", "kind": "sampled", "prompts": ids, "max_tokens": e.similarity_max_tokens, "seed": 7,
          "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p},
     ]
+    if e.samples_per_prompt > 1:  # outputs seed-major: output j is prompt j % len(ids), seed 7 + j // len(ids)
+        tasks[1]["seeds"] = [7 + j for j in range(e.samples_per_prompt)]
     if score_with is not None:
         tasks.append({"name": "score", "kind": "score", "prompts": ids, "continuations": score_with,
                       "top_k_logprobs": 20})

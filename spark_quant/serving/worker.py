@@ -178,8 +178,9 @@ class Worker:
         kind = task["kind"]
         if kind in ("greedy", "sampled"):
             extra = {"logprobs": task["logprobs"]} if task.get("logprobs") else {}
-            params = _sampling(task, greedy=kind == "greedy", eos_id=self.eos_id, seed=task.get("seed"), **extra)
-            recs = await asyncio.gather(*(self.one(p, params) for p in task["prompts"]))
+            seeds = task.get("seeds") or [task.get("seed")]  # several seeds: outputs seed-major
+            params = [_sampling(task, greedy=kind == "greedy", eos_id=self.eos_id, seed=s, **extra) for s in seeds]
+            recs = await asyncio.gather(*(self.one(p, ps) for ps in params for p in task["prompts"]))
             return {"outputs": [{"tokens": r["tokens"], "finish": r["finish"]}
                                 | ({"logprobs": r["logprobs"]} if "logprobs" in r else {}) for r in recs]}
         if kind == "warmup":

@@ -77,6 +77,9 @@ def check_inputs(ckpt_dir: Path, results_dir: Path, force: bool) -> dict[str, An
             raise UserError(f"{path}: unreadable ({e}); rerun `make eval`") from None
         verdict = results.get("verdict") or {}
         if not verdict.get("passed"):
+            if verdict.get("status") == "INCONCLUSIVE":  # an interval holds a threshold: more outputs decide it
+                raise StageFailed(f"{path}: the eval's gates are inconclusive ({'; '.join(verdict['inconclusive'])})"
+                                  "; rerun eval with more eval.num_prompts / eval.samples_per_prompt, or pass --force")
             raise StageFailed(f"{path}: the eval failed its gates ({'; '.join(verdict.get('failures') or ['no verdict'])})"
                               "; fix the model or the eval.min_* thresholds, or pass --force")
     except UserError as e:

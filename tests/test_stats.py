@@ -1,0 +1,149 @@
+"""Confidence intervals (scipy bootstrap, statsmodels Wilson), interval-decided gates and the metric table."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from spark_quant.reporting import gates, stats
+from spark_quant.reporting.metrics import METRICS, fidelity, sampled_quality
+
+
+def test_wilson_interval_matches_the_textbook_value_and_keeps_n():
+    ci = stats.rate_ci(8, 12)
+    assert ci["value"] == pytest.approx(2 / 3) and ci["n"] == 12 and ci["k"] == 8
+    assert ci["low"] == pytest.approx(0.3906, abs=1e-3) and ci["high"] == pytest.approx(0.8619, abs=1e-3)
+    assert stats.rate_ci(0, 0)["value"] is None
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_n():
+    rng = random.Random(0)
+    small = stats.mean_ci([rng.gauss(1.0, 1.0) for _ in range(20)])
+    large = stats.mean_ci([rng.gauss(1.0, 1.0) for _ in range(500)])
+    assert small["low"] < small["value"] < small["high"] and small["n"] == 20
+    assert (large["high"] - large["low"]) < 0.5 * (small["high"] - small["low"])
+    assert stats.mean_ci([0.5])["low"] is None  # one unit: no interval
+
+
+def test_pooled_mean_resamples_prompts_not_positions():
+    ci = stats.pooled_mean_ci([9, 1, 9, 1], [10, 10, 10, 10])
+    assert ci["value"] == pytest.approx(0.5) and ci["n"] == 4 and ci["low"] < 0.5 < ci["high"]
+
+
+def test_paired_difference_sees_a_shift_that_unpaired_intervals_cannot():
+    rng = random.Random(1)
+    base = [rng.gauss(0, 1) for _ in range(40)]
+    quant = [b + 0.1 + rng.gauss(0, 0.02) for b in base]  # a small shift, identical per-prompt noise
+    diff = stats.paired_ci(base, quant, "diff")
+    assert diff["low"] > 0 and diff["value"] == pytest.approx(0.1, abs=0.02)
+    assert stats.overlap(stats.mean_ci(base), stats.mean_ci(quant))  # the separate intervals overlap
+    ratio = stats.paired_ci([1, 1, 1, 1], [1, 1, 1, 0], "ratio")
+    assert ratio["value"] == pytest.approx(0.75)
+
+
+def test_gate_decides_on_the_whole_interval():
+    ci = {"value": 0.95, "low": 0.93, "high": 0.97, "n": 100}
+    assert gates.decide(ci, 0.9, True) == "PASS" and gates.decide(ci, 0.99, True) == "FAIL"
+    assert gates.decide(ci, 0.95, True) == "INCONCLUSIVE"
+    assert gates.decide(ci, 0.99, False) == "PASS" and gates.decide(ci, 0.9, False) == "FAIL"
+    # no interval: the metric's whole range, so only a threshold it cannot miss passes
+    assert gates.decide({"value": 0.5, "low": None, "high": None}, 0.0, True, (0.0, 1.0)) == "PASS"
+    assert gates.decide({"value": 0.5, "low": None, "high": None}, 0.4, True, (0.0, 1.0)) == "INCONCLUSIVE"
+
+
+def test_more_units_to_decide_follows_one_over_sqrt_n():
+    ci = {"value": 0.95, "low": 0.93, "high": 0.97, "n": 100}  # half-width 0.02, 0.01 from the threshold
+    assert stats.more_units_to_decide(ci, 0.94) == 300  # (0.02 / 0.01)^2 * 100 - 100
+    assert stats.more_units_to_decide(ci, 0.95) is None
+
+
+def test_verdict_fail_beats_inconclusive_beats_pass():
+    g = [{"status": "PASS", "text": "a"}, {"status": "INCONCLUSIVE", "text": "b"}]
+    assert gates.verdict(g, [])["status"] == "INCONCLUSIVE"
+    assert gates.verdict(g, ["kernel"])["status"] == "FAIL"
+    assert gates.verdict(g[:1], [])["status"] == "PASS" and gates.verdict(g[:1], [])["passed"]
+    assert gates.verdict_line(gates.verdict(g, [])) == "INCONCLUSIVE: b"
+
+
+def test_every_gate_field_is_an_eval_setting():
+    from spark_quant.config import EvalConfig
+
+    fields = EvalConfig.model_fields
+    for m in METRICS.values():
+        assert m.gate is None or m.gate in fields, m
+        assert m.gate is None or m.higher_is_better is not None, m
+
+
+def test_several_samples_per_prompt_are_pooled_by_prompt():
+    from spark_quant import spark
+
+    ok = [spark.token_id("<|start_semantic_token|>"), spark.semantic_id(1), spark.EOS_ID]
+    bad = [spark.semantic_id(1)] * 3
+    prompts = [{"mode": "clone"}, {"mode": "clone"}]
+    # seed-major: outputs 0, 1 are seed 7 of prompts 0, 1; outputs 2, 3 seed 8
+    base = sampled_quality([{"tokens": ok}] * 4, prompts * 2, 8)
+    quant = sampled_quality([{"tokens": t} for t in (ok, bad, ok, ok)], prompts * 2, 8)
+    fid = fidelity({"sampled": {"baseline": base, "quantized": quant}}, 2)
+    assert fid["valid_rate"]["n"] == 4 and fid["valid_rate"]["value"] == pytest.approx(0.75)
+    assert fid["per_prompt"]["valid_rate"]["sum"] == [1.0, 0.5]
+    assert fid["valid_recovery"]["value"] == pytest.approx(0.75) and fid["valid_recovery"]["n"] == 2
+
+
+def _res(name: str, prefix: list[float]) -> dict:
+    exact = [int(x == 1.0) for x in prefix]
+    fid = fidelity({"greedy": {"per_prompt": {"prefix": prefix, "exact": exact, "token": prefix}}}, len(prefix))
+    return {"experiment": name, "checkpoint": {"recipe": f"recipes/{name}.yaml"}, "fidelity": fid,
+            "prompts": [{"mode": "clone", "text": f"t{i}"} for i in range(len(prefix))],
+            "settings": {"samples_per_prompt": 1}, "verdict": {"status": "PASS", "passed": True, "failures": []}}
+
+
+def test_compare_marks_only_significant_differences_from_the_default_recipe(tmp_path):
+    from spark_quant.reporting.compare import render_table, row_from_results, significance_summary
+
+    rng = random.Random(3)
+    base = [min(1.0, max(0.0, rng.gauss(0.7, 0.2))) for _ in range(40)]
+    rows = [row_from_results(_res("spark-tts_w8a8_int8", base), None, tmp_path),
+            row_from_results(_res("same", [min(1.0, x + rng.gauss(0, 0.01)) for x in base]), None, tmp_path),
+            row_from_results(_res("worse", [max(0.0, x - 0.2) for x in base]), None, tmp_path)]
+    table = render_table(rows)
+    line = {r.split(" | ")[0].strip("| "): r for r in table.splitlines() if r.startswith("| ")}
+    assert " * " not in line["same"] + " " and "* |" not in line["same"]
+    assert "* |" in line["worse"]  # greedy prefix, paired over the same 40 prompts
+    assert "differs from `spark-tts_w8a8_int8` significantly" in table
+    summary = {s["experiment"]: s for s in significance_summary(rows)}
+    assert "greedy_prefix" in summary["worse"]["significant"]
+    assert "greedy_prefix" in summary["same"]["not_significant"]
+    assert rows[0]["ci"]["greedy_prefix"]["n"] == 40
+
+
+def test_card_quality_rows_carry_intervals_and_say_whether_the_valid_rate_difference_is_noise():
+    from spark_quant import spark
+    from spark_quant.reporting.card import _quality_rows, _verdict_text
+
+    ok = [spark.token_id("<|start_semantic_token|>"), spark.semantic_id(1), spark.EOS_ID]
+    bad = [spark.semantic_id(1)] * 3
+    prompts = [{"mode": "clone"}] * 10
+    base = sampled_quality([{"tokens": ok}] * 10, prompts, 8)
+    quant = sampled_quality([{"tokens": t} for t in [ok] * 9 + [bad]], prompts, 8)
+    sim = {"sampled": {"baseline": base, "quantized": quant, "valid_rate_recovery": 0.9, "duration_ratio": {}}}
+    res = {"similarity": sim, "fidelity": fidelity(sim, 10)}
+    row = next(r for r in _quality_rows(res) if r["metric"].startswith("valid Spark output rate"))
+    assert row["quant"].startswith("0.900 [") and "n=10" in row["quant"]
+    assert "the difference is within the noise" in row["ratio"]  # one output of ten
+    gate = {"status": "INCONCLUSIVE", "text": "valid rate q/b ...: about 40 more prompts would decide it"}
+    assert _verdict_text({"status": "INCONCLUSIVE", "passed": False, "failures": [], "inconclusive": [gate["text"]],
+                          "gates": [gate]}, {}).startswith("INCONCLUSIVE: valid rate q/b")
+
+
+def test_samples_per_prompt_gives_the_sampled_task_one_seed_per_sample_and_inconclusive_exits_4():
+    from spark_quant.config import load_experiment
+    from spark_quant.errors import Inconclusive, StageFailed
+    from spark_quant.serving.client import similarity_tasks
+
+    prompts = [{"ids": [1, 2]}, {"ids": [3]}]
+    one = similarity_tasks(load_experiment(None), prompts, None)[1]
+    assert one["seed"] == 7 and "seeds" not in one  # one sample: the task (and the baseline cache key) as before
+    four = similarity_tasks(load_experiment(None, ["eval.samples_per_prompt=4"]), prompts, None)[1]
+    assert four["seeds"] == [7, 8, 9, 10]
+    assert Inconclusive.exit_code == 4 and StageFailed.exit_code == 3 and issubclass(Inconclusive, StageFailed)
