@@ -27,7 +27,7 @@ def recipe_dir(tmp_path):
 
 def test_malformed_recipe_yaml_names_the_file_and_line(recipe_dir):
     pytest.importorskip("llmcompressor")
-    from spark_quant.stages.quantize import load_recipe
+    from spark_quant.stages.recipes import load_recipe
 
     bad = recipe_dir / "bad.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    GPTQModifier: {scheme: W8A8\n")
@@ -37,7 +37,7 @@ def test_malformed_recipe_yaml_names_the_file_and_line(recipe_dir):
 
 def test_unknown_modifier_is_rejected_by_llm_compressor(recipe_dir):
     pytest.importorskip("llmcompressor")
-    from spark_quant.stages.quantize import load_recipe
+    from spark_quant.stages.recipes import load_recipe
 
     bad = recipe_dir / "unknown.yaml"
     bad.write_text("quant_stage:\n  quant_modifiers:\n    SuperQuantModifier:\n      bits: 3\n")

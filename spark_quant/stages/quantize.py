@@ -21,29 +21,13 @@ from spark_quant.models.ensure import ensure_model
 from spark_quant.models.folder import load_tokenizer, model_fingerprint
 from spark_quant.outputs import begin_stage, stage_folder
 from spark_quant.spark.corpus import SAMPLES
-from spark_quant.stages.recipes import read_recipe
+from spark_quant.stages.recipes import load_recipe
 from spark_quant.stages.upstream import (
     check_calibration,
     check_degradations,
     degradations,
     llmcompressor_warnings,
 )
-
-
-def load_recipe(path: Path):
-    """Parse a recipe with llm-compressor itself; one-line errors for bad YAML or unknown modifiers."""
-    path = Path(path)
-    read_recipe(path)
-    from llmcompressor.recipe import Recipe
-
-    try:
-        recipe = Recipe.create_instance(str(path))
-    except Exception as e:  # llm-compressor raises ValueError / pydantic errors / KeyError
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: llm-compressor rejected the recipe ({msg[:300]})") from None
-    if not recipe.modifiers:
-        raise UserError(f"{path}: the recipe has no modifiers; add e.g. GPTQModifier under a stage")
-    return recipe
 
 
 def check_recipe_targets(recipe, recipe_path: Path, llm: Path) -> dict[str, int]:

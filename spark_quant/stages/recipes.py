@@ -1,6 +1,6 @@
 """Reading recipes, and checking them where llm-compressor is not installed (the serving environment).
 
-The quantization environment checks a recipe with llm-compressor itself (``quantize.load_recipe``). Elsewhere
+The quantization environment checks a recipe with llm-compressor itself (``load_recipe``). Elsewhere
 ``check_recipe`` asks the quantization environment's interpreter to do that check, so modifier names are
 llm-compressor's own (no copy of its list here to drift); only without any llm-compressor at hand is the check
 structural (stages of ``*_modifiers`` groups), and it says so.
@@ -50,8 +50,6 @@ def check_recipe(path: Path) -> str:
     except ImportError:
         pass
     else:
-        from spark_quant.stages.quantize import load_recipe
-
         load_recipe(path)
         return "llm-compressor"
     check_structure(path)
@@ -60,7 +58,7 @@ def check_recipe(path: Path) -> str:
     quant = stage_python("quant")
     if quant == sys.executable:
         return "structure only (no llm-compressor here or in .venv/quant; modifier names not checked)"
-    code = ("import sys\nfrom spark_quant.errors import UserError\nfrom spark_quant.stages.quantize import load_recipe\n"
+    code = ("import sys\nfrom spark_quant.errors import UserError\nfrom spark_quant.stages.recipes import load_recipe\n"
             "try:\n    load_recipe(sys.argv[1])\nexcept UserError as e:\n    print(e); sys.exit(2)\n")
     proc = subprocess.run([quant, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     if proc.returncode == 2:
@@ -68,3 +66,19 @@ def check_recipe(path: Path) -> str:
     if proc.returncode != 0:
         return f"structure only (the quantization environment {quant} could not check it)"
     return f"llm-compressor (in {quant})"
+
+
+def load_recipe(path: Path):
+    """Parse a recipe with llm-compressor itself; one-line errors for bad YAML or unknown modifiers."""
+    path = Path(path)
+    read_recipe(path)
+    from llmcompressor.recipe import Recipe
+
+    try:
+        recipe = Recipe.create_instance(str(path))
+    except Exception as e:  # llm-compressor raises ValueError / pydantic errors / KeyError
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: llm-compressor rejected the recipe ({msg[:300]})") from None
+    if not recipe.modifiers:
+        raise UserError(f"{path}: the recipe has no modifiers; add e.g. GPTQModifier under a stage")
+    return recipe
