@@ -600,6 +600,11 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
             runs["quantized"].append(run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)}, logs,
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
+        if exp.eval.audio_samples or exp.eval.audio_stream_concurrency:  # BiCodec: WAV samples, streamed first audio
+            from spark_quant.audio.evalstep import audio_step
+
+            results.update(audio_step(exp, tmp, prompts, runs, model_dir, is_proxy,
+                                      {"baseline": base_spec, "quantized": quant_spec}, logs, run_worker))
         if exp.eval.profile_concurrency:
             results["step_profile"] = {
                 name: run_worker({**spec, "concurrency": exp.eval.profile_concurrency, "modes": ["sampled", "greedy"]},

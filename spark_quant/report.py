@@ -193,6 +193,14 @@ def render_report(res: dict[str, Any]) -> str:
         if sb["problems"]:
             out.append(f"- baseline sampled-output problems seen: {', '.join(sb['problems'])}")
         out.append("")
+    if res.get("audio"):
+        from spark_quant.audio.samples import render_markdown as audio_section
+
+        out += audio_section(res["audio"])
+    if res.get("audio_stream"):
+        from spark_quant.audio.stream import render_markdown as stream_section
+
+        out += stream_section(res["audio_stream"])
     out += ["## Plots", "", "![latency CDF](latency_cdf.png) ![throughput](throughput.png) "
             "![agreement by position](agreement.png)", ""]
     return "\n".join(out)
