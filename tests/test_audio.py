@@ -421,3 +421,31 @@ def test_stream_worker_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(
             assert r["chunks"][-1]["end"] == r["semantic_tokens"]
             assert r["first_audio_s"] > r["ttft_s"] > 0 and r["rtf"] > 0 and r["underruns"] >= 0
         assert s["all"]["first_audio_s"]["p50"] > 0
+
+
+def test_audio_package_imports_only_the_serving_side():
+    """spark_quant/audio runs in the serving env: no llm-compressor, training code or stage."""
+    import ast
+    import sys
+
+    allowed_pkgs = {"torch", "numpy", "scipy", "matplotlib", "yaml", "safetensors", "spark_tts_lib", "vllm"}
+    allowed_ours = {"spark_quant.spark", "spark_quant.errors", "spark_quant.artifacts", "spark_quant.config",
+                    "spark_quant.yamlio", "spark_quant.serve_worker"}
+    bad = []
+    for path in sorted((ROOT / "spark_quant/audio").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "spark_quant":
+                names = [f"spark_quant.{a.name}" for a in node.names]
+            else:
+                names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                if name.startswith("spark_quant."):
+                    ok = name.startswith("spark_quant.audio") or name in allowed_ours
+                else:
+                    ok = top in sys.stdlib_module_names or top in allowed_pkgs or top == "__future__"
+                if not ok:
+                    bad.append(f"{path.name}: {name}")
+    assert not bad, bad
