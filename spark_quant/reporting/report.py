@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spark_quant.reporting.audio import render_samples, render_stream
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, direction, format_ci
 
@@ -221,6 +222,10 @@ def render_report(res: dict[str, Any]) -> str:
         if sb["problems"]:
             out.append(f"- baseline sampled-output problems seen: {', '.join(sb['problems'])}")
         out.append("")
+    if res.get("audio"):
+        out += render_samples(res["audio"])
+    if res.get("audio_stream"):
+        out += render_stream(res["audio_stream"])
     out += ["## Plots", "", "![latency CDF](latency_cdf.png) ![throughput](throughput.png) "
             "![agreement by position](agreement.png)", ""]
     return "\n".join(out)

@@ -159,3 +159,17 @@ def significant(diff: dict[str, Any]) -> bool | None:
     if diff.get("low") is None or diff.get("high") is None:
         return None
     return diff["low"] > 0 or diff["high"] < 0
+
+
+def bootstrap_ci(xs: list[float], stat: str = "median", level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile-bootstrap interval of the median (or mean) with scipy.stats.bootstrap; (None, None) under n=2."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2 or len(set(xs)) < 2:
+        return (xs[0], xs[0]) if xs and len(set(xs)) == 1 and len(xs) >= 2 else (None, None)
+    fn = np.median if stat == "median" else np.mean
+    r = bootstrap((np.asarray(xs, dtype=float),), fn, confidence_level=level, n_resamples=2000,
+                  method="percentile", random_state=np.random.default_rng(0))
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)

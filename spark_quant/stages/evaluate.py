@@ -154,6 +154,11 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
                                                 f"quantized-{rep}", timeout))
         results = build_results(exp, prompts, runs, qman, base_spec["device"], read_config(base_llm))
         results["clone_voices"] = voices
+        if exp.eval.audio_samples or exp.eval.audio_stream_concurrency:  # BiCodec: WAV samples, streamed first audio
+            from spark_quant.audio.evalstep import audio_step
+
+            results.update(audio_step(exp, tmp, prompts, runs, model_dir, is_proxy,
+                                      {"baseline": base_spec, "quantized": quant_spec}, logs, run_worker))
         if exp.eval.step_profile_concurrency:
             results["step_profile"] = {
                 name: run_worker({**spec, "concurrency": exp.eval.step_profile_concurrency, "modes": ["sampled", "greedy"]},

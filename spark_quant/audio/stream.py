@@ -1,0 +1,180 @@
+"""Streaming like a TTS server: chunked BiCodec decoding while the LLM generates.
+
+A request's semantic tokens are cut into chunks as they arrive: the first after
+``first_chunk`` tokens (default 50 = 1 s of audio), each later one ``growth`` times the
+previous, up to ``max_chunk`` (the official Spark-TTS runtime also streams 1 s first, then
+growing chunks); what is left at EOS is the last chunk. Each chunk is decoded with the codec
+together with up to ``context`` tokens before it (their samples are cut off again), so chunk
+borders see the audio before them. All requests share one codec, run in one worker thread,
+first come first served, as a server with one codec instance would; the LLM keeps generating
+meanwhile.
+
+Per request (times from the moment the request is sent):
+- ``first_audio_s``: the first chunk decoded (LLM + codec): time to first audio packet;
+- ``codec_s``: codec time spent on its chunks; ``codec_wait_s``: time its chunks queued;
+- ``rtf``: time until the last chunk is decoded / audio seconds (LLM + codec);
+- underrun: playback starts when the first chunk is ready and plays chunks back to back;
+  a chunk ready after its predecessor ends stalls playback (``underrun_s``, ``underruns``).
+
+``StreamingRequest`` holds the logic and is fed token ids by whoever generates them: the vLLM
+engine in ``stream_worker``, or saved tokens with their arrival times in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spark_quant import spark
+
+HOP = 320  # samples per semantic token
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    first_chunk: int = 50
+    growth: float = 2.0
+    max_chunk: int = 200
+    context: int = 10
+
+    def sizes(self):
+        """Chunk sizes in semantic tokens: first_chunk, then growing by ``growth`` up to ``max_chunk``."""
+        n = self.first_chunk
+        while True:
+            yield n
+            n = min(self.max_chunk, max(n + 1, int(round(n * self.growth))))
+
+
+def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
+    """(total stall in s, number of stalls) of playing chunks back to back from the first one's ready time."""
+    if not ready:
+        return 0.0, 0
+    cursor = ready[0] + seconds[0]
+    stall, stalls = 0.0, 0
+    for r, s in zip(ready[1:], seconds[1:]):
+        if r > cursor + 1e-9:
+            stall += r - cursor
+            stalls += 1
+            cursor = r
+        cursor += s
+    return stall, stalls
+
+
+class CodecRunner:
+    """One codec, one worker thread: chunks decode first come first served."""
+
+    def __init__(self, decode: Callable[[list[int], list[int]], Any]):
+        self.decode = decode
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
+
+    async def run(self, glob: list[int], sem: list[int]) -> tuple[Any, float, float]:
+        """(waveform, seconds queued, seconds decoding)."""
+        submitted = time.perf_counter()
+
+        def job():
+            start = time.perf_counter()
+            wav = self.decode(glob, sem)
+            return wav, start - submitted, time.perf_counter() - start
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+@dataclass
+class StreamingRequest:
+    """One request's chunking; ``feed`` token ids as they arrive, ``finish`` at the end."""
+
+    mode: str
+    plan: ChunkPlan
+    runner: CodecRunner
+    t0: float
+    prompt_globals: list[int] = field(default_factory=list)
+    count_all_as_semantic: bool = False  # random proxy: every generated token stands for one semantic token
+    tokens: list[int] = field(default_factory=list)
+    semantic: list[int] = field(default_factory=list)
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    llm_done_s: float | None = None
+    _sizes: Any = None
+    _emitted: int = 0
+    _next: int = 0
+    skipped: str | None = None
+
+    def __post_init__(self):
+        self._sizes = self.plan.sizes()
+        self._next = next(self._sizes)
+
+    def globals(self) -> list[int]:
+        if self.mode == "clone" or self.count_all_as_semantic:
+            return self.prompt_globals
+        g0 = spark.RANGE_START["bicodec_global"]
+        return [t - g0 for t in self.tokens if spark.is_global_id(t)][: spark.N_GLOBAL]
+
+    def feed(self, new_ids: list[int]) -> None:
+        s0 = spark.RANGE_START["bicodec_semantic"]
+        for t in new_ids:
+            if t == spark.EOS_ID and not self.count_all_as_semantic:
+                break
+            self.tokens.append(t)
+            if self.count_all_as_semantic:
+                self.semantic.append(t % spark.SEMANTIC_CODEBOOK)
+            elif spark.is_semantic_id(t):
+                self.semantic.append(t - s0)
+        while len(self.semantic) - self._emitted >= self._next:
+            self._emit(self._emitted + self._next)
+            self._next = next(self._sizes)
+
+    def finish(self) -> None:
+        self.llm_done_s = time.perf_counter() - self.t0
+        if len(self.semantic) > self._emitted:
+            self._emit(len(self.semantic))
+
+    def _emit(self, end: int) -> None:
+        start = self._emitted
+        self._emitted = end
+        glob = self.globals()
+        if len(glob) != spark.N_GLOBAL:
+            self.skipped = f"{len(glob)} global tokens before the first chunk (need {spark.N_GLOBAL})"
+            return
+        ctx = max(0, start - self.plan.context)
+        sem = self.semantic[ctx:end]
+        arrived = time.perf_counter() - self.t0
+        index = len(self.chunks)
+        chunk = {"index": index, "start": start, "end": end, "context": start - ctx, "tokens_ready_s": arrived}
+        self.chunks.append(chunk)
+
+        async def decode():
+            wav, queued, took = await self.runner.run(glob, sem)
+            chunk.update(ready_s=time.perf_counter() - self.t0, codec_wait_s=queued, codec_s=took,
+                         samples=int(len(wav)) - (start - ctx) * HOP)
+
+        self.tasks.append(asyncio.ensure_future(decode()))
+
+    async def done(self) -> dict[str, Any]:
+        await asyncio.gather(*self.tasks)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        n_sem = len(self.semantic)
+        rec: dict[str, Any] = {"mode": self.mode, "semantic_tokens": n_sem, "generated_tokens": len(self.tokens),
+                               "llm_done_s": self.llm_done_s, "chunks": self.chunks}
+        if self.skipped or not self.chunks:
+            rec["skipped"] = self.skipped or "no semantic tokens"
+            return rec
+        ready = [c["ready_s"] for c in self.chunks]
+        secs = [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in self.chunks]
+        stall, stalls = playback(ready, secs)
+        audio_s = n_sem / spark.SEMANTIC_PER_SECOND
+        rec.update(first_audio_s=ready[0], first_chunk_tokens_s=self.chunks[0]["tokens_ready_s"],
+                   first_chunk_codec_s=self.chunks[0]["codec_s"], last_audio_s=max(ready), audio_s=audio_s,
+                   codec_s=sum(c["codec_s"] for c in self.chunks),
+                   codec_wait_s=sum(c["codec_wait_s"] for c in self.chunks),
+                   rtf=max(ready) / audio_s, underrun_s=stall, underruns=stalls)
+        return rec
+
+

@@ -1,0 +1,114 @@
+"""Streamed TTS on one vLLM engine plus BiCodec, in its own process: JSON in, JSON out.
+
+    python -m spark_quant.audio.stream_worker SPEC.json RESULT.json
+
+SPEC is a serve_worker engine spec (``evaluate.worker_spec``) plus ``stream``:
+
+    {"codec_dir": ".../BiCodec", "prompts": [{"ids": [...], "mode": "clone", "globals": [32 ints]}],
+     "concurrency": [1, 4], "requests": 4, "max_tokens": 400, "ignore_eos": false,
+     "count_all_as_semantic": false, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+     "plan": {"first_chunk": 50, "growth": 2.0, "max_chunk": 200, "context": 10}}
+
+The engine and the codec share the process and the device, as in a TTS server: the LLM streams
+tokens (vLLM's AsyncLLM, delta outputs) while one codec thread decodes the chunks
+(``stream.StreamingRequest``). At concurrency 1, ``requests`` requests run one after another; at
+concurrency c, c requests start together and share the one codec. RESULT has one summary per
+concurrency and every request's chunk timings. Runs in the serving environment; imports vLLM,
+torch, the serving worker and this package only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from spark_quant.audio.codec import codec_info, load_bicodec
+from spark_quant.audio.stream import ChunkPlan, CodecRunner, StreamingRequest
+from spark_quant.reporting.audio import summarize
+
+
+async def _one(worker, prompt: dict[str, Any], params, runner: CodecRunner, plan: ChunkPlan,
+               all_semantic: bool) -> dict[str, Any]:
+    worker._rid += 1
+    ids = prompt["ids"]
+    engine_ids = worker.perm.to_profile(ids) if worker.perm else ids
+    t0 = time.perf_counter()
+    req = StreamingRequest(mode=prompt["mode"], plan=plan, runner=runner, t0=t0,
+                           prompt_globals=list(prompt.get("globals") or []), count_all_as_semantic=all_semantic)
+    first_token = None
+    async for out in worker.engine.generate({"prompt_token_ids": engine_ids}, params, f"s{worker._rid}"):
+        new = out.outputs[0].token_ids
+        if new:
+            if first_token is None:
+                first_token = time.perf_counter() - t0
+            req.feed(worker.perm.to_original(new) if worker.perm else list(new))
+    req.finish()
+    rec = await req.done()
+    rec["ttft_s"] = first_token
+    return rec
+
+
+async def _main(spec: dict[str, Any]) -> dict[str, Any]:
+    from spark_quant.serving.worker import Worker, _sampling
+
+    st = spec["stream"]
+    plan = ChunkPlan(**st.get("plan", {}))
+    codec = load_bicodec(Path(st["codec_dir"]), device="cuda" if spec.get("device") == "cuda" else "cpu")
+    w = Worker(spec)
+    res: dict[str, Any] = {"engine": await w.start(), "codec": codec_info(codec), "plan": plan.__dict__,
+                           "count_all_as_semantic": bool(st.get("count_all_as_semantic")), "rows": []}
+    runner = CodecRunner(codec.decode)
+    task = {"max_tokens": st["max_tokens"], "ignore_eos": st.get("ignore_eos", False),
+            "temperature": st.get("temperature", 0.8), "top_k": st.get("top_k", 50), "top_p": st.get("top_p", 0.95)}
+    params = _sampling(task, eos_id=w.eos_id)
+    prompts = st["prompts"]
+    all_sem = bool(st.get("count_all_as_semantic"))
+    try:
+        # warm up the engine and the codec (its first call is slower) before timing anything
+        await _one(w, prompts[0], params, runner, plan, all_sem)
+        for c in st["concurrency"]:
+            t0 = time.perf_counter()
+            if c == 1:
+                recs = []
+                for i in range(st["requests"]):
+                    recs.append(await _one(w, prompts[i % len(prompts)], params, runner, plan, all_sem))
+            else:
+                recs = await asyncio.gather(*(_one(w, prompts[i % len(prompts)], params, runner, plan, all_sem)
+                                              for i in range(c)))
+            res["rows"].append({"concurrency": c, "wall_s": time.perf_counter() - t0, "summary": summarize(recs),
+                                "requests": recs})
+            print(f"[stream_worker] c={c}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        runner.close()
+        w.engine.shutdown()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m spark_quant.audio.stream_worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    try:
+        result = asyncio.run(_main(spec))
+        result["ok"] = True
+    except Exception as e:  # the parent reports it as a failed row
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
+    tmp = Path(argv[1]).with_suffix(".part")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, argv[1])
+    print(json.dumps({"ok": result["ok"], "result": argv[1]}))
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
