@@ -9,7 +9,13 @@
 #   bash eval/gpu_measure.sh wait-eval SECONDS [EXP]  wait for it (up to SECONDS), print the log's end, collect
 #   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
 #   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, copy its outputs to $OUT
-#     jobs: pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
+#   bash eval/gpu_measure.sh stash DIR            copy the bundle parts found in DIR to $PARTS (one part per call)
+#     jobs: issue14    setup from $PARTS, proxy, W8A8 + FP8 (128 samples), then the paired run (serving/paired.py):
+#                      BF16 / W8A8 / FP8 / FP8 fused (1 engine each), BF16 with the mp executor, BF16 and W8A8
+#                      as 3 replicas with the mp executor, all resident; cells b1, c256, c1024 (20 trials),
+#                      the saturation curve to c=2048, streams, memory, FP8 fused-vs-unfused equivalence
+#           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
+#           pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
 #           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
 #           speed      BF16, W8A8, W8A16, W4A16, FP8 and the serving profiles, interleaved x REPEATS (eval/gpu_speed.py)
 #           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
@@ -51,6 +57,8 @@ WRAP
 }
 
 export QUANT_PYTHON=$SITE/bin/quant-python SERVE_PYTHON=$SITE/bin/serve-python
+PARTS=${PARTS:-/root/parts}
+[ -f COMMIT ] && export SPARK_QUANT_COMMIT=$(cat COMMIT)  # a copied tree without .git names its commit here
 EXP_DEFAULT=experiments/spark-tts-full_w8a8_int8_gpu.yaml
 
 collect() {
@@ -71,9 +79,33 @@ BASE=build/proxy/Spark-TTS-proxy-full-s0
 CK=checkpoints/spark-tts-full_w8a8_int8_gpu
 SPEED="$SERVE_PYTHON eval/gpu_speed.py --tokens 300 --requests 6 --concurrency 1,16,64,256"
 FP8_FUSED='{"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}}'
+FP8=checkpoints/full-fp8_dynamic
+SMALL_CALIB="calibration.num_samples=128"  # speed does not depend on the calibration set's size
+PAIRED="$SERVE_PYTHON -m spark_quant.serving.paired --experiment $EXP_GPU --set eval.concurrency=[1,4,16,64,256,512]"
+X3MP='::{"replicas": 3, "executor": "mp"}'
 
 job() {
   case $1 in
+    issue14)  # the paired speed run of issue 14 (one machine, about 15 minutes after the parts are stashed)
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="name=full-fp8_dynamic $SMALL_CALIB" \
+        RECIPE=recipes/fp8_dynamic.yaml; echo "fp8 wall $((SECONDS - t0))s"
+      $PAIRED --out eval/results/paired --gpu-share 0.08 --trials 20 \
+        --variant bf16=$BASE/LLM --variant w8a8=$CK/LLM --variant fp8=$FP8/LLM --variant "fp8-fused=$FP8/LLM::$FP8_FUSED" \
+        --variant "bf16-mp=$BASE/LLM::{\"executor\": \"mp\"}" \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" \
+        --cell b1=1:200:bf16,w8a8,fp8,fp8-fused --cell c256=256:128:bf16,w8a8,fp8,fp8-fused \
+        --cell c1024=1024:100:bf16,bf16-mp,bf16-x3mp,w8a8-x3mp \
+        --curve bf16-x3mp,w8a8-x3mp --curve-concurrency 1,64,256,512,1024,2048 --curve-trials 3 --curve-tokens 200 \
+        --equivalence fp8,fp8-fused --equivalence bf16,bf16-mp ;;
+    check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree?
+      setup "$PARTS"
+      make proxy SIZE=full
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"
+      $PAIRED --out eval/results/paired-check --gpu-share 0.3 --trials 20 --variant bf16=$BASE/LLM \
+        --variant w8a8=$CK/LLM --cell b1=1:200:bf16,w8a8 --cell c256=256:128:bf16,w8a8 ;;
     pipeline)
       t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
       t0=$SECONDS; make calibrate EXPERIMENT=$EXP_GPU; echo "calibrate wall $((SECONDS - t0))s"
@@ -130,11 +162,18 @@ collect_job() {
   fi
   case $1 in speed*) mkdir -p "$OUT/logs-$1"; cp eval/results/$1/logs/*.result.json "$OUT/logs-$1/" 2>/dev/null ;; esac
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
+  case $1 in issue14|check14)
+    local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
+    cp $d/paired.md $d/saturation.png "$OUT/" 2>/dev/null
+    grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $d/logs/*.log > "$OUT/engines.txt" 2>/dev/null
+    tar czf "$OUT/$1-results.tgz" $d/paired.json $d/logs/*.spec.json $CK/manifest.json 2>/dev/null ;;
+  esac
   return 0
 }
 
 case $cmd in
   setup) setup "$@" ;;
+  stash) mkdir -p "$PARTS"; cp "${1:?DIR}"/part* "$PARTS"/; [ -f "$1/install.sh" ] && cp "$1/install.sh" "$PARTS"/; ls -l "$PARTS" ;;
   start)
     setsid nohup bash "$0" job "$@" > "/root/$1.log" 2>&1 < /dev/null &
     echo "$1 started (log: /root/$1.log)" ;;

@@ -89,6 +89,17 @@ class EvalConfig(_Section):
         "compact", description="CUDA graph batch sizes captured at engine start: compact = powers of two, their "
         "midpoints and the sweep's concurrencies (about 15 graphs, a faster start); vllm = vLLM's default (~67)"
     )
+    replicas: int = Field(
+        1, ge=1, description="engine replicas of one checkpoint per GPU behind one dispatcher (spark_quant.serving."
+        "dispatch; the paired speed run); vLLM's data parallelism cannot share a GPU"
+    )
+    executor_backend: Literal["default", "mp", "uni"] = Field(
+        "default", description="vLLM's distributed_executor_backend: default = vLLM's choice (in-process worker "
+        "on one GPU), mp = the GPU worker in its own process (overlaps the engine core's scheduling)"
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="vLLM data parallelism: engines on separate GPUs behind vLLM's own front end"
+    )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(

@@ -218,6 +218,10 @@ def worker_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
     e = exp.eval
     cuda = _has_cuda_device()
     overrides = dict(e.engine_args)
+    if e.executor_backend != "default":
+        overrides.setdefault("distributed_executor_backend", e.executor_backend)
+    if e.data_parallel_size > 1:
+        overrides.setdefault("data_parallel_size", e.data_parallel_size)
     if cuda and e.cudagraph_sizes == "compact" and not e.enforce_eager:
         cc = dict(overrides.get("compilation_config") or {})
         cc.setdefault("cudagraph_capture_sizes", compact_capture_sizes(e.concurrency))
