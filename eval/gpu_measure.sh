@@ -10,10 +10,10 @@
 #   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
 #   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, copy its outputs to $OUT
 #   bash eval/gpu_measure.sh stash DIR            copy the bundle parts found in DIR to $PARTS (one part per call)
-#     jobs: issue14    setup from $PARTS, proxy, W8A8 + FP8 (128 samples), then the paired run (serving/paired.py):
-#                      BF16 / W8A8 / FP8 / FP8 fused (1 engine each), BF16 with the mp executor, BF16 and W8A8
-#                      as 3 replicas with the mp executor, all resident; cells b1, c256, c1024 (20 trials),
-#                      the saturation curve to c=2048, streams, memory, FP8 fused-vs-unfused equivalence
+#     jobs: issue14    setup from $PARTS, proxy, W8A8 (128 samples), then the paired run (serving/paired.py):
+#                      BF16 / W8A8 / W8A8 with the fused norm+quant path (1 engine each), and each as 3 replicas
+#                      with the mp executor, all 12 engines resident; cells b1, c256, c1024 (20 trials), the
+#                      saturation curve to c=2048, streams, memory, fused-vs-stock equivalence; the fused op's test
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
 #           pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
 #           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
@@ -83,6 +83,9 @@ FP8=checkpoints/full-fp8_dynamic
 SMALL_CALIB="calibration.num_samples=128"  # speed does not depend on the calibration set's size
 PAIRED="$SERVE_PYTHON -m spark_quant.serving.paired --experiment $EXP_GPU --set eval.concurrency=[1,4,16,64,256,512]"
 X3MP='::{"replicas": 3, "executor": "mp"}'
+FUSED='{"int8_fused": true}'
+
+uniq_csv() { printf '%s\n' "$@" | awk '!seen[$0]++' | paste -sd, -; }
 
 job() {
   case $1 in
@@ -90,16 +93,20 @@ job() {
       setup "$PARTS"
       t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
       t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="name=full-fp8_dynamic $SMALL_CALIB" \
-        RECIPE=recipes/fp8_dynamic.yaml; echo "fp8 wall $((SECONDS - t0))s"
-      $PAIRED --out eval/results/paired --gpu-share 0.08 --trials 20 \
-        --variant bf16=$BASE/LLM --variant w8a8=$CK/LLM --variant fp8=$FP8/LLM --variant "fp8-fused=$FP8/LLM::$FP8_FUSED" \
-        --variant "bf16-mp=$BASE/LLM::{\"executor\": \"mp\"}" \
-        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" \
-        --cell b1=1:200:bf16,w8a8,fp8,fp8-fused --cell c256=256:128:bf16,w8a8,fp8,fp8-fused \
-        --cell c1024=1024:100:bf16,bf16-mp,bf16-x3mp,w8a8-x3mp \
-        --curve bf16-x3mp,w8a8-x3mp --curve-concurrency 1,64,256,512,1024,2048 --curve-trials 3 --curve-tokens 200 \
-        --equivalence fp8,fp8-fused --equivalence bf16,bf16-mp ;;
+      # the fused INT8 path's kernels first: if they do not match the stock path, its variants are left out
+      local f=w8a8f fx=w8a8f-x3mp fv=(--variant "w8a8f=$CK/LLM::$FUSED"
+        --variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
+        --equivalence w8a8,w8a8f)
+      if ! $SERVE_PYTHON -m pytest -q -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | tail -15; then
+        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8; fx=w8a8-x3mp; fv=()
+      fi
+      $PAIRED --out eval/results/paired --gpu-share 0.07 --trials 20 \
+        --variant bf16=$BASE/LLM --variant w8a8=$CK/LLM \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
+        --cell b1=1:200:$(uniq_csv bf16 w8a8 $f bf16-x3mp w8a8-x3mp $fx) --cell c256=256:128:$(uniq_csv bf16 w8a8 $f) \
+        --cell c1024=1024:100:$(uniq_csv bf16 bf16-x3mp w8a8-x3mp $fx) \
+        --curve $(uniq_csv bf16-x3mp w8a8-x3mp $fx) --curve-concurrency 64,256,512,1024,2048 --curve-trials 3 \
+        --curve-tokens 200 --equivalence bf16,bf16-x3mp ;;
     check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree?
       setup "$PARTS"
       make proxy SIZE=full

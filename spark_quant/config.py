@@ -100,6 +100,10 @@ class EvalConfig(_Section):
     data_parallel_size: int = Field(
         1, ge=1, description="vLLM data parallelism: engines on separate GPUs behind vLLM's own front end"
     )
+    int8_fused: bool = Field(
+        False, description="serve W8A8 INT8 checkpoints with RMSNorm + residual add + INT8 quantization fused before "
+        "the QKV and gate/up GEMMs (spark_quant/serving/int8_fused.py; CUDA, Cutlass INT8 kernel, dynamic activations)"
+    )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(

@@ -43,7 +43,7 @@ from spark_quant.errors import UserError
 from spark_quant.serving import stats
 from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError
 
-TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env")
+TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
 KV_BLOCK = 16
 
 
@@ -85,6 +85,8 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
     from spark_quant.evaluate import compact_capture_sizes, worker_spec
 
     topo, engine = variant["topology"], dict(variant["engine"])
+    if "int8_fused" in topo:
+        exp = exp.model_copy(update={"eval": exp.eval.model_copy(update={"int8_fused": bool(topo["int8_fused"])})})
     spec = worker_spec(exp, Path(variant["path"]), exp.eval.baseline_dtype)
     max_seqs = int(topo.get("max_num_seqs", spec["max_num_seqs"]))
     spec["max_num_seqs"] = max_seqs

@@ -77,6 +77,9 @@ async def serve(spec: dict[str, Any], proto) -> int:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
 
+    from spark_quant.serving.plugins import ensure_plugins
+
+    ensure_plugins(spec.get("plugins") or [])
     worker = Worker(spec)
     try:
         engine = await worker.start()
