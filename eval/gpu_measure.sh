@@ -83,36 +83,38 @@ FP8=checkpoints/full-fp8_dynamic
 SMALL_CALIB="calibration.num_samples=128"  # speed does not depend on the calibration set's size
 PAIRED="$SERVE_PYTHON -m spark_quant.serving.paired --experiment $EXP_GPU --set eval.concurrency=[1,4,16,64,256,512]"
 X3MP='::{"replicas": 3, "executor": "mp"}'
-FUSED='{"int8_fused": true}'
+ONE='::{"replicas": 1, "executor": "default"}'  # one engine as vLLM starts it (the experiment's default is 3 x mp)
 
 uniq_csv() { printf '%s\n' "$@" | awk '!seen[$0]++' | paste -sd, -; }
 
 job() {
   case $1 in
-    issue14)  # the paired speed run of issue 14 (one machine, about 15 minutes after the parts are stashed)
+    issue14)  # the paired speed run of issue 14: about 20 minutes of one H200 after the parts are stashed
+              # (2026-12-01: setup 1 min, proxy 33 s, W8A8 87 s, kernel test 19 s, paired run 867 s of which
+              # 493 s were the 8 engine starts, 40-118 s each)
       setup "$PARTS"
       t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
       t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
       # the fused INT8 path's kernels first: if they do not match the stock path, its variants are left out
-      local f=w8a8f fx=w8a8f-x3mp fv=(--variant "w8a8f=$CK/LLM::$FUSED"
+      local f=w8a8f fx=w8a8f-x3mp fv=(--variant "w8a8f=$CK/LLM::{\"replicas\": 1, \"executor\": \"default\", \"int8_fused\": true}"
         --variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
         --equivalence w8a8,w8a8f)
       if ! $SERVE_PYTHON -m pytest -q -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | tail -15; then
         echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8; fx=w8a8-x3mp; fv=()
       fi
       $PAIRED --out eval/results/paired --gpu-share 0.07 --trials 20 \
-        --variant bf16=$BASE/LLM --variant w8a8=$CK/LLM \
+        --variant "bf16=$BASE/LLM$ONE" --variant "w8a8=$CK/LLM$ONE" \
         --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
         --cell b1=1:200:$(uniq_csv bf16 w8a8 $f bf16-x3mp w8a8-x3mp $fx) --cell c256=256:128:$(uniq_csv bf16 w8a8 $f) \
         --cell c1024=1024:100:$(uniq_csv bf16 bf16-x3mp w8a8-x3mp $fx) \
         --curve $(uniq_csv bf16-x3mp w8a8-x3mp $fx) --curve-concurrency 64,256,512,1024,2048 --curve-trials 3 \
         --curve-tokens 200 --equivalence bf16,bf16-x3mp ;;
-    check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree?
+    check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
       setup "$PARTS"
       make proxy SIZE=full
       make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"
-      $PAIRED --out eval/results/paired-check --gpu-share 0.3 --trials 20 --variant bf16=$BASE/LLM \
-        --variant w8a8=$CK/LLM --cell b1=1:200:bf16,w8a8 --cell c256=256:128:bf16,w8a8 ;;
+      $PAIRED --out eval/results/paired-check --gpu-share 0.3 --trials 20 --variant "bf16=$BASE/LLM$ONE" \
+        --variant "w8a8=$CK/LLM$ONE" --cell b1=1:200:bf16,w8a8 --cell c256=256:128:bf16,w8a8 ;;
     pipeline)
       t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
       t0=$SECONDS; make calibrate EXPERIMENT=$EXP_GPU; echo "calibrate wall $((SECONDS - t0))s"

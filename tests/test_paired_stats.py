@@ -116,3 +116,19 @@ def test_memory_row_counts_streams_in_a_budget():
     assert row["kv_bytes_per_token"] == pytest.approx(12288, rel=1e-6)
     assert row["other_gib"] == pytest.approx(1.0)  # 14 GiB share - 1 weights - 12 KV
     assert row["streams_at_budget"] == int(18 * 2**30 // (624 * 12288))  # 624: whole 16-token blocks
+
+
+def test_variant_topology_beats_the_experiments(tmp_path):
+    from conftest import ROOT
+
+    from spark_quant.config import load_experiment
+    from spark_quant.serving.paired import variant_spec
+
+    exp = load_experiment(ROOT / "experiments/spark-tts_w8a8_int8.yaml", ["eval.executor_backend=mp", "eval.replicas=3"])
+    (tmp_path / "config.json").write_text("{}")
+    mp = variant_spec(exp, parse_variant(f"a={tmp_path}"), 0.1)
+    assert mp["engine_overrides"]["distributed_executor_backend"] == "mp"
+    single = variant_spec(exp, parse_variant(f'a={tmp_path}::{{"replicas": 1, "executor": "default", '
+                                             f'"max_num_seqs": 64, "env": {{"X": "1"}}}}'), 0.1)
+    assert "distributed_executor_backend" not in single["engine_overrides"]
+    assert single["max_num_seqs"] == 64 and single["env"]["X"] == "1"

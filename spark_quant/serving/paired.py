@@ -101,7 +101,9 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
     if cc:
         over["compilation_config"] = cc
     over.update(engine)
-    if topo.get("executor"):
+    if topo.get("executor") == "default":  # vLLM's own choice, whatever the experiment says
+        over.pop("distributed_executor_backend", None)
+    elif topo.get("executor"):
         over["distributed_executor_backend"] = topo["executor"]
     if topo.get("data_parallel_size"):
         over["data_parallel_size"] = int(topo["data_parallel_size"])
