@@ -10,6 +10,7 @@ import yaml
 
 from spark_quant import spark
 from spark_quant.reporting import stats
+from spark_quant.reporting.fmt import num
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, format_ci
 
@@ -27,15 +28,6 @@ PROXY_WEIGHTS = {
     "trained": "weights trained on a synthetic Spark-format token language (spark_quant/models/trained.py), not on speech",
     "unknown": "weights that are not Spark-TTS-0.5B's",
 }
-
-
-def _f(x: Any, fmt: str = ".3f") -> str:
-    if x is None:
-        return "not measured"
-    try:
-        return format(x, fmt)
-    except (TypeError, ValueError):
-        return str(x)
 
 
 def _mb(n: float | None) -> str:
@@ -340,3 +332,7 @@ def render_card(ctx: dict[str, Any]):
                          language=["en", "zh"], tags=tags, **extra)
     template = files("spark_quant.reporting").joinpath("card.md.j2").read_text(encoding="utf-8")
     return ModelCard.from_template(data, template_str=template, **ctx)
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return num(x, fmt, none="not measured")

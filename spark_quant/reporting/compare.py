@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant.reporting import stats
+from spark_quant.reporting.fmt import auto as _fmt
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, PAIRED_KEYS, format_ci
 
@@ -73,16 +74,6 @@ def _get(d: Any, *keys: str) -> Any:
             return None
         d = d[k]
     return d
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if v != 0 and abs(v) < 1e-3:
-            return f"{v:.1e}"
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
 
 
 def reference_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

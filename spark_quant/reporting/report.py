@@ -6,17 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant.reporting.audio import render_samples, render_stream
+from spark_quant.reporting.fmt import num as _f
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, direction, format_ci
-
-
-def _f(x: Any, fmt: str = ".2f", none: str = "–") -> str:
-    if x is None:
-        return none
-    try:
-        return format(x, fmt)
-    except (TypeError, ValueError):
-        return str(x)
 
 
 def summary_table(res: dict[str, Any]) -> str:

@@ -1,0 +1,26 @@
+"""How numbers are written in reports, the comparison table and the model card (one place for each style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def num(x: Any, fmt: str = ".2f", none: str = "–") -> str:
+    """``x`` in format ``fmt``; ``none`` for a missing value; anything unformattable as text."""
+    if x is None:
+        return none
+    try:
+        return format(x, fmt)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def auto(v: Any) -> str:
+    """A table cell of any magnitude: 3 decimals, scientific below 1e-3, no decimals from 100 on."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.1e}"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
