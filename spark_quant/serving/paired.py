@@ -115,7 +115,7 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
 def gpu_memory_gib() -> float | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout.split()
+                             capture_output=True, text=True, timeout=10, check=False).stdout.split()
         return float(out[0]) / 1024 if out else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
@@ -208,7 +208,7 @@ class Run:
                 "greedy": greedy, **({} if greedy else self.samp)}
 
     def write(self) -> None:
-        from spark_quant.serving.paired_report import render_markdown, plot_curve
+        from spark_quant.serving.paired_report import plot_curve, render_markdown
 
         out = Path(self.a.out)
         (out / "paired.json").write_text(json.dumps(self.res, separators=(",", ":"), default=str))
