@@ -121,7 +121,7 @@ def test_memory_row_counts_streams_in_a_budget():
     row = memory_row(eng, share=0.1, gpu_gib=140.0, budget_gib=20.0, stream_tokens=620)
     assert row["kv_bytes_per_token"] == pytest.approx(12288, rel=1e-6)
     assert row["other_gib"] == pytest.approx(1.0)  # 14 GiB share - 1 weights - 12 KV
-    assert row["streams_at_budget"] == int(18 * 2**30 // (624 * 12288))  # 624: whole 16-token blocks
+    assert row["streams_at_budget"] == (18 * 2**30 // (624 * 12288))  # 624: whole 16-token blocks
 
 
 def test_variant_topology_beats_the_experiments(tmp_path):
@@ -138,3 +138,19 @@ def test_variant_topology_beats_the_experiments(tmp_path):
                                              f'"max_num_seqs": 64, "env": {{"X": "1"}}}}'), 0.1)
     assert "distributed_executor_backend" not in single["engine_overrides"]
     assert single["max_num_seqs"] == 64 and single["env"]["X"] == "1"
+
+
+def test_the_committed_h200_run_recomputes_from_its_raw_trials():
+    """docs/results/h200-paired: every cell's statistics follow from its raw trials (seeded bootstrap)."""
+    import json
+
+    from conftest import ROOT
+    from spark_quant.reporting.paired import render_markdown
+
+    res = json.loads((ROOT / "docs/results/h200-paired/paired.json").read_text())
+    for cell in res["cells"].values():
+        assert len(cell["raw"]) == 20
+        assert cell_stats(cell) == cell["stats"]
+    md = render_markdown(res)
+    assert "| w8a8-x3mp / bf16-x3mp | 0.948 [0.933, 0.960] (n=20) | slower |" in md
+    assert md == (ROOT / "docs/results/h200-paired/paired.md").read_text()

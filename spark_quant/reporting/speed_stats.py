@@ -10,7 +10,8 @@ drift that moves both variants of a round together cancels out. A ratio whose in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -80,7 +80,7 @@ class Replica:
         env.update(self.env)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (the session's stderr for its whole life)
         self.proc = subprocess.Popen([self.python, "-m", self.module, str(spec_path)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, bufsize=1)
         threading.Thread(target=self._read, daemon=True).start()

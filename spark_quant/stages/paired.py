@@ -115,7 +115,7 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
 def gpu_memory_gib() -> float | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout.split()
+                             capture_output=True, text=True, timeout=10, check=False).stdout.split()
         return float(out[0]) / 1024 if out else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
