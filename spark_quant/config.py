@@ -96,7 +96,7 @@ class EvalConfig(_Section):
         "midpoints and the sweep's concurrencies (about 15 graphs, a faster start); vllm = vLLM's default (~67)"
     )
     replicas: int = Field(
-        1, ge=1, description="engine replicas of one checkpoint per GPU behind one dispatcher (spark_quant.serving."
+        1, ge=1, le=64, description="engine replicas of one checkpoint per GPU behind one dispatcher (spark_quant.serving."
         "dispatch; the paired speed run); vLLM's data parallelism cannot share a GPU"
     )
     executor_backend: Literal["default", "mp", "uni"] = Field(
@@ -104,7 +104,7 @@ class EvalConfig(_Section):
         "on one GPU), mp = the GPU worker in its own process (overlaps the engine core's scheduling)"
     )
     data_parallel_size: int = Field(
-        1, ge=1, description="vLLM data parallelism: engines on separate GPUs behind vLLM's own front end"
+        1, ge=1, le=64, description="vLLM data parallelism: engines on separate GPUs behind vLLM's own front end"
     )
     int8_fused: bool = Field(
         False, description="serve W8A8 INT8 checkpoints with RMSNorm + residual add + INT8 quantization fused before "
