@@ -154,3 +154,5 @@ def test_out_of_memory_is_a_failed_row_with_a_report_and_exit_3(work, evaluated,
     assert "baseline vLLM run failed: vLLM worker failed (out of memory)" in err and "Traceback" not in proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert not res["verdict"]["passed"] and (out / "report.md").is_file()
+    # nothing to compare with: no engine was started for the quantized model
+    assert res["raw"]["quantized"][0]["not_run"] and not (out / "logs/quantized-1.log").exists()

@@ -141,9 +141,12 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
                         + score_self}, inputs["model"], logs, "baseline-1", timeout, cache)
         runs["baseline"].append(b)
         base_greedy = [o["tokens"] for o in b["tasks"]["greedy"]["outputs"]] if b.get("ok") else None
-        q = run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)
-                        + similarity_tasks(exp, prompts, None if exp.eval.spark_profile else base_greedy)},
-                       logs, "quantized-1", timeout)
+        if b.get("ok"):
+            q = run_worker({**quant_spec, "tasks": timing_tasks(exp, prompts)
+                            + similarity_tasks(exp, prompts, None if exp.eval.spark_profile else base_greedy)},
+                           logs, "quantized-1", timeout)
+        else:  # nothing to compare it with: no engine is started for it
+            q = {"ok": False, "error": "not run: the baseline run failed", "kernels": [], "not_run": True}
         runs["quantized"].append(q)
         for rep in range(2, exp.eval.repeats + 1):
             if not (b.get("ok") and q.get("ok")):
