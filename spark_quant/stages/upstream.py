@@ -25,7 +25,7 @@ from spark_quant.errors import StageFailed, UserError
 from spark_quant.models.folder import model_fingerprint
 
 # llm-compressor 0.14 warnings that mean the recipe was not applied as written
-DEGRADATIONS = re.compile(r"round-to-nearest|failed to invert hessian|hessian inversion failed|nan or inf", re.I)
+DEGRADATIONS = re.compile(r"round-to-nearest|failed to invert hessian|hessian inversion failed|nan or inf", re.IGNORECASE)
 
 
 def calibration_inputs(exp: Experiment, model_dir: Path) -> dict[str, Any]:
@@ -122,6 +122,7 @@ def degradations(warnings: list[dict[str, str]]) -> list[str]:
 
 def check_degradations(fallbacks: list[str], exp: Experiment, recipe: Path) -> None:
     if fallbacks and not exp.quantize_allow_fallback:
-        raise StageFailed(f"{recipe}: llm-compressor did not apply the recipe as written: {fallbacks[0][:300]}; "
+        what = ". ".join(fallbacks[0].split(". ")[:2]).rstrip(".")[:240]  # "Hessian inversion failed for 28/28 ..."
+        raise StageFailed(f"{recipe}: llm-compressor did not apply the recipe as written ({what}); "
                           "fix the recipe (e.g. GPTQModifier.dampening_frac) or more calibration samples, or set "
                           "quantize_allow_fallback: true to keep such a checkpoint")
