@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT
@@ -79,13 +78,16 @@ def test_reclassify_moves_recorded_time_to_the_new_kind():
 def test_phase_timer_counts_reentrant_calls_once_and_restores(monkeypatch):
     import types
 
+    from spark_quant.serving import stepprof
     from spark_quant.serving.stepprof import PhaseTimer, cpu_phase_diff, phase_delta
 
+    clock = [0.0]  # a fake clock: the timer's arithmetic is checked exactly, not the machine's sleep
+    monkeypatch.setattr(stepprof, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     mod = types.ModuleType("fake_engine")
 
     class Base:
         def step(self, n):
-            time.sleep(0.002 * n)
+            clock[0] += 0.002 * n
             return n
 
     class Child(Base):
@@ -107,7 +109,7 @@ def test_phase_timer_counts_reentrant_calls_once_and_restores(monkeypatch):
     assert runs[1]["step"][1] == 1 and runs[5]["step"][1] == 5
     per = cpu_phase_diff(runs[5], runs[1], 4)
     assert per["step"]["calls"] == 1.0
-    assert 11.5 < per["step"]["ms"] < 20  # (5 calls x 10 ms - 1 call x 2 ms) / 4 = 12 ms, plus sleep overshoot
+    assert per["step"]["ms"] == pytest.approx(12.0)  # (5 calls x 10 ms - 1 call x 2 ms) / 4 = 12 ms
     timer.restore()
     assert Child.__dict__["step"] is orig
 
