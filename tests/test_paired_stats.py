@@ -145,6 +145,7 @@ def test_the_committed_h200_run_recomputes_from_its_raw_trials():
     import json
 
     from conftest import ROOT
+
     from spark_quant.reporting.paired import render_markdown
 
     res = json.loads((ROOT / "docs/results/h200-paired/paired.json").read_text())
