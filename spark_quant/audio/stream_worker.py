@@ -20,17 +20,15 @@ torch, the serving worker and this package only.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from spark_quant.audio.codec import codec_info, load_bicodec
 from spark_quant.audio.stream import ChunkPlan, CodecRunner, StreamingRequest
 from spark_quant.reporting.audio import summarize
+from spark_quant.serving.worker import run_json
 
 
 async def _one(worker, prompt: dict[str, Any], params, runner: CodecRunner, plan: ChunkPlan,
@@ -91,23 +89,7 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m spark_quant.audio.stream_worker SPEC.json RESULT.json", file=sys.stderr)
-        return 2
-    spec = json.loads(Path(argv[0]).read_text())
-    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-    try:
-        result = asyncio.run(_main(spec))
-        result["ok"] = True
-    except Exception as e:  # the parent reports it as a failed row
-        traceback.print_exc()
-        result = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
-    tmp = Path(argv[1]).with_suffix(".part")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, argv[1])
-    print(json.dumps({"ok": result["ok"], "result": argv[1]}))
-    return 0 if result["ok"] else 1
+    return run_json(argv, "spark_quant.audio.stream_worker", _main)
 
 
 if __name__ == "__main__":

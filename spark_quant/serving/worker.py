@@ -319,17 +319,19 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_json(argv: list[str] | None, program: str, run) -> int:
+    """A serving program's entry point: ``SPEC.json RESULT.json``; ``run(spec)`` (a coroutine) gives the result,
+    written atomically with ``ok``; any exception becomes ``{"ok": false, "error": ...}``, never a hang."""
     argv = argv if argv is not None else sys.argv[1:]
     if len(argv) != 2:
-        print("usage: python -m spark_quant.serving.worker SPEC.json RESULT.json", file=sys.stderr)
+        print(f"usage: python -m {program} SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     try:
-        result = asyncio.run(_main(spec))
+        result = asyncio.run(run(spec))
         result["ok"] = True
-    except Exception as e:  # reported as a failed row by the parent, never a hang
+    except Exception as e:  # reported as a failed row by the parent
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}
     tmp = Path(argv[1]).with_suffix(".part")
@@ -337,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, argv[1])
     print(json.dumps({"ok": result["ok"], "result": argv[1]}))
     return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_json(argv, "spark_quant.serving.worker", _main)
 
 
 if __name__ == "__main__":
