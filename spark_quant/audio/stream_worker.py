@@ -53,8 +53,20 @@ async def _one(worker, prompt: dict[str, Any], params, runner: CodecRunner, plan
     return rec
 
 
+def _params(st: dict[str, Any], eos_id: int):
+    """Sampling as Spark-TTS does it; with ``ignore_eos`` no stop token either (vLLM's ignore_eos alone
+    still stops at a token listed in stop_token_ids)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    ignore = bool(st.get("ignore_eos", False))
+    return SamplingParams(max_tokens=st["max_tokens"], ignore_eos=ignore, stop_token_ids=[] if ignore else [eos_id],
+                          temperature=st.get("temperature", 0.8), top_k=st.get("top_k", 50),
+                          top_p=st.get("top_p", 0.95), detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:
-    from spark_quant.serve_worker import Worker, _sampling
+    from spark_quant.serve_worker import Worker
 
     st = spec["stream"]
     plan = ChunkPlan(**st.get("plan", {}))
@@ -63,9 +75,7 @@ async def _main(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"engine": await w.start(), "codec": codec_info(codec), "plan": plan.__dict__,
                            "count_all_as_semantic": bool(st.get("count_all_as_semantic")), "rows": []}
     runner = CodecRunner(codec.decode)
-    task = {"max_tokens": st["max_tokens"], "ignore_eos": st.get("ignore_eos", False),
-            "temperature": st.get("temperature", 0.8), "top_k": st.get("top_k", 50), "top_p": st.get("top_p", 0.95)}
-    params = _sampling(task, eos_id=w.eos_id)
+    params = _params(st, w.eos_id)
     prompts = st["prompts"]
     all_sem = bool(st.get("count_all_as_semantic"))
     try:
