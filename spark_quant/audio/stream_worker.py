@@ -2,7 +2,7 @@
 
     python -m spark_quant.audio.stream_worker SPEC.json RESULT.json
 
-SPEC is a serve_worker engine spec (``evaluate.worker_spec``) plus ``stream``:
+SPEC is a worker engine spec (``serving.client.worker_spec``) plus ``stream``:
 
     {"codec_dir": ".../BiCodec", "prompts": [{"ids": [...], "mode": "clone", "globals": [32 ints]}],
      "concurrency": [1, 4], "requests": 4, "max_tokens": 400, "ignore_eos": false,

@@ -69,10 +69,11 @@ def _sampling(task: dict[str, Any], greedy: bool = False, eos_id: int = spark.EO
         kw = dict(temperature=task.get("temperature", 0.8), top_k=task.get("top_k", 50), top_p=task.get("top_p", 0.95))
     if task.get("restrict_to_emittable"):  # the full-vocabulary model limited to what Spark can emit
         kw["allowed_token_ids"] = spark.emittable_ids()
+    ignore_eos = bool(task.get("ignore_eos", False))
     return SamplingParams(
         max_tokens=task["max_tokens"],
-        ignore_eos=task.get("ignore_eos", False),
-        stop_token_ids=[eos_id],
+        ignore_eos=ignore_eos,
+        stop_token_ids=[] if ignore_eos else [eos_id],  # vLLM's ignore_eos alone still stops at a stop token
         detokenize=False,
         output_kind=RequestOutputKind.DELTA,
         **kw,
