@@ -207,6 +207,13 @@ class Experiment(_Section):
         return self
 
     # --- derived paths (the folder names carry the experiment's name) ---
+    @staticmethod
+    def folder(given: Path | None, derived: Path) -> tuple[Path, bool]:
+        """The folder a stage reads or writes, and whether it is the pipeline's own one (derived from the
+        experiment's name: a stale one is replaced and checked against the experiment, as make expects)
+        rather than one the user named."""
+        return (Path(given), False) if given is not None else (Path(derived), True)
+
     @property
     def calibration_dir(self) -> Path:
         return Path("calibration/runs") / self.name

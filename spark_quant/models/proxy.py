@@ -154,6 +154,17 @@ def config_yaml(size: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def built_facts(size: str, llm: Path, started: float) -> dict:
+    """What every proxy's PROXY.json records about the weights written to ``llm`` (written last)."""
+    import torch
+    import transformers
+
+    return {"weights_dtype": "float32", "config": PROXY_SIZES[size],
+            "model_safetensors_sha256": sha256_file(llm / "model.safetensors"),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "build_seconds": round(time.perf_counter() - started, 2)}
+
+
 def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a Spark-TTS-shaped model directory at ``out`` and return ``out``.
 
@@ -183,8 +194,6 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         build_spark_tokenizer(llm)
         (tmp / "config.yaml").write_text(config_yaml(size))
 
-        import torch
-        import transformers
 
         marker = {
             "proxy": "spark-quant",
@@ -194,11 +203,7 @@ def build_proxy(out: Path, size: str = "tiny", seed: int = 0) -> Path:
             "random_init": True,
             "init": "torch.manual_seed(seed); transformers Qwen2ForCausalLM(config) default init",
             "parameters": n_params,
-            "weights_dtype": "float32",
-            "config": PROXY_SIZES[size],
-            "model_safetensors_sha256": sha256_file(llm / "model.safetensors"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "build_seconds": round(time.perf_counter() - started, 2),
+            **built_facts(size, llm, started),
         }
         # Written last: a folder with PROXY.json is complete.
         (tmp / PROXY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")

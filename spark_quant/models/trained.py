@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
-from spark_quant.artifacts import sha256_file
 from spark_quant.errors import UserError
 from spark_quant.models.generate import greedy_generate
 from spark_quant.models.spark_language import (
@@ -298,7 +297,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
                         corpus_path: Path = Path("calibration/texts/train.txt"),
                         heldout_path: Path = Path("calibration/texts/heldout.txt"), log=None) -> Path:
     """Train a proxy and write it at ``out`` in the Spark-TTS layout (cached, atomic, like ``build_proxy``)."""
-    from spark_quant.models.proxy import PROXY_SIZES, check_size, config_yaml, read_marker, write_weights
+    from spark_quant.models.proxy import built_facts, check_size, config_yaml, read_marker, write_weights
 
     check_size(size)
     out = Path(out)
@@ -312,7 +311,6 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
     log = log or (lambda msg: print(msg, flush=True))
 
     import torch
-    import transformers
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
@@ -367,11 +365,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "corpus": str(corpus_path),
             "heldout": str(heldout_path),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "weights_dtype": "float32",
-            "config": PROXY_SIZES[size],
-            "model_safetensors_sha256": sha256_file(llm / "model.safetensors"),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "build_seconds": round(time.perf_counter() - started, 2),
+            **built_facts(size, llm, started),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return out

@@ -136,8 +136,7 @@ def _len_stats(lengths: list[int]) -> dict[str, float]:
 
 def calibrate(exp: Experiment, out: Path | None = None, overwrite: bool = False) -> Path:
     cfg = exp.calibration
-    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
-    out = Path(out or exp.calibration_dir)
+    out, derived = exp.folder(out, exp.calibration_dir)
     model_dir, is_proxy = exp.resolved_model()
     corpus = read_corpus(cfg.corpus)
     user_refs = read_references(cfg.references) if cfg.references else None

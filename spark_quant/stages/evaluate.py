@@ -88,10 +88,8 @@ def write_skipped(exp: Experiment, out: Path, overwrite: bool, derived: bool, re
 
 
 def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
-    ckpt_derived = ckpt_dir is None
-    ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
-    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
-    out = Path(out or exp.results_dir)
+    ckpt_dir, ckpt_derived = exp.folder(ckpt_dir, exp.checkpoint_dir)
+    out, derived = exp.folder(out, exp.results_dir)
     model_dir, is_proxy = exp.resolved_model()
     check_serving_env(exp)
     qman = require_manifest(ckpt_dir, "quantize", "run `make quantize` (spark-quant quantize) first")

@@ -242,10 +242,9 @@ def publish(exp, repo_id: str, ckpt_dir: Path | None = None, results_dir: Path |
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise UserError(f"--repo-id {repo_id!r}: the hub would refuse it ({str(e).splitlines()[0][:200]})") from None
-    ckpt_dir = Path(ckpt_dir or exp.checkpoint_dir)
-    results_dir = Path(results_dir or exp.results_dir)
-    derived = out is None
-    out = Path(out or RELEASE_ROOT / ckpt_dir.name)
+    ckpt_dir, _ = exp.folder(ckpt_dir, exp.checkpoint_dir)
+    results_dir, _ = exp.folder(results_dir, exp.results_dir)
+    out, derived = exp.folder(out, RELEASE_ROOT / ckpt_dir.name)
     token = None
     if not dry_run:
         if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):

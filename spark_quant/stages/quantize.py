@@ -131,10 +131,8 @@ def copy_tokenizer_files(src_llm: Path, dst_llm: Path) -> None:
 
 
 def quantize(exp: Experiment, calib_dir: Path | None = None, out: Path | None = None, overwrite: bool = False) -> Path:
-    calib_derived = calib_dir is None
-    calib_dir = Path(calib_dir or exp.calibration_dir)
-    derived = out is None  # the pipeline's own folder: a stale one is replaced, as make expects
-    out = Path(out or exp.checkpoint_dir)
+    calib_dir, calib_derived = exp.folder(calib_dir, exp.calibration_dir)
+    out, derived = exp.folder(out, exp.checkpoint_dir)
     model_dir, is_proxy = exp.resolved_model()
     recipe_path = Path(exp.recipe)
     recipe = load_recipe(recipe_path)  # fail fast, before any model is loaded
