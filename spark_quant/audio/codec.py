@@ -12,6 +12,14 @@ missing tensors instead of failing. ``load_bicodec`` builds the same six submodu
 the same names from the folder's ``config.yaml``, so a real ``BiCodec/model.safetensors``
 loads key for key, and refuses a checkpoint with missing, unexpected or mis-shaped tensors.
 
+Judgement of spark-tts-lib 0.2.1 (2025-03, one maintainer, "Alpha"): Apache-2.0 (its LICENSE file and
+classifier; the metadata's License field says MIT); the codec modules are Spark-TTS's own, readable and
+small; it declares torch/torchaudio/transformers/soxr/soundfile/hf-transfer/retrying as hard requirements
+and imports all of them from its ``__init__``, plus a download helper that probes hub mirrors. Used here:
+its six BiCodec module classes only. Its own loader reads the same layout (``BiCodec/config.yaml``
+section ``audio_tokenizer`` + ``BiCodec/model.safetensors``); neither it nor ours has been run on the
+real Spark-TTS-0.5B weights here (not downloadable on this machine).
+
 Folder layout, as in ``SparkAudio/Spark-TTS-0.5B``: ``BiCodec/config.yaml`` (section
 ``audio_tokenizer``) and ``BiCodec/model.safetensors``. Without the real model,
 ``build_embedded_codec`` writes that layout with Spark-TTS's exact configuration
