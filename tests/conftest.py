@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ TRAINED_CACHE = ROOT / "build/proxy" / TRAINED_NAME
 E2E_FIXTURES = {"tiny_w8a8", "tiny_sweep", "tiny_eval", "trained_proxy",
                 "made",  # test_publish.py's two round-to-nearest checkpoints
                 "codec_dir"}  # test_audio.py: BiCodec built and decoding on the CPU
+# xdist groups: the tests sharing one expensive session artifact run on the same worker
+XDIST_GROUPS = {"trained": {"trained_proxy"}, "tiny": {"tiny_w8a8", "tiny_sweep", "tiny_eval"}}
 # one calibration + checkpoint for the whole session: 24 samples, both prompt kinds, with model continuations
 TINY_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
             "--set", "calibration.continuation_tokens=16"]
@@ -91,8 +94,15 @@ def pytest_collection_modifyitems(config, items):
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (this machine has none)")
     for item in items:
-        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if E2E_FIXTURES & names:
             item.add_marker(pytest.mark.e2e)
+        # `make test` runs two pytest-xdist workers (--dist loadgroup): the tests of one shared session artifact
+        # run on one worker, so each artifact is made once; the rest is spread over both
+        for group, fixtures in XDIST_GROUPS.items():
+            if fixtures & names:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
         if item.get_closest_marker("requires_gpu") and not has_cuda_device():
             item.add_marker(no_gpu)
     # quick tests first, then model work; tests needing the trained proxy last (it trains in the background)
@@ -100,6 +110,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _trained_build: subprocess.Popen | None = None
+BUILDING = TRAINED_CACHE.parent / f"{TRAINED_NAME}.building"  # holds the background build's pid
 
 
 def pytest_collection_finish(session):
@@ -109,17 +120,31 @@ def pytest_collection_finish(session):
     needs = any("trained_proxy" in getattr(it, "fixturenames", ()) for it in session.items)
     if not needs or session.config.option.collectonly or _is_trained(TRAINED_CACHE):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return  # one build for all workers: gw0's (the others wait for it in the fixture)
     TRAINED_CACHE.parent.mkdir(parents=True, exist_ok=True)
     log = open(TRAINED_CACHE.parent / f"{TRAINED_NAME}.build.log", "w")
     _trained_build = subprocess.Popen(
         [sys.executable, "-m", "spark_quant", "proxy", "--weights", "trained", "--size", "tiny", "--seed", "0",
          "--out", str(TRAINED_CACHE)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    BUILDING.write_text(str(_trained_build.pid))
 
 
 def pytest_sessionfinish(session, exitstatus):
     if _trained_build is not None and _trained_build.poll() is None:
-        _trained_build.kill()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            _trained_build.wait(timeout=3600)  # another worker may still be waiting for it
+        else:
+            _trained_build.kill()  # nothing left that needs it
+
+
+def _pid_alive(marker: Path) -> bool:
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _is_trained(folder: Path) -> bool:
@@ -150,6 +175,11 @@ def trained_proxy(tmp_path_factory) -> Path:
     if _trained_build is not None:
         rc = _trained_build.wait(timeout=3600)
         assert rc == 0, (TRAINED_CACHE.parent / f"{TRAINED_NAME}.build.log").read_text()[-3000:]
+    else:  # another worker's background build: wait while it runs
+        deadline = time.time() + 3600
+        while not _is_trained(TRAINED_CACHE) and BUILDING.is_file() and _pid_alive(BUILDING) \
+                and time.time() < deadline:
+            time.sleep(5)
     if not _is_trained(TRAINED_CACHE):
         from spark_quant.models.trained import build_trained_proxy
 

@@ -46,7 +46,7 @@ def test_paired_driver_on_a_real_engine(tmp_path, tiny_proxy):
     py = serve_python()
     if py is None:
         pytest.skip("no serving environment with vLLM")
-    from spark_quant.serving import paired
+    from spark_quant.stages import paired
 
     out = tmp_path / "run"
     rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
