@@ -98,7 +98,8 @@ def check_checkpoint(exp: Experiment, model_dir: Path, ckpt_dir: Path, qman: dic
 
 @contextlib.contextmanager
 def llmcompressor_warnings() -> Iterator[list[dict[str, str]]]:
-    """Every WARNING-or-worse record llm-compressor logs (through loguru) inside the block."""
+    """Every WARNING-or-worse record llm-compressor logs (through loguru) inside the block; its METRIC records
+    (a level of its own above WARNING: GPTQ's per-layer time and error) are measurements, not warnings."""
     from loguru import logger
 
     seen: list[dict[str, str]] = []
@@ -108,7 +109,7 @@ def llmcompressor_warnings() -> Iterator[list[dict[str, str]]]:
         seen.append({"level": rec["level"].name, "where": f"{rec['name']}:{rec['function']}",
                      "message": str(rec["message"])[:2000]})
 
-    handler = logger.add(sink, level="WARNING", format="{message}")
+    handler = logger.add(sink, level="WARNING", format="{message}", filter=lambda r: r["level"].name != "METRIC")
     try:
         yield seen
     finally:
