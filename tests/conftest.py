@@ -27,8 +27,6 @@ TRAINED_CACHE = ROOT / "build/proxy" / TRAINED_NAME
 E2E_FIXTURES = {"tiny_w8a8", "tiny_sweep", "tiny_eval", "trained_proxy",
                 "made",  # test_publish.py's two round-to-nearest checkpoints
                 "codec_dir"}  # test_audio.py: BiCodec built and decoding on the CPU
-# xdist groups: the tests sharing one expensive session artifact run on the same worker
-XDIST_GROUPS = {"trained": {"trained_proxy"}, "tiny": {"tiny_w8a8", "tiny_sweep", "tiny_eval"}}
 # one calibration + checkpoint for the whole session: 24 samples, both prompt kinds, with model continuations
 TINY_CAL = ["--set", "calibration.num_samples=24", "--set", "calibration.num_references=4",
             "--set", "calibration.continuation_tokens=16"]
@@ -97,12 +95,6 @@ def pytest_collection_modifyitems(config, items):
         names = set(getattr(item, "fixturenames", ()))
         if E2E_FIXTURES & names:
             item.add_marker(pytest.mark.e2e)
-        # `make test` runs two pytest-xdist workers (--dist loadgroup): the tests of one shared session artifact
-        # run on one worker, so each artifact is made once; the rest is spread over both
-        for group, fixtures in XDIST_GROUPS.items():
-            if fixtures & names:
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
         if item.get_closest_marker("requires_gpu") and not has_cuda_device():
             item.add_marker(no_gpu)
     # quick tests first, then model work; tests needing the trained proxy last (it trains in the background)
