@@ -14,6 +14,8 @@
 #                      BF16 / W8A8 / W8A8 with the fused norm+quant path (1 engine each), and each as 3 replicas
 #                      with the mp executor, all 12 engines resident; cells b1, c256, c1024 (20 trials), the
 #                      saturation curve to c=2048, streams, memory, fused-vs-stock equivalence; the fused op's test
+#           gpu2       issue 14's fused INT8 path (3 x mp, b1 / c256 / c1024, fused-vs-stock equivalence) with the
+#                      two-machine check folded in, then issue 16's streamed audio (eval/gpu_audio.py) and codec bench
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
 #           pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
 #           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
@@ -115,6 +117,30 @@ job() {
         --cell c1024=1024:100:$(uniq_csv bf16 bf16-x3mp w8a8-x3mp $fx) \
         --curve $(uniq_csv bf16-x3mp w8a8-x3mp $fx) --curve-concurrency 64,256,512,1024,2048 --curve-trials 3 \
         --curve-tokens 200 --equivalence bf16,bf16-x3mp ;;
+    gpu2)  # issue 14's fused INT8 path and the two-machine check in ONE paired run (engines start once), then
+           # issue 16's streamed audio (LLM + BiCodec) and the codec alone. About 22 minutes of one H200.
+           # All variants in the GPU experiment's topology (3 x mp replicas): the earlier machine's b1 (mp executor)
+           # and c1024 (3 x mp) ratios are the two-machine check; no single default engines (3 starts saved).
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      local f=w8a8f-x3mp fv=(--variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
+        --equivalence w8a8-x3mp,w8a8f-x3mp)
+      if ! $SERVE_PYTHON -m pytest -q -rA -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | grep -v "^$" | tail -40; then
+        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8-x3mp; fv=()
+      fi
+      local all; all=$(uniq_csv bf16-x3mp w8a8-x3mp $f)
+      t0=$SECONDS
+      $PAIRED --out eval/results/paired2 --gpu-share 0.07 --trials 20 \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
+        --cell b1=1:200:$all --cell c1024=1024:100:$all --cell c256=256:128:$all || true
+      echo "paired wall $((SECONDS - t0))s"
+      t0=$SECONDS
+      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+        --concurrency 1,256,1024 --requests 20 --fixed-tokens 250 --timeout 300 || true
+      echo "audio wall $((SECONDS - t0))s"
+      $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 100 200 --n 20 \
+        --out eval/results/audio-gpu/codec_bench.json || true ;;
     check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
       setup "$PARTS"
       make proxy SIZE=full
@@ -222,6 +248,15 @@ collect_job() {
   fi
   case $1 in speed*) mkdir -p "$OUT/logs-$1"; cp eval/results/$1/logs/*.result.json "$OUT/logs-$1/" 2>/dev/null ;; esac
   [ "$1" = pipeline ] && cp $CK/manifest.json "$OUT/checkpoint-manifest.json" 2>/dev/null || true
+  if [ "$1" = gpu2 ]; then  # whatever exists so far (a wait that ends before the job still brings it back)
+    local p=eval/results/paired2 au=eval/results/audio-gpu
+    cp $p/paired.md "$OUT/" 2>/dev/null || true
+    cp $au/audio.md "$OUT/" 2>/dev/null || true
+    grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $p/logs/*.log > "$OUT/engines.txt" 2>/dev/null || true
+    tail -n 30 $au/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
+    tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
+      $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
+  fi
   case $1 in issue14|check14)
     local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
     cp $d/paired.md $d/saturation.png "$OUT/" 2>/dev/null

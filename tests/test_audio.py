@@ -300,7 +300,7 @@ def test_playback_counts_stalls_when_a_chunk_is_late():
     assert n == 2 and stall == pytest.approx(1.0)
 
 
-def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7):
+def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7, header=0):
     """Feed saved outputs into StreamingRequests `delta` tokens at a time, concurrently, one codec thread."""
     import time
 
@@ -308,7 +308,8 @@ def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=Fal
 
     async def one(mode, toks, runner):
         req = StreamingRequest(mode=mode, plan=plan, runner=runner, t0=time.perf_counter(),
-                               prompt_globals=GLOBALS, count_all_as_semantic=all_semantic)
+                               prompt_globals=GLOBALS, count_all_as_semantic=all_semantic,
+                               header_tokens=header)
         for i in range(0, len(toks), delta):
             req.feed(toks[i:i + delta])
             await asyncio.sleep(0)
@@ -366,6 +367,19 @@ def test_fixed_length_mode_counts_every_token_as_semantic():
     (rec,) = _replay([("controllable", toks)], lambda g, s: np.zeros(len(s) * 320, np.float32), ChunkPlan(),
                      all_semantic=True)
     assert rec["semantic_tokens"] == 121 and [c["end"] for c in rec["chunks"]] == [50, 121]
+
+
+def test_fixed_length_mode_leaves_the_header_tokens_out_of_the_audio():
+    import numpy as np
+
+    from spark_quant.audio.stream import ChunkPlan
+
+    toks = list(range(151000, 151139))  # 39 header tokens (controllable: labels + 32 globals), then 100
+    (rec,) = _replay([("controllable", toks)], lambda g, s: np.zeros(len(s) * 320, np.float32), ChunkPlan(),
+                     all_semantic=True, delta=1, header=39)
+    assert rec["semantic_tokens"] == 100 and rec["generated_tokens"] == 139
+    assert [c["end"] for c in rec["chunks"]] == [50, 100]
+    assert rec["audio_s"] == pytest.approx(2.0)
 
 
 def test_stream_table_has_a_row_per_model_concurrency_and_mode():

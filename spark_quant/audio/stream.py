@@ -95,6 +95,7 @@ class StreamingRequest:
     t0: float
     prompt_globals: list[int] = field(default_factory=list)
     count_all_as_semantic: bool = False  # random proxy: every generated token stands for one semantic token
+    header_tokens: int = 0  # with count_all_as_semantic: the first n tokens stand for the mode's header instead
     tokens: list[int] = field(default_factory=list)
     semantic: list[int] = field(default_factory=list)
     chunks: list[dict[str, Any]] = field(default_factory=list)
@@ -122,7 +123,8 @@ class StreamingRequest:
                 break
             self.tokens.append(t)
             if self.count_all_as_semantic:
-                self.semantic.append(t % spark.SEMANTIC_CODEBOOK)
+                if len(self.tokens) > self.header_tokens:
+                    self.semantic.append(t % spark.SEMANTIC_CODEBOOK)
             elif spark.is_semantic_id(t):
                 self.semantic.append(t - s0)
         while len(self.semantic) - self._emitted >= self._next:

@@ -1,0 +1,114 @@
+"""Streamed TTS on the GPU (issue 16): time to first audio, RTF and underrun, LLM + BiCodec, per model.
+
+    python eval/gpu_audio.py --out DIR --model LABEL=PATH [--model ...] [--concurrency 1,256,1024]
+        [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--timeout 600]
+        [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml]
+
+Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets one
+``spark_quant.audio.stream_worker`` process (one vLLM engine with the experiment's engine settings and one
+BiCodec on the same GPU, one codec thread), the models one after another: at concurrency 1 ``--requests``
+requests one after another (modes alternating), at concurrency c, c requests at once. The codec is the
+model's own ``BiCodec/`` at pretrained_models/Spark-TTS-0.5B when present, else the embedded random-weight
+codec. ``--fixed-tokens N`` (for a random-weight LLM, which never writes 50 semantic tokens): N tokens per
+request, EOS ignored, every token after the mode's header (controllable 39, clone 1; see stream_worker)
+decoded as a semantic token. Writes audio.json (every request's chunk timings) and audio.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from spark_quant.audio.codec import resolve_codec_dir
+from spark_quant.audio.evalstep import stream_prompts
+from spark_quant.config import REAL_MODEL_DIR, load_experiment
+from spark_quant.envinfo import device_info, git_commit, versions
+from spark_quant.models.folder import load_tokenizer
+from spark_quant.reporting.audio import stream_table
+from spark_quant.reporting.speed_stats import percentile
+from spark_quant.serving.client import run_worker, worker_spec
+from spark_quant.stages.evaluate import eval_prompts
+
+HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
+
+
+def load_rows(models: dict[str, dict]) -> list[str]:
+    """Per model and concurrency: tail figures over every request (p99 RTF, first audio p99, underruns)."""
+    lines = ["| model | c | n | first audio p99 ms | RTF p99 (LLM+codec) | requests with underrun | "
+             "underrun max ms | codec wait p50 ms | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in models.items():
+        for row in m.get("rows", []):
+            rs = [r for r in row["requests"] if "skipped" not in r]
+            if not rs:
+                continue
+            lines.append(
+                f"| {name} | {row['concurrency']} | {len(rs)} | "
+                f"{percentile([r['first_audio_s'] for r in rs], 0.99) * 1000:.0f} | "
+                f"{percentile([r['rtf'] for r in rs], 0.99):.3f} | {sum(1 for r in rs if r['underruns'])}/{len(rs)} | "
+                f"{max(r['underrun_s'] for r in rs) * 1000:.0f} | "
+                f"{percentile([r['codec_wait_s'] for r in rs], 0.5) * 1000:.0f} | {row['wall_s']:.1f} |")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", action="append", required=True, help="LABEL=PATH (an LLM/ folder)")
+    ap.add_argument("--experiment", type=Path, default=Path("experiments/spark-tts-full_w8a8_int8_gpu.yaml"))
+    ap.add_argument("--concurrency", default="1,256,1024")
+    ap.add_argument("--requests", type=int, default=20, help="requests at concurrency 1")
+    ap.add_argument("--fixed-tokens", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=600, help="the limit when not --fixed-tokens")
+    ap.add_argument("--memory", type=float, default=0.35, help="GPU memory share of each engine")
+    ap.add_argument("--timeout", type=int, default=600)
+    a = ap.parse_args()
+    conc = [int(c) for c in a.concurrency.split(",")]
+    models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
+    exp = load_experiment(a.experiment, [f"eval.concurrency={sorted(set(conc))}", "eval.num_prompts=32"])
+    prompts = eval_prompts(exp, load_tokenizer(models[0][1]), [])
+    codec_dir, random_codec = resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)
+    fixed = a.fixed_tokens
+    a.out.mkdir(parents=True, exist_ok=True)
+    logs = a.out / "logs"
+    logs.mkdir(exist_ok=True)
+    e = exp.eval
+    res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+           "versions": versions(), "host": device_info(), "codec_random_weights": random_codec,
+           "fixed_tokens": fixed, "header_tokens": HEADER if fixed else {}, "concurrency": conc,
+           "requests_at_c1": a.requests, "models": {}}
+    for label, path in models:
+        partial = logs / f"{label}-stream.partial.json"
+        partial.unlink(missing_ok=True)
+        stream = {"codec_dir": str(codec_dir.resolve()), "prompts": stream_prompts(prompts, bool(fixed)),
+                  "concurrency": conc, "requests": a.requests, "max_tokens": fixed or a.max_tokens,
+                  "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
+                  "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
+                  "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
+                  "plan": {"first_chunk": e.audio_first_chunk_tokens}}
+        spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
+        if spec["device"] == "cuda":
+            spec["gpu_memory_utilization"] = a.memory
+        t0 = time.time()
+        r = run_worker(spec, logs, f"{label}-stream", a.timeout, module="spark_quant.audio.stream_worker")
+        if not r.get("ok") and partial.is_file():  # cut short: keep the levels it finished
+            r = {**json.loads(partial.read_text()), "ok": False, "error": r.get("error")}
+        r["seconds"] = round(time.time() - t0, 1)
+        res["models"][label] = r
+        (a.out / "audio.json").write_text(json.dumps(res) + "\n")
+        print(f"gpu_audio: {label} done in {r['seconds']} s (ok={r.get('ok')}, error={r.get('error')})", flush=True)
+    src = (f"{fixed} tokens per request, EOS ignored, every token after the mode's header (controllable 39, "
+           f"clone 1) decoded as a semantic token" if fixed else "sampled until <|im_end|>")
+    md = [f"# Streamed audio on the GPU ({res['host']})", "",
+          f"Commit {res['git_commit']}; {json.dumps(res['versions'])}", "",
+          f"Tokens: {src}. Codec: {codec_dir}" + (" (RANDOM weights: noise, real compute)" if random_codec else ""),
+          "", *stream_table(res["models"]), "", "Tail figures over every request of a level:", "",
+          *load_rows(res["models"]), ""]
+    (a.out / "audio.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0 if all(m.get("ok") for m in res["models"].values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
