@@ -118,7 +118,7 @@ job() {
         --curve $(uniq_csv bf16-x3mp w8a8-x3mp $fx) --curve-concurrency 64,256,512,1024,2048 --curve-trials 3 \
         --curve-tokens 200 --equivalence bf16,bf16-x3mp ;;
     gpu2)  # issue 14's fused INT8 path and the two-machine check in ONE paired run (engines start once), then
-           # issue 16's streamed audio (LLM + BiCodec) and the codec alone. About 22 minutes of one H200.
+           # issue 16's streamed audio (LLM + BiCodec; CODEC_BENCH=1: the codec alone). About 20 minutes of one H200.
            # All variants in the GPU experiment's topology (3 x mp replicas): the earlier machine's b1 (mp executor)
            # and c1024 (3 x mp) ratios are the two-machine check; no single default engines (3 starts saved).
       setup "$PARTS"
@@ -133,13 +133,13 @@ job() {
       t0=$SECONDS
       $PAIRED --out eval/results/paired2 --gpu-share 0.07 --trials 20 \
         --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
-        --cell b1=1:200:$all --cell c1024=1024:100:$all --cell c256=256:128:$all || true
+        --cell b1=1:200:$all --cell c1024=1024:100:$all ${GPU2_C256:+--cell c256=256:128:$all} || true
       echo "paired wall $((SECONDS - t0))s"
       t0=$SECONDS
       $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
-        --concurrency 1,256,1024 --requests 20 --fixed-tokens 250 --timeout 300 || true
+        --concurrency ${AUDIO_C:-1,1024} --requests 20 --fixed-tokens 250 --timeout 240 || true
       echo "audio wall $((SECONDS - t0))s"
-      $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 100 200 --n 20 \
+      [ -z "${CODEC_BENCH:-}" ] || $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 100 200 --n 20 \
         --out eval/results/audio-gpu/codec_bench.json || true ;;
     check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
       setup "$PARTS"
