@@ -42,11 +42,14 @@ def test_fused_add_rmsnorm_int8_matches_the_unfused_steps(tokens):
     print(f"tokens={tokens}: max |q - q_ref| {int(diff.max())} steps, identical {float((diff == 0).float().mean()):.4f}, "
           f"off by 1: {int((diff == 1).sum())}, by 2: {int((diff == 2).sum())}, more: {int((diff > 2).sum())}; "
           f"scale max rel diff {float(((s - s_ref).abs() / s_ref).max()):.2e}")
-    # within INT8 rounding: the reference normalizes the bf16-rounded sum (what the residual holds), the
-    # kernel may use the unrounded one; on an H200 (2026-12-01) that moved some values by 2 steps at 7 and
-    # 256 tokens (a 1-step bound failed there), so the bound is 2 steps and 90% of values must be identical
+    # within INT8 rounding. The kernel's per-token scale differs from the fp32 reference by bf16 rounding (up to
+    # 0.8% on the H200, 2026-12-02), and a scale off by d moves a value q by q * d steps, so about mean|q| * d
+    # (~10%) of the values flip by one step: an "identical fraction" bound is not a property of a correct kernel
+    # (0.894 at 7 tokens failed a 0.9 bound there). Bounded instead: no value more than 2 steps off, the mean
+    # difference at most 0.25 steps (measured there: 0.073, 0.106, 0.080 at 1, 7, 256 tokens). The GEMM test
+    # below checks what matters downstream: the fused path's GEMM output against the stock path's.
     assert int(diff.max()) <= 2
-    assert float((diff == 0).float().mean()) > 0.9
+    assert float(diff.float().mean()) <= 0.25
     assert torch.allclose(s, s_ref, rtol=2e-2)
     # without a residual: the norm of x itself, x untouched
     x0 = x.clone()
