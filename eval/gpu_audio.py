@@ -36,8 +36,8 @@ HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before
 
 def load_rows(models: dict[str, dict]) -> list[str]:
     """Per model and concurrency: tail figures over every request (p99 RTF, first audio p99, underruns)."""
-    lines = ["| model | c | n | first audio p99 ms | RTF p99 (LLM+codec) | requests with underrun | "
-             "underrun max ms | codec wait p50 ms | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | c | n | first audio p99 ms | RTF p99 (LLM+codec) | requests with underrun | "
+              "underrun max ms | codec wait p50 ms | wall s |"), "|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         for row in m.get("rows", []):
             rs = [r for r in row["requests"] if "skipped" not in r]
