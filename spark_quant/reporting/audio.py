@@ -101,6 +101,22 @@ def render_stream(res: dict[str, Any]) -> list[str]:
     return lines + stream_table(res["models"]) + [""]
 
 
+def speaker_lines(sp: dict[str, Any] | None) -> list[str]:
+    """The speaker-similarity paragraph (``audio.speaker`` of results.json; none for older results)."""
+    if not sp:
+        return []
+    if "skipped" in sp:
+        return [f"Speaker similarity: not measured ({sp['skipped']}).", ""]
+    s = sp["similarity"]
+    value = "–" if s["value"] is None else f"{s['value']:.3f}"
+    ci = " (no interval: n < 2)" if s["low"] is None else f" [{s['low']:.3f}, {s['high']:.3f}] (95% bootstrap)"
+    warn = f" **{sp['note']}.**" if sp.get("random_weights") else ""
+    extra = f"; {sp['no_voice_files']} of {sp['files']} files had no voice for its detector" \
+        if sp.get("no_voice_files") else ""
+    return [f"Speaker similarity BF16 vs INT8 ({sp['model']}, {sp['metric']}): mean {value}{ci}, n = {s['n']} "
+            f"pairs{extra}.{warn} {sp['reference'][0].upper()}{sp['reference'][1:]}.", ""]
+
+
 def render_samples(res: dict[str, Any]) -> list[str]:
     """report.md's audio section (links relative to the results folder)."""
     if res.get("skipped_all"):
@@ -113,8 +129,10 @@ def render_samples(res: dict[str, Any]) -> list[str]:
                   "the plumbing are real.", ""]
     lines += [f"[Players and spectrograms]({res['page']}) · {res['written']} WAV files, {res['skipped']} skipped · "
               f"codec: {res['codec']['implementation']} on {res['codec']['device']}", "",
-              "| # | mode | text | BF16 | INT8 | INT8/BF16 duration | log-spectral distance (dB) |",
-              "|---|---|---|---|---|---|---|"]
+              *speaker_lines(res.get("speaker")),
+              "| # | mode | text | BF16 | INT8 | INT8/BF16 duration | log-spectral distance (dB) | "
+              "speaker similarity |",
+              "|---|---|---|---|---|---|---|---|"]
 
     def link(e: dict[str, Any]) -> str:
         if "wav" not in e:
@@ -126,7 +144,8 @@ def render_samples(res: dict[str, Any]) -> list[str]:
         text = text if len(text) <= 40 else text[:39] + "…"
         dist = s.get("log_spectral_distance_db")
         ratio = s.get("duration_ratio")
+        sim = s.get("speaker_similarity")
         lines.append(f"| {s['prompt']} | {s['mode']} | {text} | {link(s.get('baseline', {}))} | "
                      f"{link(s.get('quantized', {}))} | {'–' if ratio is None else f'{ratio:.2f}'} | "
-                     f"{'–' if dist is None else f'{dist:.1f}'} |")
+                     f"{'–' if dist is None else f'{dist:.1f}'} | {'–' if sim is None else f'{sim:.3f}'} |")
     return lines + [""]
