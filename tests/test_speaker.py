@@ -195,3 +195,35 @@ def test_html_page_shows_the_summary_and_each_pairs_similarity():
     assert '<p class="warn">Speaker similarity BF16 vs INT8' in page
     assert "mean 0.912 [0.850, 0.950] (95% bootstrap), n = 3 pairs." in page and RANDOM_CODEC_NOTE in page
     assert page.count("speaker similarity 1.000") == 1 and page.count("speaker similarity 0.457") == 1
+
+
+# --- the command line: rescoring a finished eval -------------------------------------------------
+def test_cli_rescores_a_results_folder_without_changing_it(encoder, wavs, tmp_path, capsys):
+    import json
+    import shutil
+
+    from spark_quant.audio.speaker import main
+
+    (tmp_path / "audio").mkdir()
+    for p in wavs.values():
+        shutil.copy(p, tmp_path / "audio" / p.name)
+    results = {"audio": {"folder": "audio", "random_weights": False, "samples": _rows()}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main([str(tmp_path), "--out", str(tmp_path / "speaker.json")]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pairs"] == 2 and "note" not in out
+    assert json.loads((tmp_path / "speaker.json").read_text())["rows"][0]["speaker_similarity"] == \
+        pytest.approx(1.0, abs=1e-6)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+
+
+def test_cli_on_a_folder_without_audio_samples_is_one_line_error(tmp_path):
+    import json
+
+    from spark_quant.audio.speaker import main
+    from spark_quant.errors import UserError
+
+    (tmp_path / "results.json").write_text(json.dumps({"fidelity": {}}))
+    with pytest.raises(UserError, match=r"results.json: no audio samples to score \(KeyError") as e:
+        main([str(tmp_path)])
+    assert "\n" not in str(e.value) and "eval.audio_samples" in str(e.value)

@@ -169,17 +169,55 @@ def html_summary(speaker: dict[str, Any] | None) -> str:
             f'n = {s["n"]} pairs.{warn}</p>')
 
 
+def bench(lengths: list[float], n: int) -> dict[str, Any]:
+    """Embedding time by audio length (white noise, which the voice detector keeps whole), lengths interleaved,
+    after the encoder's warm-up; median and its 95% bootstrap interval."""
+    import statistics
+
+    import numpy as np
+
+    from spark_quant.reporting.stats import bootstrap_ci
+
+    enc = SpeakerEncoder()
+    rng = np.random.default_rng(0)
+    wavs = {s: (0.3 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in lengths}
+    times: dict[float, list[float]] = {s: [] for s in lengths}
+    for _ in range(n):
+        for s in lengths:
+            times[s].append(enc.embed(wavs[s]).embed_s)
+    print(f"{enc.name}, load + warm-up {enc.load_s:.2f} s\n| audio s | n | embed ms p50 [95% CI] | s per audio s |"
+          "\n|---|---|---|---|")
+    rows = []
+    for s in lengths:
+        p50, (lo, hi) = statistics.median(times[s]), bootstrap_ci(times[s])
+        print(f"| {s:g} | {n} | {p50 * 1000:.0f} [{lo * 1000:.0f}, {hi * 1000:.0f}] | {p50 / s:.3f} |")
+        rows.append({"audio_s": s, "n": n, "p50_s": p50, "ci95_s": [lo, hi], "raw_s": times[s]})
+    return {"model": enc.name, "load_s": enc.load_s, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Score the WAV pairs of a finished eval again: ``python -m spark_quant.audio.speaker RESULTS_DIR``."""
+    """Score the WAV pairs of a finished eval again: ``python -m spark_quant.audio.speaker RESULTS_DIR``;
+    time the encoder: ``python -m spark_quant.audio.speaker --bench``."""
     import argparse
     import json
 
     from spark_quant.errors import UserError
 
     ap = argparse.ArgumentParser(description="speaker similarity of an eval's BF16 / INT8 WAV pairs")
-    ap.add_argument("results", type=Path, help="an eval results folder (results.json with an audio section)")
+    ap.add_argument("results", type=Path, nargs="?", help="an eval results folder (results.json with audio)")
     ap.add_argument("--out", type=Path, help="write the rows and the summary here as JSON")
+    ap.add_argument("--bench", type=float, nargs="*", metavar="SECONDS", help="time the encoder (default 1 4 10)")
+    ap.add_argument("--n", type=int, default=8, help="--bench: repetitions per length")
     args = ap.parse_args(argv)
+    if args.bench is not None:
+        res = bench(args.bench or [1.0, 4.0, 10.0], args.n)
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({"load_s": res["load_s"], "p50_ms": {r["audio_s"]: round(r["p50_s"] * 1000, 1)
+                                                              for r in res["rows"]}}))
+        return 0
+    if args.results is None:
+        ap.error("give an eval results folder, or --bench")
     path = args.results / "results.json"
     try:
         audio = json.loads(path.read_text())["audio"]
