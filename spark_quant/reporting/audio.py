@@ -110,11 +110,11 @@ def speaker_lines(sp: dict[str, Any] | None) -> list[str]:
     s = sp["similarity"]
     value = "–" if s["value"] is None else f"{s['value']:.3f}"
     ci = " (no interval: n < 2)" if s["low"] is None else f" [{s['low']:.3f}, {s['high']:.3f}] (95% bootstrap)"
-    warn = f" **{sp['note']}.**" if sp.get("random_weights") else ""
-    extra = f"; {sp['no_voice_files']} of {sp['files']} files had no voice for its detector" \
-        if sp.get("no_voice_files") else ""
-    return [f"Speaker similarity BF16 vs INT8 ({sp['model']}, {sp['metric']}): mean {value}{ci}, n = {s['n']} "
-            f"pairs{extra}.{warn} {sp['reference'][0].upper()}{sp['reference'][1:]}.", ""]
+    warn = f" **{sp['note'][0].upper()}{sp['note'][1:]}.**" if sp.get("random_weights") else ""
+    extra = (f"; the voice detector found no voice in {sp['no_voice_files']} of {sp['files']} files (embedded "
+             "untrimmed)") if sp.get("no_voice_files") else ""
+    return [f"Speaker similarity BF16 vs INT8: mean {value}{ci}, n = {s['n']} pairs.{warn} Per pair: the "
+            f"{sp['metric']}, by {sp['model']}{extra}. {sp['reference'][0].upper()}{sp['reference'][1:]}.", ""]
 
 
 def render_samples(res: dict[str, Any]) -> list[str]:
