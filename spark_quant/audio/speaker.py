@@ -162,11 +162,10 @@ def html_summary(speaker: dict[str, Any] | None) -> str:
     s = speaker["similarity"]
     value = "–" if s["value"] is None else f'{s["value"]:.3f}'
     ci = "" if s["low"] is None else f' [{s["low"]:.3f}, {s["high"]:.3f}]'
-    warn = f' <b>{html.escape(RANDOM_CODEC_NOTE)}.</b>' if speaker["random_weights"] else ""
+    warn = f' <b>Note: {html.escape(RANDOM_CODEC_NOTE)}.</b>' if speaker["random_weights"] else ""
     cls = ' class="warn"' if speaker["random_weights"] else ""
-    return (f'<p{cls}>Speaker similarity '
-            f'BF16 vs INT8 ({html.escape(speaker["model"])}, cosine): mean {value}{ci} (95% bootstrap), '
-            f'n = {s["n"]} pairs.{warn}</p>')
+    return (f'<p{cls}>Speaker similarity BF16 vs INT8: mean {value}{ci} (95% bootstrap), n = {s["n"]} pairs.{warn} '
+            f'Cosine of the two files\' embeddings by {html.escape(speaker["model"])}.</p>')
 
 
 def bench(lengths: list[float], n: int) -> dict[str, Any]:
