@@ -9,30 +9,20 @@ drift that moves both variants of a round together cancels out. A ratio whose in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-CONFIDENCE = 0.95
+from spark_quant.reporting.stats import CONFIDENCE, bootstrap_interval  # noqa: F401 (CONFIDENCE: the level used)
+
 N_RESAMPLES = 9999
 
 
 def _bootstrap(data: tuple, statistic, paired: bool, seed: int) -> tuple[float | None, float | None]:
-    from scipy.stats import bootstrap
-
-    n = len(data[0])
-    if n < 3 or len({tuple(x) for x in zip(*data)}) < 2:  # too few or all equal: no interval to speak of
-        return (None, None) if n < 3 else (float(statistic(*data)), float(statistic(*data)))
-    for method in ("BCa", "percentile"):  # BCa is undefined on some degenerate samples: fall back
-        with np.errstate(all="ignore"):
-            res = bootstrap(data, statistic, paired=paired, vectorized=False, confidence_level=CONFIDENCE,
-                            n_resamples=N_RESAMPLES, method=method, random_state=np.random.default_rng(seed))
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if not (math.isnan(lo) or math.isnan(hi)):
-            return lo, hi
-    return None, None
+    """BCa (percentile where BCa is undefined), 9,999 resamples of whole rounds, no interval under 3 trials."""
+    return bootstrap_interval(data, statistic, paired, seed, method="BCa", n_resamples=N_RESAMPLES, min_n=3,
+                              vectorized=False)
 
 
 def median_ci(xs: Sequence[float], seed: int = 0) -> dict[str, Any]:

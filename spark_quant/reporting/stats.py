@@ -40,19 +40,30 @@ def interval(value: float | None, low: float | None, high: float | None, n: int,
     return {"value": value, "low": low, "high": high, "n": n, "method": method}
 
 
-def _bootstrap(data: tuple[np.ndarray, ...], statistic, paired: bool, seed: int) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of ``statistic`` (scipy.stats.bootstrap, resampling units)."""
+def bootstrap_interval(data: tuple[np.ndarray, ...], statistic, paired: bool, seed: int, *, method: str = "percentile",
+                       n_resamples: int = RESAMPLES, min_n: int = 2,
+                       vectorized: bool = True) -> tuple[float | None, float | None]:
+    """The one bootstrap of the package (scipy.stats.bootstrap, resampling whole units; ``paired`` keeps the
+    units of several arrays together). (None, None) under ``min_n`` units; a point interval when every unit
+    is the same; with ``method="BCa"``, the percentile interval where BCa is undefined (degenerate samples)."""
     from scipy.stats import bootstrap
 
-    if len(data[0]) < 2:
+    if len(data[0]) < min_n:
         return None, None
-    if all(np.all(d == d[0]) for d in data):  # every unit the same: no spread to resample
-        v = float(statistic(*data, axis=-1))
+    if len({tuple(x) for x in zip(*data)}) < 2:  # every unit the same: no spread to resample
+        v = float(statistic(*data, axis=-1)) if vectorized else float(statistic(*data))
         return v, v
-    res = bootstrap(data, statistic, paired=paired, vectorized=True, axis=-1, confidence_level=CONFIDENCE,
-                    n_resamples=RESAMPLES, method="percentile", rng=np.random.default_rng(seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return (None if math.isnan(lo) else lo), (None if math.isnan(hi) else hi)
+    for m in dict.fromkeys((method, "percentile")):
+        with np.errstate(all="ignore"):
+            res = bootstrap(data, statistic, paired=paired, vectorized=vectorized, axis=-1, confidence_level=CONFIDENCE,
+                            n_resamples=n_resamples, method=m, rng=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not (math.isnan(lo) or math.isnan(hi)):
+            return lo, hi
+    return None, None
+
+
+_bootstrap = bootstrap_interval
 
 
 def _pooled(s, c, axis=-1):
@@ -161,15 +172,7 @@ def significant(diff: dict[str, Any]) -> bool | None:
     return diff["low"] > 0 or diff["high"] < 0
 
 
-def bootstrap_ci(xs: list[float], stat: str = "median", level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile-bootstrap interval of the median (or mean) with scipy.stats.bootstrap; (None, None) under n=2."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2 or len(set(xs)) < 2:
-        return (xs[0], xs[0]) if xs and len(set(xs)) == 1 and len(xs) >= 2 else (None, None)
-    fn = np.median if stat == "median" else np.mean
-    r = bootstrap((np.asarray(xs, dtype=float),), fn, confidence_level=level, n_resamples=2000,
-                  method="percentile", random_state=np.random.default_rng(0))
-    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+def bootstrap_ci(xs: list[float], stat: str = "median") -> tuple[float | None, float | None]:
+    """95% percentile-bootstrap interval of the median (or mean) of samples (None ignored); (None, None) under 2."""
+    x = np.asarray([v for v in xs if v is not None], dtype=float)
+    return bootstrap_interval((x,), np.median if stat == "median" else np.mean, False, 0)
