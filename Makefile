@@ -111,11 +111,11 @@ validate: $(QUANT_ENV)
 ## Run the test suite (CPU; real llm-compressor and vLLM on the tiny proxy; TEST_WORKERS=2 pytest-xdist workers)
 TEST_WORKERS ?= 2
 test: $(QUANT_ENV) $(SERVE_ENV)
-	$(QUANT_PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
+	$(QUANT_PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 ## The quick tier: no vLLM engine, no llm-compressor run, no training (about 2 minutes)
 test-quick: $(QUANT_ENV) $(SERVE_ENV)
-	$(QUANT_PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not e2e" --durations=10
+	$(QUANT_PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder -m "not e2e" --durations=10
 
 ## Remove generated artifacts (keeps the environments)
 clean:

@@ -135,10 +135,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("requires_gpu") and not has_cuda_device():
             item.add_marker(no_gpu)
-    # quick tests first, then model work; tests needing the trained proxy last (it trains in the background)
-    items.sort(key=lambda it: (it.get_closest_marker("e2e") is not None, "trained_proxy" in it.fixturenames))
+    # Modules run whole on one worker (--dist loadscope --no-loadscope-reorder), in this order: those with no
+    # model work, then the long ones (LONG_MODULES), then the rest. Inside a module: quick tests first, then
+    # model work, tests needing the trained proxy (trained in the background meanwhile) last.
+    e2e_modules = {it.path.name for it in items if it.get_closest_marker("e2e")}
+
+    def module_rank(name: str) -> int:
+        if name not in e2e_modules:
+            return 0
+        return 1 + (LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES))
+
+    items.sort(key=lambda it: (module_rank(it.path.name), it.path.name, it.get_closest_marker("e2e") is not None,
+                               "trained_proxy" in it.fixturenames))
 
 
+# The longest modules (minutes of one worker on this 2-core CPU, docs/benchmarks.md § Test suite), in the order
+# they start: the sweep builds the shared checkpoint while the serving-profile module starts on the other worker;
+# the damaged-variant evals (about 9 minutes, needing the trained proxy) start third, by when the proxy is
+# trained; the rest fill in around them.
+LONG_MODULES = ("test_pipeline_e2e.py", "test_spark_profile.py", "test_metrics_can_fail.py", "test_reliability.py",
+                "test_audio.py")
 _trained_build: subprocess.Popen | None = None
 BUILDING = TRAINED_CACHE.parent / f"{TRAINED_NAME}.building"  # holds the background build's pid
 
