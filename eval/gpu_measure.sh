@@ -53,7 +53,7 @@ setup() {
   for stack in quant serve; do
     cat > "$SITE/bin/$stack-python" <<WRAP
 #!/bin/sh
-export PYTHONPATH="$SITE/$stack:$SITE/extra:$PWD\${PYTHONPATH:+:\$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0
+export PYTHONPATH="$SITE/$stack:$SITE/extra:$PWD\${PYTHONPATH:+:\$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 exec python3 "\$@"
 WRAP
     chmod +x "$SITE/bin/$stack-python"

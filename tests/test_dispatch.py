@@ -96,3 +96,20 @@ def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):
     md = (out / "paired.md").read_text()
     assert "slow / fast" in md and "Saturation curve" in md
     assert (out / "saturation.png").stat().st_size > 1000
+
+
+def test_serving_processes_keep_nvlink_multicast_off_whatever_the_spec_says(tmp_path, monkeypatch):
+    """The GPU hosts' rule: NCCL/PyTorch/NVSHMEM multicast stays off in every serving process, also when the
+    caller's environment or an experiment's engine ``env`` asks for it (a one-shot worker and a pool replica)."""
+    from spark_quant.serving.client import run_worker
+    from spark_quant.serving.procenv import NO_MULTICAST, serving_env
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")
+    monkeypatch.setenv("SERVE_PYTHON", sys.executable)
+    asked = {"NCCL_NVLS_ENABLE": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "0", "SPARK_QUANT_PROBE": "kept"}
+    env = serving_env(asked, {"NVSHMEM_DISABLE_NVLS": "0"})
+    assert {k: env[k] for k in NO_MULTICAST} == NO_MULTICAST and env["SPARK_QUANT_PROBE"] == "kept"
+    res = run_worker({"model": "m", "dtype": "bfloat16", "env": asked}, tmp_path, "probe", 60,
+                     module="tests.fixtures.env_probe")
+    assert res["ok"], res
+    assert res["env"] == {**NO_MULTICAST, "SPARK_QUANT_PROBE": "kept"}

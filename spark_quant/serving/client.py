@@ -21,6 +21,7 @@ from spark_quant.artifacts import fingerprint
 from spark_quant.config import Experiment
 from spark_quant.envinfo import REPO_ROOT, device_info, versions
 from spark_quant.errors import UserError
+from spark_quant.serving.procenv import serving_env
 
 KERNEL_RE = re.compile(r"Selected (\w+) for (\w+)")
 
@@ -67,8 +68,7 @@ def run_worker(spec: dict[str, Any], workdir: Path, tag: str, timeout_s: int,
     spec_path, result_path, log_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.result.json", workdir / f"{tag}.log"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    env.update({k: str(v) for k, v in (spec.get("env") or {}).items()})  # e.g. VLLM_USE_V2_MODEL_RUNNER
+    env = serving_env(spec.get("env"))  # e.g. VLLM_USE_V2_MODEL_RUNNER; NVLink multicast always off
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                       env.get("PYTHONPATH", "")]))
     t0 = time.time()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant.errors import UserError
+from spark_quant.serving.procenv import serving_env
 
 SESSION_MODULE = "spark_quant.serving.session"
 _LOG_FACTS = {
@@ -75,9 +76,7 @@ class Replica:
     def launch(self) -> None:
         spec_path = self.workdir / f"{self.tag}.spec.json"
         spec_path.write_text(json.dumps(self.spec))
-        env = dict(os.environ, VLLM_USE_FLASHINFER_SAMPLER="0", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        env.update({k: str(v) for k, v in (self.spec.get("env") or {}).items()})
-        env.update(self.env)
+        env = serving_env(self.spec.get("env"), self.env)  # NVLink multicast always off
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH", "")]))
         self._log = open(self.log_path, "w")  # noqa: SIM115 (the session's stderr for its whole life)
