@@ -155,3 +155,11 @@ def test_eval_scripts_import_only_public_names():
         if "sys.path.insert" in script.read_text():
             bad.append(f"{script.name}: sys.path.insert (run it with the package importable instead)")
     assert not bad, bad
+
+
+def test_the_readme_file_list_names_every_module():
+    """README's "Files" section is the map a newcomer reads: one line per module, none missing."""
+    files = (ROOT / "README.md").read_text().split("## Files", 1)[1]
+    listed = {line.split()[0] for line in files.splitlines() if line.startswith("  ") and line.split()}
+    modules = {p.relative_to(PKG).as_posix() for p in PKG.rglob("*.py") if p.name != "__init__.py"} - {"spark/__init__.py"}
+    assert not modules - listed, f"README.md's Files section lacks: {sorted(modules - listed)}"
