@@ -8,13 +8,14 @@ trained proxy and failed by the random one (both are asserted).
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
 from conftest import ROOT
 
 from spark_quant import spark
-from spark_quant.models.spark_language import CLONE_K, K_BY_SPEED, Language, example, output_for
+from spark_quant.models.spark_language import CLONE_K, K_BY_SPEED, Language, example, number_features, output_for
 from spark_quant.models.trained import Corpus
 from spark_quant.spark.corpus import read_corpus
 
@@ -45,16 +46,30 @@ def test_language_outputs_follow_spark_grammar_and_count_follows_length_and_spee
         assert parsed.global_tokens == lang.voice_globals[(1, 3)]
         counts.append(len(parsed.semantic_tokens))
     assert counts == [n * k for k in K_BY_SPEED] and counts == sorted(counts, reverse=True)
-    # clone: the reference's voice picks the semantic range, the text's length the count
+    # clone: the text's length sets the count; the voice is in the globals, not in the semantic tokens
     glob = lang.voice_globals[(0, 2)]
     out = output_for(lang, tok.encode(spark.clone_prompt(text, glob)))
     assert out[0] == spark.token_id("<|start_semantic_token|>") and out[-1] == spark.EOS_ID
     parsed = spark.parse_ids(out, "clone")
     assert parsed.valid and len(parsed.semantic_tokens) == n * CLONE_K
     other = spark.parse_ids(output_for(lang, tok.encode(spark.clone_prompt(text, list(range(32))))), "clone")
-    assert len(other.semantic_tokens) == n * CLONE_K and set(other.semantic_tokens).isdisjoint(parsed.semantic_tokens)
+    assert other.semantic_tokens == parsed.semantic_tokens
     longer = spark.parse_ids(output_for(lang, tok.encode(spark.clone_prompt(text + " " + TRAIN[1], glob))), "clone")
     assert len(longer.semantic_tokens) > len(parsed.semantic_tokens)
+
+
+def test_number_features_put_nearby_counts_near():
+    rows = number_features(256, 0.5)
+    assert len(rows) == 512 and all(len(v) == 256 and abs(math.hypot(*v) - 0.5) < 1e-9 for v in rows.values())
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(rows[a], rows[b])) / 0.25
+
+    for b in (0, 10, 60):  # code 4 * b + r: the next count is nearer than a far one, r = 1 apart from r = 0
+        assert cos(4 * b, 4 * (b + 1)) > cos(4 * b, 4 * (b + 2)) > cos(4 * b, 4 * (b + 40))
+        assert cos(4 * b, 4 * b + 1) < 1 - 1e-6
+    with pytest.raises(ValueError, match="hidden size"):
+        number_features(64, 0.5)
 
 
 def test_training_sequences_are_exact_prompts_and_never_use_heldout_texts(tok):
