@@ -10,23 +10,28 @@ fixed seed, independent of the training seed). See ``trained.py`` for why and ho
   voice (gender, pitch)'s fixed table (10 voices, 320 distinct global ids);
 - semantic tokens: K per content token, K = 3, 2, 2, 1, 1 for speed very_low ..
   very_high, so the count is (content tokens) x K and follows text length and speed.
-  They count down over the content: code ``4 * (128 * voice + b) + r`` for b = n-1 .. 0
-  and r = 0 .. K-1, then ``<|im_end|>``. The first code carries the number of content
-  tokens (the model must count the text), the rest is a chain the voice and speed fix;
+  They count down over the content: code ``4 * b + r`` for b = n-1 .. 0 and r = 0 .. K-1,
+  then ``<|im_end|>``. As in Spark-TTS, where BiCodec's global tokens carry the speaker and
+  the semantic tokens the content, the semantic tokens do not depend on the voice: the
+  voice is in the globals, the text (its length) in the semantic tokens. The first code
+  carries the number of content tokens (the model must count the text), the rest is a chain;
+  ``number_features`` gives the codes' embedding rows a shape in which nearby counts are near
+  (``trained.py`` starts training from it), which is what makes the count learnable in the
+  CPU budget (version 1 put each count in a per-voice range: correlation 0.39);
 - voice clone (``spark.clone_prompt`` without transcript) -> ``<|start_semantic_token|>``
-  + the countdown at K = 2 in the reference's voice (the voice whose table the 32
-  reference globals are; any other reference gets an 11th range) + ``<|im_end|>``;
+  + the countdown at K = 2 + ``<|im_end|>``;
 - voice clone with transcript: the content is transcript + text, the prompt ends with
   the reference's part of the countdown, and the model continues it to ``<|im_end|>``.
 """
 
 from __future__ import annotations
 
+import math
 import random
 
 from spark_quant import spark
 
-LANGUAGE_VERSION = 1
+LANGUAGE_VERSION = 2  # 2: voice-free countdown codes 4 * b + r (1: 4 * (128 * voice + b) + r)
 
 
 LANGUAGE_SEED = 20261127  # fixes the synthetic language's tables; not the training seed
@@ -41,7 +46,7 @@ CLONE_K = 2
 MAX_BLOCKS = 128  # content tokens counted; longer content is cut to this many in the output
 
 
-OTHER_VOICE = 10  # clone references that are not one of the 10 voice tables
+CODES_PER_BLOCK = 4  # code = CODES_PER_BLOCK * b + r, r < max(K_BY_SPEED)
 
 
 class Language:
@@ -51,18 +56,12 @@ class Language:
         rng = random.Random(LANGUAGE_SEED)
         ids = rng.sample(range(spark.GLOBAL_CODEBOOK), 10 * spark.N_GLOBAL)
         self.voice_globals = {(g, p): ids[(g * 5 + p) * 32 : (g * 5 + p + 1) * 32] for g in range(2) for p in range(5)}
-        self._voice_of_global = {glob[0]: g * 5 + p for (g, p), glob in self.voice_globals.items()}
-
-    def voice_of(self, global_tokens: list[int]) -> int:
-        """Voice 0..9 of a voice table's globals; OTHER_VOICE for any other reference."""
-        v = self._voice_of_global.get(global_tokens[0])
-        return v if v is not None and self.voice_globals[divmod(v, 5)] == list(global_tokens) else OTHER_VOICE
 
     @staticmethod
-    def semantic(n_content: int, k: int, voice: int) -> list[int]:
-        """Semantic codes (0..8191): a countdown over the content tokens, K codes each, in the voice's range."""
+    def semantic(n_content: int, k: int) -> list[int]:
+        """Semantic codes (0..8191): a countdown over the content tokens, K codes each."""
         n = min(n_content, MAX_BLOCKS)
-        return [4 * (voice * MAX_BLOCKS + b) + r for b in range(n - 1, -1, -1) for r in range(k)]
+        return [CODES_PER_BLOCK * b + r for b in range(n - 1, -1, -1) for r in range(k)]
 
     @staticmethod
     def pitch_value(gender: int, pitch: int) -> int:
@@ -79,7 +78,7 @@ class Language:
              spark.token_id("<|start_global_token|>")]
             + [spark.global_id(x) for x in self.voice_globals[(gender, pitch)]]
             + [spark.token_id("<|end_global_token|>"), spark.token_id("<|start_semantic_token|>")]
-            + [spark.semantic_id(s) for s in self.semantic(len(content), K_BY_SPEED[speed], gender * 5 + pitch)]
+            + [spark.semantic_id(s) for s in self.semantic(len(content), K_BY_SPEED[speed])]
             + [spark.EOS_ID]
         )
 
@@ -108,7 +107,7 @@ def example(lang: Language, content: list[int], rng: random.Random, kind: str,
     prompt = ([spark.token_id("<|task_tts|>"), spark.token_id("<|start_content|>")] + ref + content
               + [spark.token_id("<|end_content|>"), spark.token_id("<|start_global_token|>")]
               + [spark.global_id(x) for x in glob] + [spark.token_id("<|end_global_token|>")])
-    sem = [spark.semantic_id(x) for x in lang.semantic(len(ref) + len(content), CLONE_K, lang.voice_of(glob))]
+    sem = [spark.semantic_id(x) for x in lang.semantic(len(ref) + len(content), CLONE_K)]
     if not ref:
         return prompt + [spark.token_id("<|start_semantic_token|>")] + sem + [spark.EOS_ID], len(prompt)
     # with the transcript, the prompt ends inside the semantic block with the reference's own tokens
@@ -126,7 +125,24 @@ def output_for(lang: Language, prompt_ids: list[int]) -> list[int]:
         p = prompt_ids[-3] - spark.RANGE_START["pitch_label"]
         s = prompt_ids[-2] - spark.RANGE_START["speed_label"]
         return lang.controllable_output(content, g, p, s)
-    g0 = prompt_ids.index(spark.token_id("<|start_global_token|>")) + 1
-    glob = [t - spark.RANGE_START["bicodec_global"] for t in prompt_ids[g0 : g0 + spark.N_GLOBAL]]
-    sem = lang.semantic(len(content), CLONE_K, lang.voice_of(glob))
+    sem = lang.semantic(len(content), CLONE_K)
     return [spark.token_id("<|start_semantic_token|>")] + [spark.semantic_id(x) for x in sem] + [spark.EOS_ID]
+
+
+def number_features(hidden: int, norm: float, n_freq: int = 48) -> dict[int, list[float]]:
+    """Embedding rows (``hidden`` wide, length ``norm``) for the semantic codes ``4 * b + r``: sines and cosines
+    of b over periods 4 .. 256 (so the rows of nearby counts b are near and a count down is a rotation), then
+    a block of ones for r. ``trained.py`` mixes them into the seeded random init before training."""
+    if hidden < 2 * n_freq + 8 * CODES_PER_BLOCK:
+        raise ValueError(f"number_features: hidden size {hidden} < {2 * n_freq + 8 * CODES_PER_BLOCK}")
+    periods = [4 * 64 ** (k / (n_freq - 1)) for k in range(n_freq)]
+    rows = {}
+    for b in range(MAX_BLOCKS):
+        for r in range(CODES_PER_BLOCK):
+            v = [0.0] * hidden
+            for k, period in enumerate(periods):
+                v[2 * k], v[2 * k + 1] = math.cos(2 * math.pi * b / period), math.sin(2 * math.pi * b / period)
+            v[2 * n_freq + 8 * r : 2 * n_freq + 8 * r + 8] = [1.0] * 8
+            scale = norm / math.sqrt(sum(x * x for x in v))
+            rows[CODES_PER_BLOCK * b + r] = [x * scale for x in v]
+    return rows

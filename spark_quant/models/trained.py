@@ -9,7 +9,11 @@ learnable function of the prompt. The result has peaked, structured outputs.
 The synthetic language is ``spark_language.py``.
 
 What the audio tokens depend on is deliberately simple: labels (pitch/speed values,
-globals, K), the reference's globals and semantic tokens, and the text's length. A
+globals, K), the reference's semantic tokens, and the text's length. The countdown codes'
+embedding rows start from ``spark_language.number_features`` (mixed into the seeded init,
+``TrainSettings.number_init``): with independent random rows, 400 CPU steps do not learn to
+write the count (correlation with the expected count 0.39 in language version 1, 0.72 in
+version 2 without it, 0.97 with it; docs/benchmarks.md). A
 per-token text-to-semantic map (one code per BPE id) would need each of ~4,000 BPE ids
 seen many times, which a few CPU minutes cannot give, and it could not generalize to
 held-out texts (27% of their tokens never occur in train.txt).
@@ -50,6 +54,7 @@ from spark_quant.models.spark_language import (
     LANGUAGE_VERSION,
     Language,
     example,
+    number_features,
     output_for,
 )
 from spark_quant.outputs import atomic_folder, remove_dead_temporaries
@@ -69,6 +74,7 @@ class TrainSettings:
     n_negatives: int = 2048  # never-emitted ids kept in the training softmax, so generic rows get pushed down
     n_sampled: int = 2048  # random rows of the compact vocabulary in each step's softmax, besides the targets
     truncate_fraction: float = 0.6  # share of sequences cut a few tokens into the semantic block (see training_batch)
+    number_init: float = 0.5  # length of the number-shaped part of the countdown codes' initial rows (0: none)
 
     @classmethod
     def for_size(cls, size: str) -> TrainSettings:
@@ -149,6 +155,11 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
         remap[torch.tensor(active)] = torch.arange(len(active))
         remap = remap.to(device)
         full_emb = model.get_input_embeddings()
+        if settings.number_init:  # the countdown codes start number-shaped (spark_language.number_features)
+            rows = number_features(full_emb.weight.shape[1], settings.number_init)
+            ids = torch.tensor([spark.semantic_id(c) for c in rows], device=device)
+            with torch.no_grad():
+                full_emb.weight[ids] = torch.tensor(list(rows.values()), device=device) + 0.5 * full_emb.weight[ids]
         emb = torch.nn.Embedding(len(active), full_emb.weight.shape[1]).to(device)
         with torch.no_grad():
             emb.weight.copy_(full_emb.weight[torch.tensor(active, device=device)])
@@ -238,7 +249,7 @@ def measure(model, tok, texts: list[str], n: int = 16, max_new: int = 400) -> di
         "exact_match_rate": statistics.fmean(exact),
         "token_accuracy": statistics.fmean(tok_acc),
         "semantic_count_rel_error_mean": statistics.fmean(count_err),
-        "semantic_count_corr_expected": _corr([r["semantic"] for r in rows], [r["expected_semantic"] for r in rows]),
+        **_corr([r["semantic"] for r in rows], [r["expected_semantic"] for r in rows]),
         "semantic_count_by_speed": {s: statistics.fmean(r["semantic"] / max(1, r["expected_semantic"]
                                                                              / K_BY_SPEED[s]) for r in ctrl
                                                         if r["speed"] == s)
@@ -248,10 +259,16 @@ def measure(model, tok, texts: list[str], n: int = 16, max_new: int = 400) -> di
     }
 
 
-def _corr(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 2 or len(set(xs)) < 2 or len(set(ys)) < 2:
-        return None
-    return statistics.correlation(xs, ys)
+def _corr(xs: list[float], ys: list[float]) -> dict[str, Any]:
+    """Pearson correlation of the semantic counts with the expected ones, with its 95% interval (Fisher z)."""
+    if len(xs) < 4 or len(set(xs)) < 2 or len(set(ys)) < 2:
+        return {"semantic_count_corr_expected": None, "semantic_count_corr_ci95": None}
+    from scipy import stats
+
+    r = stats.pearsonr(xs, ys)
+    ci = r.confidence_interval(0.95)
+    return {"semantic_count_corr_expected": float(r.statistic),
+            "semantic_count_corr_ci95": [round(float(ci.low), 4), round(float(ci.high), 4)]}
 
 
 def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int = 99) -> dict[str, float]:
@@ -340,7 +357,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         os.chmod(llm / "model.safetensors", (llm / "config.json").stat().st_mode & 0o777)
         held = teacher_forced_accuracy(model, tok, heldout_texts)
         train_acc = teacher_forced_accuracy(model, tok, train_texts[:64])
-        structure = measure(model, tok, heldout_texts, n=8, max_new=300)
+        structure = measure(model, tok, heldout_texts, n=16, max_new=300)
         structure.pop("rows")
         (tmp / "config.yaml").write_text(config_yaml(size).replace(
             "random-initialized stand-in", "synthetically trained stand-in").replace(
