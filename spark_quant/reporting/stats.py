@@ -63,8 +63,6 @@ def bootstrap_interval(data: tuple[np.ndarray, ...], statistic, paired: bool, se
     return None, None
 
 
-_bootstrap = bootstrap_interval
-
 
 def _pooled(s, c, axis=-1):
     return np.sum(s, axis=axis) / np.sum(c, axis=axis)
@@ -85,7 +83,7 @@ def mean_ci(xs: list[float], seed: int = 0) -> dict[str, Any]:
     a = np.asarray([x for x in xs if x is not None], dtype=float)
     if not len(a):
         return interval(None, None, None, 0, "bootstrap")
-    lo, hi = _bootstrap((a,), np.mean, False, seed)
+    lo, hi = bootstrap_interval((a,), np.mean, False, seed)
     return interval(float(a.mean()), lo, hi, len(a), "bootstrap")
 
 
@@ -96,7 +94,7 @@ def pooled_mean_ci(sums: list[float], counts: list[float], seed: int = 0) -> dic
     if not pairs:
         return interval(None, None, None, 0, "bootstrap")
     s, c = (np.asarray(x, dtype=float) for x in zip(*pairs))
-    lo, hi = _bootstrap((s, c), _pooled, True, seed)
+    lo, hi = bootstrap_interval((s, c), _pooled, True, seed)
     return interval(float(_pooled(s, c)), lo, hi, len(s), "bootstrap (prompts)")
 
 
@@ -122,7 +120,7 @@ def paired_ci(base: list[float], quant: list[float], kind: str = "diff", seed: i
     value = float(stat(b, q))
     if math.isnan(value):
         return interval(None, None, None, len(b), method)
-    lo, hi = _bootstrap((b, q), stat, True, seed)
+    lo, hi = bootstrap_interval((b, q), stat, True, seed)
     return interval(value, lo, hi, len(b), method)
 
 
@@ -161,7 +159,7 @@ def paired_pooled_diff(a: dict[str, list[float]], b: dict[str, list[float]], see
     arrs = tuple(np.asarray([d[k][i] for i in keep], dtype=float) for d in (a, b) for k in ("sum", "count"))
     if not keep:
         return interval(None, None, None, 0, method)
-    lo, hi = _bootstrap(arrs, _pooled_diff, True, seed)
+    lo, hi = bootstrap_interval(arrs, _pooled_diff, True, seed)
     return interval(float(_pooled_diff(*arrs)), lo, hi, len(keep), method)
 
 
