@@ -69,14 +69,17 @@ def test_log_facts():
 
 
 def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):
-    """Two variants resident together (one 3x slower per token), two cells, a curve, an equivalence check."""
+    """Two variants resident together (one 3x slower per token), two cells, a curve, an equivalence check.
+
+    The per-token sleeps are long enough (18 vs 54 ms a b1 request) that a loaded CI machine's timer and
+    scheduling jitter (a few ms) cannot hide the 3x: at 1.2 vs 3.6 ms a fresh-clone CI run read "no difference"."""
     from spark_quant.stages import paired
 
     out = tmp_path / "run"
     llm = tiny_proxy / "LLM"
     rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
-                      "--variant", f'fast={llm}::{{"replicas": 2, "fake_s_per_token": 2e-5}}',
-                      "--variant", f'slow={llm}::{{"fake_s_per_token": 6e-5}}',
+                      "--variant", f'fast={llm}::{{"replicas": 2, "fake_s_per_token": 3e-4}}',
+                      "--variant", f'slow={llm}::{{"fake_s_per_token": 9e-4}}',
                       "--cell", "b1=1:60:fast,slow", "--cell", "c8=8:40:fast,slow", "--trials", "6",
                       "--curve", "fast,slow", "--curve-concurrency", "4,8", "--curve-trials", "3",
                       "--curve-tokens", "60", "--equivalence", "fast,slow",
