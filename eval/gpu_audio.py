@@ -1,17 +1,18 @@
 """Streamed TTS on the GPU (issue 16): time to first audio, RTF and underrun, LLM + BiCodec, per model.
 
     python eval/gpu_audio.py --out DIR --model LABEL=PATH [--model ...] [--concurrency 1,256,1024]
-        [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--timeout 600]
+        [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--replicas 1] [--codec-batch N] [--timeout 600]
         [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml]
 
-Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets one
-``spark_quant.audio.stream_worker`` process (one vLLM engine with the experiment's engine settings and one
-BiCodec on the same GPU, one codec thread), the models one after another: at concurrency 1 ``--requests``
+Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets
+``--replicas`` ``spark_quant.audio.stream_session`` processes (each one vLLM engine with the experiment's
+engine settings and one BiCodec on the same GPU, one codec thread), the models one after another: at concurrency 1 ``--requests``
 requests one after another (modes alternating), at concurrency c, c requests at once. The codec is the
 model's own ``BiCodec/`` at pretrained_models/Spark-TTS-0.5B when present, else the embedded random-weight
 codec. ``--fixed-tokens N`` (for a random-weight LLM, which never writes 50 semantic tokens): N tokens per
-request, EOS ignored, every token after the mode's header (controllable 39, clone 1; see stream_worker)
-decoded as a semantic token. Writes audio.json (every request's chunk timings) and audio.md.
+request, EOS ignored, every token after the mode's header (controllable 39, clone 1; see stream_session)
+decoded as a semantic token. With ``--replicas N`` (``--memory`` each) the requests of a level are split
+over the N sessions (``spark_quant.audio.stream_pool``). Writes audio.json (every request's chunk timings) and audio.md.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from pathlib import Path
 
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
+from spark_quant.audio.stream_pool import stream_over_replicas
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
 from spark_quant.reporting.audio import stream_table
 from spark_quant.reporting.speed_stats import percentile
-from spark_quant.serving.client import run_worker, worker_spec
+from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
 
 HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
@@ -62,7 +64,11 @@ def main() -> int:
     ap.add_argument("--fixed-tokens", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=600, help="the limit when not --fixed-tokens")
     ap.add_argument("--memory", type=float, default=0.35, help="GPU memory share of each engine")
+    ap.add_argument("--replicas", type=int, default=1, help="engine + codec sessions per model, the requests "
+                    "split over them (spark_quant.audio.stream_pool)")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--codec-batch", type=int, help="most queued chunks per batched codec call (default: the "
+                    "experiment's eval.audio_codec_batch)")
     a = ap.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
     models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
@@ -86,14 +92,12 @@ def main() -> int:
                   "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
                   "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
-                  "plan": {"first_chunk": e.audio_first_chunk_tokens}}
+                  "plan": {"first_chunk": e.audio_first_chunk_tokens}, "codec_batch": a.codec_batch or e.audio_codec_batch}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             spec["gpu_memory_utilization"] = a.memory
         t0 = time.time()
-        r = run_worker(spec, logs, f"{label}-stream", a.timeout, module="spark_quant.audio.stream_worker")
-        if not r.get("ok") and partial.is_file():  # cut short: keep the levels it finished
-            r = {**json.loads(partial.read_text()), "ok": False, "error": r.get("error")}
+        r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout)
         r["seconds"] = round(time.time() - t0, 1)
         res["models"][label] = r
         (a.out / "audio.json").write_text(json.dumps(res) + "\n")

@@ -291,10 +291,10 @@ def test_eval_audio_step_keeps_the_eval_when_the_codec_folder_is_bad(tmp_path):
     (model / "BiCodec/config.yaml").write_text("audio_tokenizer: {}\n")
     exp = load_experiment(None, ["eval.audio_samples=1", "eval.audio_stream_concurrency=[1]"])
     prompts, runs = prompts_and_runs()
-    called = []
-    res = audio_step(exp, tmp_path / "out", prompts, runs, model, False, {}, tmp_path, lambda *a, **k: called.append(a))
+    specs = {"baseline": {"model": str(model), "device": "cpu"}}  # no engine may start: python is not runnable
+    res = audio_step(exp, tmp_path / "out", prompts, runs, model, False, specs, tmp_path, python="/nonexistent/python")
     assert "lacks encoder" in res["audio"]["skipped_all"] and res["audio_stream"] == res["audio"]
-    assert not called and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*-stream*"))
 
 
 # --- streaming ----------------------------------------------------------------------------------
@@ -315,7 +315,8 @@ def test_playback_counts_stalls_when_a_chunk_is_late():
     assert n == 2 and stall == pytest.approx(1.0)
 
 
-def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7, header=0):
+def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7, header=0,
+            max_batch=1):
     """Feed saved outputs into StreamingRequests `delta` tokens at a time, concurrently, one codec thread."""
     import time
 
@@ -332,7 +333,7 @@ def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=Fal
         return await req.done()
 
     async def main():
-        runner = CodecRunner(decode)
+        runner = CodecRunner(decode, max_batch=max_batch)
         try:
             return await asyncio.gather(*(one(m, t, runner) for m, t in outputs))
         finally:
@@ -373,6 +374,91 @@ def test_streamed_chunks_cover_every_semantic_token_once_with_context(codec):
     assert 0 < s["all"]["codec_share_of_first_audio"] <= 1
 
 
+def test_batched_decode_equals_decoding_each_chunk_alone(codec):
+    import numpy as np
+
+    rng = __import__("random").Random(5)
+    items = [([rng.randrange(4096) for _ in range(32)], [rng.randrange(8192) for _ in range(n)])
+             for n in (50, 60, 50, 8, 50)]  # three of one length share a batch; the order is kept
+    batch = codec.decode_batch(items)
+    assert [len(w) for w in batch] == [n * 320 for n in (50, 60, 50, 8, 50)]
+    for (g, s), w in zip(items, batch):
+        np.testing.assert_allclose(w, codec.decode(g, s), atol=1e-5)
+    assert not np.allclose(batch[0], batch[2])  # different tokens, different audio: no row was mixed up
+    from spark_quant.audio.codec import CodecInputError
+
+    with pytest.raises(CodecInputError, match="no semantic tokens"):
+        codec.decode_batch([items[0], (items[1][0], [])])
+
+
+def test_codec_thread_batches_the_chunks_that_queued_while_it_was_busy():
+    import threading
+    import time
+
+    from spark_quant.audio.stream import CodecRunner
+
+    busy = threading.Event()
+
+    def decode_batch(items):
+        busy.set()
+        time.sleep(0.2)  # the codec is busy: the next chunks queue meanwhile
+        return [f"wav{s[0]}" for _, s in items]
+
+    async def main(max_batch):
+        runner = CodecRunner(decode_batch=decode_batch, max_batch=max_batch)
+        try:
+            first = asyncio.ensure_future(runner.run([0], [0]))
+            await asyncio.get_running_loop().run_in_executor(None, busy.wait)
+            rest = [asyncio.ensure_future(runner.run([0], [k])) for k in range(1, 6)]
+            return await asyncio.gather(first, *rest), runner.calls
+        finally:
+            runner.close()
+
+    out, calls = asyncio.run(main(max_batch=4))
+    assert calls == [1, 4, 1] and [o[0] for o in out] == [f"wav{k}" for k in range(6)]
+    assert [o[3] for o in out] == [1, 4, 4, 4, 4, 1]
+    assert all(o[1] >= 0 and o[2] >= 0.2 for o in out)  # queued time, the call's decode time
+    busy.clear()
+    _, calls = asyncio.run(main(max_batch=1))
+    assert calls == [1] * 6
+
+
+def test_a_failed_batched_decode_reaches_every_chunk_of_the_batch():
+    from spark_quant.audio.codec import CodecInputError
+    from spark_quant.audio.stream import CodecRunner
+
+    def decode_batch(items):
+        raise CodecInputError("global token outside 0..4095")
+
+    async def main():
+        runner = CodecRunner(decode_batch=decode_batch, max_batch=8)
+        try:
+            return await asyncio.gather(*(runner.run([0], [k]) for k in range(3)), return_exceptions=True)
+        finally:
+            runner.close()
+
+    out = asyncio.run(main())
+    assert len(out) == 3 and all(isinstance(e, CodecInputError) for e in out)
+    with pytest.raises(ValueError, match="max_batch=0"):
+        CodecRunner(decode_batch=decode_batch, max_batch=0)
+
+
+def test_batched_streaming_cuts_the_same_chunks_as_one_by_one():
+    import numpy as np
+
+    from spark_quant.audio.stream import ChunkPlan
+
+    outs = [("controllable", controllable_output(180)), ("clone", clone_output(120)), ("clone", clone_output(75))]
+    one = _replay(outs, lambda g, s: np.zeros(len(s) * 320, np.float32), ChunkPlan())
+    many = _replay(outs, lambda g, s: np.zeros(len(s) * 320, np.float32), ChunkPlan(), max_batch=8)
+
+    def cuts(recs):
+        return [[(c["start"], c["end"], c["samples"]) for c in r["chunks"]] for r in recs]
+
+    assert cuts(one) == cuts(many)
+    assert all(c["codec_batch"] == 1 for r in one for c in r["chunks"])
+
+
 def test_fixed_length_mode_counts_every_token_as_semantic():
     import numpy as np
 
@@ -405,24 +491,28 @@ def test_stream_table_has_a_row_per_model_concurrency_and_mode():
                 "codec_wait_s": 0.0, "rtf": last / 2.0, "underrun_s": 0.0, "underruns": 0}
 
     rows = [{"concurrency": 1, "summary": summarize([req("clone", 0.3, 1.0, 0.1), req("controllable", 0.5, 1.5, 0.2)])}]
-    res = {"token_source": "saved", "plan": {"first_chunk": 50}, "requests_at_c1": 2,
+    res = {"token_source": "saved", "plan": {"first_chunk": 50}, "requests_at_c1": 2, "codec_batch": 16,
            "models": {"baseline": {"ok": True, "rows": rows, "codec": {"implementation": "x", "device": "cpu",
                                                                          "random_weights": True}},
                       "quantized": {"ok": False, "error": "vLLM worker failed: boom"}}}
     md = "\n".join(render_stream(res))
     assert "| BF16 | 1 | clone | 1 | 300 |" in md and "| BF16 | 1 | all | 2 | 400 [300, 500] |" in md
     assert "| INT8 | – | – | – | failed: vLLM worker failed: boom |" in md and "random weights" in md
+    assert "one batched call (at most 16)" in md
+    assert "batched call" not in "\n".join(render_stream({**res, "codec_batch": 1}))
 
 
 # --- one engine: streamed TTS on the trained proxy ------------------------------------------------
 @pytest.mark.e2e
-def test_stream_worker_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(trained_proxy, codec_dir, tmp_path):
+def test_stream_session_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(trained_proxy, codec_dir, tmp_path):
+    """One real engine + codec session (audio.stream_session driven by audio.stream_pool): c=1 and c=2."""
     from conftest import serve_python
 
     py = serve_python()
     if py is None:
         pytest.skip("no serving environment with vLLM")
     from spark_quant.audio.evalstep import stream_prompts
+    from spark_quant.audio.stream_pool import stream_over_replicas
     from spark_quant.models.folder import load_tokenizer
 
     tok = load_tokenizer(trained_proxy / "LLM")
@@ -434,15 +524,16 @@ def test_stream_worker_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(
     spec = {"model": str(trained_proxy / "LLM"), "dtype": "bfloat16", "max_model_len": 1024, "max_num_seqs": 2,
             "gpu_memory_utilization": 0.1, "enforce_eager": True, "device": "cpu", "seed": 0,
             "stream": {"codec_dir": str(codec_dir), "prompts": stream_prompts(prompts, False), "concurrency": [1, 2],
-                       "requests": 2, "max_tokens": 300, "temperature": 0.8, "top_k": 50, "top_p": 0.95}}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([py, "-m", "spark_quant.audio.stream_worker", str(tmp_path / "spec.json"),
-                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((tmp_path / "out.json").read_text())
-    assert res["ok"] and res["codec"]["random_weights"] and [r["concurrency"] for r in res["rows"]] == [1, 2]
+                       "requests": 2, "max_tokens": 300, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+                       "codec_batch": 4}}
+    res = stream_over_replicas(spec, 1, tmp_path, py, "m", 900)
+    assert res["ok"], res.get("error")
+    assert res["codec"]["random_weights"] and [r["concurrency"] for r in res["rows"]] == [1, 2]
+    assert res["codec_batch"] == 4 and res["replicas"] == 1 and res["engine"]["kv_cache_tokens"] > 0
     for row in res["rows"]:
+        calls = row["codec_calls"]  # every chunk of the level went through the codec thread, at most 4 a call
+        assert calls["chunks"] == sum(len(r["chunks"]) for r in row["requests"]) and 1 <= calls["largest_batch"] <= 4
+        assert calls["n"] <= calls["chunks"]
         s = row["summary"]
         assert s["decoded"] == len(row["requests"]) == 2, s["skipped"]
         for r in row["requests"]:
@@ -450,3 +541,4 @@ def test_stream_worker_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(
             assert r["chunks"][-1]["end"] == r["semantic_tokens"]
             assert r["first_audio_s"] > r["ttft_s"] > 0 and r["rtf"] > 0 and r["underruns"] >= 0
         assert s["all"]["first_audio_s"]["p50"] > 0
+

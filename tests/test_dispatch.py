@@ -116,3 +116,40 @@ def test_serving_processes_keep_nvlink_multicast_off_whatever_the_spec_says(tmp_
                      module="tests.fixtures.env_probe")
     assert res["ok"], res
     assert res["env"] == {**NO_MULTICAST, "SPARK_QUANT_PROBE": "kept"}
+
+
+def _stream_spec(tmp_path, **more):
+    prompts = [{"ids": [i], "mode": "clone", "globals": [0] * 32} for i in range(5)]
+    return {"model": "m", "fake_trace": str(tmp_path / "trace"),
+            "stream": {"prompts": prompts, "concurrency": [1, 5], "requests": 3, "max_tokens": 120,
+                       "codec_batch": 4, "partial_path": str(tmp_path / "partial.json")}, **more}
+
+
+def test_streams_over_replicas_split_each_level_and_summarize_every_request(tmp_path):
+    """Two stand-in stream sessions: c=1 runs its 3 requests on the first replica, c=5 splits 3 + 2."""
+    from spark_quant.audio.stream_pool import stream_over_replicas
+
+    res = stream_over_replicas(_stream_spec(tmp_path), 2, tmp_path, sys.executable, "v", 30, module=FAKE)
+    assert res["ok"] and res["replicas"] == 2 and len(res["engines"]) == 2 and res["codec_batch"] == 4
+    c1, c5 = res["rows"]
+    assert c1["concurrency"] == 1 and len(c1["requests"]) == 3 and len(c1["replica_wall_s"]) == 1
+    assert c5["replica_wall_s"] and len(c5["replica_wall_s"]) == 2
+    assert sorted(r["prompt"] for r in c5["requests"]) == list(range(5))  # every prompt once over the two
+    for row in (c1, c5):
+        # 120 tokens a request: chunks 0-50 and 50-120; the codec calls of both replicas add up
+        assert all([(c["start"], c["end"]) for c in r["chunks"]] == [(0, 50), (50, 120)] for r in row["requests"])
+        assert row["codec_calls"]["chunks"] == 2 * len(row["requests"]) and row["codec_calls"]["largest_batch"] <= 4
+        assert row["summary"]["requests"] == row["summary"]["decoded"] == len(row["requests"])
+    assert json.loads((tmp_path / "partial.json").read_text())["rows"][1]["concurrency"] == 5
+    ready = [ln.split()[1] for ln in (tmp_path / "trace").read_text().splitlines() if ln.startswith("ready")]
+    assert ready == ["v-r0", "v-r1"]  # started one after another
+
+
+def test_a_stream_replica_that_dies_keeps_the_levels_already_measured(tmp_path):
+    from spark_quant.audio.stream_pool import stream_over_replicas
+
+    # the first replica answers its warm-up and the c=1 level, then exits at its share of c=5
+    res = stream_over_replicas(_stream_spec(tmp_path, fake_die_after=2), 2, tmp_path, sys.executable, "v", 30,
+                               module=FAKE)
+    assert res["ok"] is False and "exited" in res["error"] and [r["concurrency"] for r in res["rows"]] == [1]
+    assert json.loads((tmp_path / "partial.json").read_text())["partial"] is True

@@ -10,7 +10,10 @@ training code or a stage.
 - ``samples``: BF16 vs INT8 WAV pairs, spectrogram PNGs and a static HTML page.
 - ``stream``: a TTS server's chunked streaming (first chunk after 50 semantic tokens, then
   growing chunks) and its metrics: time to first audio, RTF with the codec, underrun.
-- ``stream_worker``: that streaming measured on a vLLM engine, in its own process.
+  Its one codec thread decodes the chunks that queued meanwhile in one batched call.
+- ``stream_session``: that streaming measured on a vLLM engine plus the codec, a session process.
+- ``stream_pool``: the measurement on ``eval.replicas`` such sessions (``serving.dispatch.Pool``),
+  each level's requests split over them.
 
 Importing this package is cheap: torch is imported inside functions.
 """

@@ -165,21 +165,33 @@ class Codec:
 
     def decode(self, global_tokens: list[int], semantic_tokens: list[int]):
         """float32 numpy waveform in [-1, 1], ``len(semantic_tokens) * 320`` samples at 16 kHz."""
+        return self.decode_batch([(global_tokens, semantic_tokens)])[0]
+
+    def decode_batch(self, items: list[tuple[list[int], list[int]]]) -> list:
+        """``decode`` of several (global tokens, semantic tokens) pairs, in their order. Pairs with the same
+        number of semantic tokens go through the network as one batch (every BiCodec decoder layer works
+        per sample, so a batched waveform equals the one decoded alone, up to float rounding); a server's
+        codec thread uses this to decode the chunks that queued while it was busy in one call."""
         import torch
 
-        self.check_tokens(global_tokens, semantic_tokens)
+        for g, s in items:
+            self.check_tokens(g, s)
+        groups: dict[int, list[int]] = {}
+        for i, (_, s) in enumerate(items):
+            groups.setdefault(len(s), []).append(i)
+        out: list = [None] * len(items)
         net = self.net
         with torch.inference_mode():
-            sem = torch.tensor([semantic_tokens], dtype=torch.long, device=self.device)
-            glob = torch.tensor([[global_tokens]], dtype=torch.long, device=self.device)  # (1, 1, 32)
-            z_q = net.quantizer.detokenize(sem)
-            d_vector = net.speaker_encoder.detokenize(glob)
-            x = net.prenet(z_q, d_vector) + d_vector.unsqueeze(-1)
-            wav = net.decoder(x)
-            if self.device != "cpu":
-                torch.cuda.synchronize()
-        out = wav.reshape(-1).float().cpu().numpy()
-        return out.clip(-1.0, 1.0)
+            for idx in groups.values():
+                sem = torch.tensor([items[i][1] for i in idx], dtype=torch.long, device=self.device)
+                glob = torch.tensor([[items[i][0]] for i in idx], dtype=torch.long, device=self.device)  # (B,1,32)
+                z_q = net.quantizer.detokenize(sem)
+                d_vector = net.speaker_encoder.detokenize(glob)
+                x = net.prenet(z_q, d_vector) + d_vector.unsqueeze(-1)
+                wav = net.decoder(x).reshape(len(idx), -1).float().cpu().numpy()  # .cpu() waits for the GPU
+                for row, i in enumerate(idx):
+                    out[i] = wav[row].clip(-1.0, 1.0)
+        return out
 
 
 def _check_state(folder: Path, net, state: dict) -> None:

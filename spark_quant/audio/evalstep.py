@@ -1,8 +1,8 @@
 """The eval stage's audio step: one call with what the eval already has.
 
 ``audio_step`` decodes WAV samples from the workers' greedy outputs (``eval.audio_samples``) and
-runs the streamed measurement (``eval.audio_stream_concurrency``) with one stream worker per
-model; it returns the keys to merge into results.json (``audio``, ``audio_stream``). A problem
+runs the streamed measurement (``eval.audio_stream_concurrency``) on ``eval.replicas`` engine + codec
+sessions per model (``audio.stream_pool``; the serving environment's ``python``); it returns the keys to merge into results.json (``audio``, ``audio_stream``). A problem
 with the codec or the audio folder becomes a one-line reason under that key and a warning on
 stderr: the rest of the eval is kept.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 import random
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from spark_quant import spark
 from spark_quant.audio.codec import load_bicodec, resolve_codec_dir
 from spark_quant.audio.samples import prompt_globals, write_audio_samples
+from spark_quant.audio.stream_pool import stream_over_replicas
 from spark_quant.errors import UserError
+from spark_quant.serving.client import serve_python
 
 BUILD_ROOT = Path("build")
 
@@ -47,7 +49,7 @@ def token_source(exp, is_proxy: bool) -> str:
 
 def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]],
                model_dir: Path, is_proxy: bool, specs: dict[str, dict[str, Any]], logs: Path,
-               run_worker: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+               python: str | None = None) -> dict[str, Any]:
     e = exp.eval
     res: dict[str, Any] = {}
     try:
@@ -70,13 +72,17 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
                   "concurrency": e.audio_stream_concurrency, "requests": e.audio_stream_requests,
                   "max_tokens": fixed or e.similarity_max_tokens, "ignore_eos": bool(fixed),
                   "count_all_as_semantic": bool(fixed), "temperature": e.temperature, "top_k": e.top_k,
-                  "top_p": e.top_p, "plan": {"first_chunk": e.audio_first_chunk_tokens}}
+                  "top_p": e.top_p, "plan": {"first_chunk": e.audio_first_chunk_tokens},
+                  "codec_batch": e.audio_codec_batch}
         models = {}
         for name, spec in specs.items():
             spec = {**spec, "max_num_seqs": max(spec.get("max_num_seqs", 1), *e.audio_stream_concurrency),
                     "stream": stream}
-            r = run_worker(spec, logs, f"{name}-stream", e.timeout_s, module="spark_quant.audio.stream_worker")
+            if spec.get("device") == "cuda" and e.replicas > 1:  # a share of the GPU each, as the paired run
+                spec["gpu_memory_utilization"] = min(spec.get("gpu_memory_utilization", 0.9), 0.9 / e.replicas)
+            r = stream_over_replicas(spec, e.replicas, logs, python or serve_python(), f"{name}-stream", e.timeout_s)
             models[name] = r if r.get("ok") else {"ok": False, "error": r.get("error")}
         res["audio_stream"] = {"token_source": token_source(exp, is_proxy), "plan": stream["plan"],
+                               "codec_batch": e.audio_codec_batch, "replicas": e.replicas,
                                "requests_at_c1": e.audio_stream_requests, "models": models}
     return res

@@ -7,7 +7,8 @@ growing chunks); what is left at EOS is the last chunk. Each chunk is decoded wi
 together with up to ``context`` tokens before it (their samples are cut off again), so chunk
 borders see the audio before them. All requests share one codec, run in one worker thread,
 first come first served, as a server with one codec instance would; the LLM keeps generating
-meanwhile.
+meanwhile. With ``max_batch`` > 1 that thread decodes the chunks that queued meanwhile in one
+batched call (``CodecRunner``).
 
 Per request (times from the moment the request is sent):
 - ``first_audio_s``: the first chunk decoded (LLM + codec): time to first audio packet;
@@ -17,14 +18,15 @@ Per request (times from the moment the request is sent):
   a chunk ready after its predecessor ends stalls playback (``underrun_s``, ``underruns``).
 
 ``StreamingRequest`` holds the logic and is fed token ids by whoever generates them: the vLLM
-engine in ``stream_worker``, or saved tokens with their arrival times in tests.
+engine in ``stream_session``, or saved tokens with their arrival times in tests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,25 +66,75 @@ def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
 
 
 class CodecRunner:
-    """One codec, one worker thread: chunks decode first come first served."""
+    """One codec, one worker thread: chunks decode first come first served.
 
-    def __init__(self, decode: Callable[[list[int], list[int]], Any]):
-        self.decode = decode
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bicodec")
+    With ``max_batch`` > 1 the thread takes every chunk that queued while it was busy (up to ``max_batch``)
+    and decodes them in one ``decode_batch`` call, as a server with one codec on a GPU would batch them;
+    ``max_batch=1`` decodes one chunk per call. Each chunk's ``codec_s`` is its call's time and
+    ``codec_batch`` the number of chunks that call decoded."""
 
-    async def run(self, glob: list[int], sem: list[int]) -> tuple[Any, float, float]:
-        """(waveform, seconds queued, seconds decoding)."""
-        submitted = time.perf_counter()
+    def __init__(self, decode: Callable[[list[int], list[int]], Any] | None = None, *,
+                 decode_batch: Callable[[list[tuple[list[int], list[int]]]], list] | None = None,
+                 max_batch: int = 1):
+        if (decode is None) == (decode_batch is None):
+            raise ValueError("CodecRunner needs decode or decode_batch")
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be at least 1")
+        self.decode_batch = decode_batch or (lambda items: [decode(g, s) for g, s in items])
+        self.max_batch = max_batch
+        self.calls: list[int] = []  # chunks per decode call, in order
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="bicodec", daemon=True)
+        self._thread.start()
 
-        def job():
+    async def run(self, glob: list[int], sem: list[int]) -> tuple[Any, float, float, int]:
+        """(waveform, seconds queued, seconds decoding, chunks in its decode call)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((glob, sem, time.perf_counter(), loop, fut))
+        return await fut
+
+    def _serve(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            stop = False
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                jobs.append(nxt)
             start = time.perf_counter()
-            wav = self.decode(glob, sem)
-            return wav, start - submitted, time.perf_counter() - start
-
-        return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+            try:
+                wavs, error = self.decode_batch([(g, s) for g, s, *_ in jobs]), None
+            except Exception as e:  # noqa: BLE001 - handed to every waiting chunk
+                wavs, error = None, e
+            took = time.perf_counter() - start
+            self.calls.append(len(jobs))
+            for k, (_, _, submitted, loop, fut) in enumerate(jobs):
+                result = None if error else (wavs[k], start - submitted, took, len(jobs))
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            if stop:
+                return
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 @dataclass
@@ -151,9 +203,9 @@ class StreamingRequest:
         self.chunks.append(chunk)
 
         async def decode():
-            wav, queued, took = await self.runner.run(glob, sem)
+            wav, queued, took, batch = await self.runner.run(glob, sem)
             chunk.update(ready_s=time.perf_counter() - self.t0, codec_wait_s=queued, codec_s=took,
-                         samples=int(len(wav)) - (start - ctx) * HOP)
+                         codec_batch=batch, samples=int(len(wav)) - (start - ctx) * HOP)
 
         self.tasks.append(asyncio.ensure_future(decode()))
 

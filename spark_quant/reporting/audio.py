@@ -92,7 +92,9 @@ def render_stream(res: dict[str, Any]) -> list[str]:
     codec = next((m["codec"] for m in res["models"].values() if m.get("ok")), None)
     lines += [f"Tokens: {res['token_source']}. First chunk after {plan.get('first_chunk', 50)} semantic tokens, "
               "later chunks twice the previous (at most 200), each decoded with 10 tokens of left context by one "
-              "codec thread shared by all requests while the LLM generates. First audio = request sent to first "
+              "codec thread shared by all requests while the LLM generates"
+              + (f", which decodes the chunks queued meanwhile in one batched call (at most {res['codec_batch']})"
+                 if res.get("codec_batch", 1) > 1 else "") + ". First audio = request sent to first "
               "chunk decoded (LLM + codec). Underrun: playback from the first chunk on stalls for a later one. "
               f"{res['requests_at_c1']} sequential requests at c=1; c requests at once above.", ""]
     if codec:

@@ -177,19 +177,24 @@ class Pool:
         ids = [r.send(tasks) for r in self.replicas]
         return [r.receive(i, self.timeout_s) for r, i in zip(self.replicas, ids)]
 
-    def load(self, task: dict[str, Any]) -> dict[str, Any]:
-        """One ``load`` task of ``task['concurrency']`` requests spread over the replicas; merged result."""
+    def spread(self, task: dict[str, Any]) -> tuple[list[dict[str, Any]], float]:
+        """One task of ``task['concurrency']`` requests split round robin over the replicas (each share's
+        prompts continue where the previous share's ended), all shares sent at once: (each replica's answer
+        to it, the dispatcher's wall time from the first send to the last reply)."""
         self.check_alive()
         counts = split_counts(int(task["concurrency"]), len(self.replicas))
         sent, offset = [], 0
         t0 = time.perf_counter()
         for r, n in zip(self.replicas, counts):
             if n:
-                sent.append((r, r.send([{**task, "name": "load", "kind": "load", "concurrency": n,
-                                         "prompt_offset": offset}])))
+                sent.append((r, r.send([{**task, "name": "part", "concurrency": n, "prompt_offset": offset}])))
             offset += n
-        parts = [r.receive(i, self.timeout_s)["load"] for r, i in sent]
-        wall = time.perf_counter() - t0
+        parts = [r.receive(i, self.timeout_s)["part"] for r, i in sent]
+        return parts, time.perf_counter() - t0
+
+    def load(self, task: dict[str, Any]) -> dict[str, Any]:
+        """One ``load`` task of ``task['concurrency']`` requests spread over the replicas; merged result."""
+        parts, wall = self.spread({**task, "kind": "load"})
         return {"concurrency": int(task["concurrency"]), "wall_s": wall,
                 "output_tokens": sum(p["output_tokens"] for p in parts),
                 "replica_wall_s": [p["wall_s"] for p in parts],

@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,18 @@ async def load_task(worker: Worker, task: dict[str, Any]) -> dict[str, Any]:
             "requests": [request_times(r["stamps"], first) for r in recs]}
 
 
-async def answer(worker: Worker, msg: dict[str, Any]) -> dict[str, Any]:
+KINDS: dict[str, Callable[[Worker, dict[str, Any]], Awaitable[dict[str, Any]]]] = {"load": load_task}
+
+
+async def answer(worker: Worker, msg: dict[str, Any], kinds=None) -> dict[str, Any]:
+    """Run a request's tasks in order; ``kinds`` adds task kinds (name -> ``async f(worker, task)``)."""
+    handlers = {**KINDS, **(kinds or {})}
     out: dict[str, Any] = {"id": msg.get("id"), "tasks": {}}
     try:
         for task in msg["tasks"]:
             t0 = time.perf_counter()
-            r = await (load_task(worker, task) if task["kind"] == "load" else worker.run_task(task))
+            handler = handlers.get(task["kind"])
+            r = await (handler(worker, task) if handler else worker.run_task(task))
             worker.results[task["name"]] = r
             r["seconds"] = round(time.perf_counter() - t0, 4)
             out["tasks"][task["name"]] = r
@@ -72,7 +79,9 @@ async def answer(worker: Worker, msg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def serve(spec: dict[str, Any], proto) -> int:
+async def serve(spec: dict[str, Any], proto, kinds=None, on_stop=None) -> int:
+    """Start the engine, say ready, answer requests until stop; ``kinds`` as in ``answer``, ``on_stop()`` runs
+    before the engine shuts down (a task kind's own resources)."""
     def send(obj: dict[str, Any]) -> None:
         proto.write(json.dumps(obj) + "\n")
         proto.flush()
@@ -100,16 +109,19 @@ async def serve(spec: dict[str, Any], proto) -> int:
             msg = json.loads(line)
             if msg.get("cmd") == "stop":
                 break
-            send(await answer(worker, msg))
+            send(await answer(worker, msg, kinds))
     finally:
+        if on_stop:
+            on_stop()
         worker.engine.shutdown()
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, kinds=None, on_stop=None,
+         usage: str = "python -m spark_quant.serving.session SPEC.json") -> int:
     argv = argv if argv is not None else sys.argv[1:]
     if len(argv) != 1:
-        print("usage: python -m spark_quant.serving.session SPEC.json", file=sys.stderr)
+        print(f"usage: {usage}", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return asyncio.run(serve(spec, proto))
+    return asyncio.run(serve(spec, proto, kinds, on_stop))
 
 
 if __name__ == "__main__":

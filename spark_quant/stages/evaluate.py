@@ -159,7 +159,7 @@ def evaluate(exp: Experiment, ckpt_dir: Path | None = None, out: Path | None = N
             from spark_quant.audio.evalstep import audio_step
 
             results.update(audio_step(exp, tmp, prompts, runs, model_dir, is_proxy,
-                                      {"baseline": base_spec, "quantized": quant_spec}, logs, run_worker))
+                                      {"baseline": base_spec, "quantized": quant_spec}, logs))
         if exp.eval.step_profile_concurrency:
             results["step_profile"] = {
                 name: run_worker({**spec, "concurrency": exp.eval.step_profile_concurrency, "modes": ["sampled", "greedy"]},

@@ -1,0 +1,66 @@
+"""Streamed TTS on ``eval.replicas`` engine replicas of one checkpoint (1 by default), each with its own codec.
+
+One engine on an H200 writes about 25k tokens/s, half of what 1,024 real-time streams need (50 tokens/s
+each), and one codec thread decodes about 190 streams' chunks; a TTS server scales out by running more
+engine + codec pairs on the GPU. ``stream_over_replicas`` starts ``replicas`` stream sessions
+(``audio.stream_session``) with ``serving.dispatch.Pool`` (one after another: vLLM's start-up memory
+profiling needs its neighbours idle), warms each up, then per concurrency level splits the requests round
+robin over the replicas and sends all shares at once. Concurrency 1 runs its sequential requests on the
+first replica. The result: per level a row with every request's record, the ``summary`` over them,
+``codec_calls`` summed over the replicas and each replica's wall time; each replica's engine facts
+(``engines``); the codec's facts. After each level it is also written to the spec's ``partial_path``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from spark_quant.reporting.audio import summarize
+from spark_quant.serving.dispatch import Pool, ReplicaError
+
+MODULE = "spark_quant.audio.stream_session"
+
+
+def merge_calls(parts: list[dict[str, Any]]) -> dict[str, int]:
+    calls = [p["codec_calls"] for p in parts]
+    return {"n": sum(c["n"] for c in calls), "chunks": sum(c["chunks"] for c in calls),
+            "largest_batch": max((c["largest_batch"] for c in calls), default=0)}
+
+
+def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, python: str, tag: str,
+                         timeout_s: float, module: str = MODULE) -> dict[str, Any]:
+    """The stream measurement of ``spec`` (a stream worker spec) on ``replicas`` sessions; never raises for a
+    replica that fails: the result says ``ok: False`` with the error and keeps the levels already done."""
+    st = spec["stream"]
+    pool = Pool(tag, spec, replicas, Path(workdir), python, module=module, timeout_s=timeout_s)
+    res: dict[str, Any] = {"ok": False, "replicas": replicas, "rows": []}
+    partial = Path(st["partial_path"]) if st.get("partial_path") else None
+    try:
+        res["engines"] = pool.start()
+        res["engine"] = res["engines"][0]
+        warm = pool.broadcast([{"name": "warm", "kind": "stream", "concurrency": 1, "requests": 1}])
+        res.update({k: v for k, v in warm[0]["warm"].items()
+                    if k in ("codec", "plan", "codec_batch", "count_all_as_semantic")})
+        for c in st["concurrency"]:
+            if c == 1:
+                first = pool.replicas[0]
+                rid = first.send([{"name": "part", "kind": "stream", "concurrency": 1, "requests": st["requests"]}])
+                parts = [first.receive(rid, timeout_s)["part"]]
+                wall = parts[0]["wall_s"]
+            else:
+                parts, wall = pool.spread({"kind": "stream", "concurrency": c})
+            recs = [r for p in parts for r in p["requests"]]
+            res["rows"].append({"concurrency": c, "wall_s": wall, "replica_wall_s": [p["wall_s"] for p in parts],
+                                "codec_calls": merge_calls(parts), "summary": summarize(recs), "requests": recs})
+            if partial:
+                partial.write_text(json.dumps({**res, "ok": True, "partial": True}))
+        res["ok"] = True
+    except ReplicaError as e:
+        res["error"] = str(e)
+    except OSError as e:  # the serving interpreter cannot be started at all
+        res["error"] = f"{python}: cannot start the stream session ({e.strerror or e}); set SERVE_PYTHON"
+    finally:
+        pool.stop()
+    return res
