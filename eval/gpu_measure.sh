@@ -16,6 +16,8 @@
 #                      saturation curve to c=2048, streams, memory, fused-vs-stock equivalence; the fused op's test
 #           gpu2       issue 14's fused INT8 path (3 x mp, b1 / c256 / c1024, fused-vs-stock equivalence) with the
 #                      two-machine check folded in, then issue 16's streamed audio (eval/gpu_audio.py) and codec bench
+#           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
+#                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
 #           pipeline   calibrate + quantize (W8A8, 512 samples) + W8A16/W4A16/FP8 variants + serving profiles
 #           stepprof   decode-step breakdown (GPU kernels + host phases) of BF16, W8A8, its profile, W8A8 on the V1 runner
@@ -141,6 +143,21 @@ job() {
       echo "audio wall $((SECONDS - t0))s"
       [ -z "${CODEC_BENCH:-}" ] || $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 100 200 --n 20 \
         --out eval/results/audio-gpu/codec_bench.json || true ;;
+    audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
+             # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      local cb
+      for cb in 16 1; do
+        t0=$SECONDS
+        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb$cb --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+          --replicas 3 --memory 0.28 --codec-batch $cb --concurrency ${AUDIO_C:-1,512,1024} --requests 20 \
+          --fixed-tokens 250 --timeout 300 || true
+        echo "audio codec_batch=$cb wall $((SECONDS - t0))s"
+      done
+      $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 60 110 210 --n 20 --batch 16 \
+        --out eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json || true ;;
     check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
       setup "$PARTS"
       make proxy SIZE=full
@@ -256,6 +273,12 @@ collect_job() {
     tail -n 30 $au/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
+  fi
+  if [ "$1" = audio3 ]; then
+    local cb
+    for cb in 16 1; do cp eval/results/audio-gpu-x3-cb$cb/audio.md "$OUT/audio-x3-cb$cb.md" 2>/dev/null || true; done
+    tar czf "$OUT/audio3-results.tgz" eval/results/audio-gpu-x3-cb*/audio.json eval/results/audio-gpu-x3-cb*/logs/*.partial.json \
+      eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json 2>/dev/null || true
   fi
   case $1 in issue14|check14)
     local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check

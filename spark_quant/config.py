@@ -136,8 +136,8 @@ class EvalConfig(_Section):
     audio_stream_requests: int = Field(4, gt=0, description="sequential streamed requests at concurrency 1")
     audio_first_chunk_tokens: int = Field(50, gt=0, description="semantic tokens in the first streamed chunk (50 = 1 s)")
     audio_codec_batch: int = Field(
-        16, ge=1, description="streamed TTS: the most queued chunks the one codec thread decodes in one batched "
-        "BiCodec call (1 = one chunk per call)"
+        1, ge=1, description="streamed TTS: the most queued chunks the one codec thread decodes in one batched "
+        "BiCodec call (1 = one chunk per call; on the 2-core CPU batching 4 was no faster, docs/benchmarks.md)"
     )
     audio_stream_fixed_tokens: int = Field(
         0, ge=0, description="0 = stream until <|im_end|> (trained proxy, real model); N = N tokens per request with "
