@@ -6,13 +6,14 @@
 
 Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets
 ``--replicas`` ``spark_quant.audio.stream_session`` processes (each one vLLM engine with the experiment's
-engine settings and one BiCodec on the same GPU, one codec thread), the models one after another: at concurrency 1 ``--requests``
-requests one after another (modes alternating), at concurrency c, c requests at once. The codec is the
-model's own ``BiCodec/`` at pretrained_models/Spark-TTS-0.5B when present, else the embedded random-weight
-codec. ``--fixed-tokens N`` (for a random-weight LLM, which never writes 50 semantic tokens): N tokens per
+engine settings and one BiCodec on the same GPU, one codec thread), the models one after another: at
+concurrency 1 ``--requests`` requests one after another (modes alternating), at concurrency c, c requests
+at once. The codec is the model's own ``BiCodec/`` at pretrained_models/Spark-TTS-0.5B when present, else
+the embedded random-weight codec. ``--fixed-tokens N`` (for a random-weight LLM, which never writes 50 semantic tokens): N tokens per
 request, EOS ignored, every token after the mode's header (controllable 39, clone 1; see stream_session)
 decoded as a semantic token. With ``--replicas N`` (``--memory`` each) the requests of a level are split
-over the N sessions (``spark_quant.audio.stream_pool``). Writes audio.json (every request's chunk timings) and audio.md.
+over the N sessions (``spark_quant.audio.stream_pool``). Writes audio.json (every request's chunk timings)
+and audio.md.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def main() -> int:
                   "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
                   "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
-                  "plan": {"first_chunk": e.audio_first_chunk_tokens}, "codec_batch": a.codec_batch or e.audio_codec_batch}
+                  "plan": {"first_chunk": e.audio_first_chunk_tokens},
+                  "codec_batch": a.codec_batch or e.audio_codec_batch}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             spec["gpu_memory_utilization"] = a.memory

