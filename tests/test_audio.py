@@ -189,11 +189,11 @@ def test_the_models_own_bicodec_folder_wins_over_the_embedded_codec(tmp_path, co
 
 # --- WAV samples and the page ----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def samples(codec, tmp_path_factory):
+def samples(codec, module_tmp_path):
     from spark_quant.audio.samples import write_audio_samples
 
     prompts, runs = prompts_and_runs()
-    folder = tmp_path_factory.mktemp("eval") / "audio"
+    folder = module_tmp_path / "eval" / "audio"
     return folder, write_audio_samples(folder, prompts, runs, codec, per_mode=2)
 
 
@@ -506,7 +506,7 @@ def test_stream_table_has_a_row_per_model_concurrency_and_mode():
 @pytest.mark.e2e
 def test_stream_session_on_the_trained_proxy_writes_first_audio_rtf_and_underrun(trained_proxy, codec_dir, tmp_path):
     """One real engine + codec session (audio.stream_session driven by audio.stream_pool): c=1 and c=2."""
-    from conftest import serve_python
+    from conftest import TEST_KV_CACHE, serve_python
 
     py = serve_python()
     if py is None:
@@ -523,6 +523,7 @@ def test_stream_session_on_the_trained_proxy_writes_first_audio_rtf_and_underrun
                 "Please read this sentence slowly and clearly for me.", g))}]
     spec = {"model": str(trained_proxy / "LLM"), "dtype": "bfloat16", "max_model_len": 1024, "max_num_seqs": 2,
             "gpu_memory_utilization": 0.1, "enforce_eager": True, "device": "cpu", "seed": 0,
+            "engine_overrides": TEST_KV_CACHE,
             "stream": {"codec_dir": str(codec_dir), "prompts": stream_prompts(prompts, False), "concurrency": [1, 2],
                        "requests": 2, "max_tokens": 300, "temperature": 0.8, "top_k": 50, "top_p": 0.95,
                        "codec_batch": 4}}

@@ -66,6 +66,8 @@ def test_log_facts():
     assert log_facts(text) == {"weights_gib": 0.95, "kv_cache_gib": 12.5, "kv_cache_tokens_logged": 1091584.0}
     cpu = "Auto set (4.2/17.46) GiB for KV cache on node 0\nCPU KV cache size: 2,202,112 tokens, Maximum"
     assert log_facts(cpu) == {"kv_cache_gib": 4.2, "kv_cache_tokens_logged": 2202112.0}
+    fixed = "Explicitly set (0.25/16.21) GiB for KV cache on node 0."  # kv_cache_memory_bytes given
+    assert log_facts(fixed) == {"kv_cache_gib": 0.25}
 
 
 def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):

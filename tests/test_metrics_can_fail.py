@@ -36,12 +36,12 @@ DAMAGED = ROOT / "tests/fixtures/damaged_w4a16_rtn_channel.yaml"
 
 
 @pytest.fixture(scope="module")
-def results(trained_proxy, tmp_path_factory):
+def results(trained_proxy, module_tmp_path):
     pytest.importorskip("llmcompressor")
     py = serve_python()
     if py is None:
         pytest.skip("no serving environment with vLLM (make envs builds one)")
-    work = tmp_path_factory.mktemp("metrics-can-fail")
+    work = module_tmp_path
     model = ["--model", str(trained_proxy)]
     cal = work / "cal"
     run_cli("calibrate", *model, "--out", str(cal), *CAL, cwd=work)

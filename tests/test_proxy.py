@@ -41,8 +41,8 @@ def _sha256(path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_proxy(tmp_path_factory.mktemp("proxy") / "Spark-TTS-tiny", "tiny", seed=0)
+def tiny(module_tmp_path):
+    return build_proxy(module_tmp_path / "Spark-TTS-tiny", "tiny", seed=0)
 
 
 def test_import_is_cheap():

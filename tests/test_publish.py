@@ -78,12 +78,12 @@ def make_results(ckpt: Path, out: Path, kernel: str = KERNEL) -> Path:
 
 
 @pytest.fixture(scope="module")
-def made(tiny_proxy, tmp_path_factory):
+def made(tiny_proxy, module_tmp_path):
     """Two real checkpoints (calibrate + quantize through llm-compressor): one from the proxy, one from a
     Spark-layout source (the proxy's LLM plus BiCodec/, wav2vec2-large-xlsr-53/ and a licensed card)."""
     pytest.importorskip("llmcompressor")
     pytest.importorskip("huggingface_hub")
-    work = tmp_path_factory.mktemp("publish")
+    work = module_tmp_path
     recipe = work / "w8a8_rtn.yaml"
     recipe.write_text(RTN_RECIPE)
     cal = work / "cal"

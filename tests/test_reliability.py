@@ -147,7 +147,7 @@ def test_sigkill_during_eval_keeps_the_previous_report_and_rerun_finishes(work, 
 
 def test_out_of_memory_is_a_failed_row_with_a_report_and_exit_3(work, evaluated, tmp_path):
     out = tmp_path / "oom"
-    proc = run_cli(*_eval_args(work, out, "--set", "eval.cpu_memory_utilization=0.001",
+    proc = run_cli(*_eval_args(work, out, "--set", "eval.cpu_memory_utilization=0.001", "--set", "eval.engine_args={}",
                                "--set", "eval.reuse_baseline=false"), python=evaluated["py"], check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]

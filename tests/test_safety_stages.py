@@ -41,10 +41,10 @@ calibration:
 
 
 @pytest.fixture(scope="module")
-def fallback(tiny_proxy, tmp_path_factory):
+def fallback(tiny_proxy, module_tmp_path):
     """calibrate + quantize (the one llm-compressor run) of a recipe whose GPTQ falls back to round-to-nearest."""
     pytest.importorskip("llmcompressor")
-    work = tmp_path_factory.mktemp("fallback")
+    work = module_tmp_path
     with pytest.MonkeyPatch.context() as mp:
         proj = make_project(work, mp, model=tiny_proxy)
     (proj / "recipes/damp-neg.yaml").write_text(RECIPE)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_serving, run_cli, serve_python
+from conftest import ROOT, TEST_KV_CACHE, TEST_KV_CACHE_BYTES, require_serving, run_cli, serve_python
 
 from spark_quant import spark
 from spark_quant.errors import UserError
@@ -55,8 +55,8 @@ def test_permutation_is_a_bijection_that_puts_the_emittable_ids_first():
 
 # --- the transformation ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def profile(tiny_proxy, tmp_path_factory):
-    out = tmp_path_factory.mktemp("profile") / "Spark-TTS-proxy-tiny-s0-spark-profile"
+def profile(tiny_proxy, module_tmp_path):
+    out = module_tmp_path / "Spark-TTS-proxy-tiny-s0-spark-profile"
     build_profile(tiny_proxy, out)
     return out
 
@@ -183,7 +183,7 @@ def _serve(model_llm: Path, tasks: list[dict], workdir: Path, tag: str, dtype: s
     require_serving()
     spec = {"model": str(model_llm), "dtype": dtype, "max_model_len": 1024, "max_num_seqs": 8,
             "gpu_memory_utilization": 0.05, "enforce_eager": True, "seed": 0, "tasks": tasks,
-            "engine_overrides": {"logprobs_mode": "processed_logits"}}
+            "engine_overrides": {"logprobs_mode": "processed_logits", **TEST_KV_CACHE}}
     res = run_worker(spec, workdir, tag, timeout_s=900)
     log = (workdir / res["log"]).read_text(errors="replace")
     assert res.get("ok"), (res.get("error"), log[-3000:])
@@ -294,6 +294,7 @@ def test_eval_with_spark_profile_serves_both_profiles_and_reports_original_ids(i
                    "--set", "eval.similarity_max_tokens=16", "--set", "eval.latency_requests=2",
                    "--set", "eval.concurrency=[1,2]", "--set", "eval.enforce_eager=true",
                    "--set", "eval.cpu_memory_utilization=0.05",
+                   "--set", f"eval.engine_args={{kv_cache_memory_bytes: {TEST_KV_CACHE_BYTES}}}",
                    "--set", "eval.min_valid_rate_recovery=0", python=py)
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["passed"] and len(last["kernels"]) == 1 and "Int8ScaledMMLinearKernel" in last["kernels"][0]

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TEST_KV_CACHE
 
 from spark_quant.serving.stepprof import _diff_per_step, _union_us, classify, kernel_summary
 
@@ -124,7 +124,8 @@ def test_stepprof_on_vllm_cpu_breaks_the_host_side_of_a_step_down(tiny_proxy, tm
     if py is None:
         pytest.skip("no serving environment with vLLM")
     spec = {"model": str(tiny_proxy / "LLM"), "dtype": "bfloat16", "max_model_len": 256,
-            "gpu_memory_utilization": 0.08, "concurrency": [1, 4], "short": 4, "long": 16, "modes": ["greedy"]}
+            "gpu_memory_utilization": 0.08, "concurrency": [1, 4], "short": 4, "long": 16, "modes": ["greedy"],
+            "engine_overrides": TEST_KV_CACHE}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([py, "-m", "spark_quant.serving.stepprof", str(tmp_path / "spec.json"), str(tmp_path / "out.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1200,

@@ -30,7 +30,7 @@ from spark_quant.serving.procenv import serving_env
 SESSION_MODULE = "spark_quant.serving.session"
 _LOG_FACTS = {
     "weights_gib": r"Model loading took ([\d.]+) GiB",
-    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB|Auto set \(([\d.]+)/[\d.]+\) GiB for KV cache",
+    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB|(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache",
     "kv_cache_tokens_logged": r"[GC]PU KV cache size: ([\d,]+) tokens",
 }
 
