@@ -88,8 +88,8 @@ def run_inprocess(*args: str, check: bool = True, cwd: Path | None = None):
     return proc
 
 
-# The most the whole suite holds on disk at once (docs/benchmarks.md § Test suite), with a margin: checkpoints,
-# proxies, the codec and eval folders under pytest's base folder. SPARK_QUANT_TEST_DISK_GB replaces it.
+# The most the whole suite holds on disk at once, with a margin (2.2 GB measured, docs/benchmarks.md § Test suite):
+# checkpoints, proxies, the codec and eval folders under pytest's base folder. SPARK_QUANT_TEST_DISK_GB replaces it.
 SUITE_DISK_GB = float(os.environ.get("SPARK_QUANT_TEST_DISK_GB", "4"))
 
 
@@ -189,10 +189,10 @@ def pytest_collection_modifyitems(config, items):
         _refuse_a_small_disk(config)
 
 
-# The longest modules (minutes of one worker on this 2-core CPU, docs/benchmarks.md § Test suite), in the order
-# they start: the sweep builds the shared checkpoint while the serving-profile module starts on the other worker;
-# the damaged-variant evals (about 9 minutes, needing the trained proxy) start third, by when the proxy is
-# trained; the rest fill in around them.
+# The longest modules (minutes of one worker on this 2-core CPU: the fresh-clone CI rows of docs/benchmarks.md
+# § CPU: the embedded default), in the order they start: the sweep builds the shared checkpoint while the
+# serving-profile module starts on the other worker; the damaged-variant evals (about 9 minutes, needing the
+# trained proxy) start third, by when the proxy is trained; the rest fill in around them.
 LONG_MODULES = ("test_pipeline_e2e.py", "test_spark_profile.py", "test_metrics_can_fail.py", "test_reliability.py",
                 "test_audio.py")
 _trained_build: subprocess.Popen | None = None
