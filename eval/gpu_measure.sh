@@ -16,6 +16,8 @@
 #                      saturation curve to c=2048, streams, memory, fused-vs-stock equivalence; the fused op's test
 #           gpu2       issue 14's fused INT8 path (3 x mp, b1 / c256 / c1024, fused-vs-stock equivalence) with the
 #                      two-machine check folded in, then issue 16's streamed audio (eval/gpu_audio.py) and codec bench
+#           gpu3       issue 14's fused INT8 path vs stock W8A8 and BF16 (3 x mp each, b1 / c1024, equivalence), then
+#                      issue 16 at load (3 engine + codec sessions per model, codec batching 16, c = 1 / 1024)
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -143,6 +145,31 @@ job() {
       echo "audio wall $((SECONDS - t0))s"
       [ -z "${CODEC_BENCH:-}" ] || $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 100 200 --n 20 \
         --out eval/results/audio-gpu/codec_bench.json || true ;;
+    gpu3)  # one session's 30 device minutes: issue 14's fused INT8 path timed against stock W8A8 and BF16 in one
+           # paired run (3 x mp each, 9 engines resident; its stock pair is the third machine of the ratio check),
+           # then issue 16 at load (3 engine + BiCodec sessions per model, codec batching 16, c = 1 / 1024) and the
+           # codec alone batched. About 20 minutes of one H200 after the parts are stashed.
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      local f=w8a8f-x3mp fv=(--variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
+        --equivalence w8a8-x3mp,w8a8f-x3mp)
+      if ! $SERVE_PYTHON -m pytest -q -rA -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | grep -v "^$" | tail -40; then
+        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8-x3mp; fv=()
+      fi
+      local all; all=$(uniq_csv bf16-x3mp w8a8-x3mp $f)
+      t0=$SECONDS
+      $PAIRED --out eval/results/paired3 --gpu-share 0.07 --trials 20 \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
+        --cell b1=1:200:$all --cell c1024=1024:100:$all || true
+      echo "paired wall $((SECONDS - t0))s"
+      t0=$SECONDS
+      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 \
+        --fixed-tokens 250 --timeout 300 || true
+      echo "audio wall $((SECONDS - t0))s"
+      $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 60 110 210 --n 20 --batch 16 \
+        --out eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json || true ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       setup "$PARTS"
@@ -273,6 +300,15 @@ collect_job() {
     tail -n 30 $au/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
+  fi
+  if [ "$1" = gpu3 ]; then  # whatever exists so far (a wait that ends before the job still brings it back)
+    local p=eval/results/paired3 au=eval/results/audio-gpu-x3-cb16
+    cp $p/paired.md "$OUT/" 2>/dev/null || true
+    cp $au/audio.md "$OUT/" 2>/dev/null || true
+    grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $p/logs/*.log > "$OUT/engines.txt" 2>/dev/null || true
+    tail -n 30 $au/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
+    tar czf "$OUT/gpu3-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
+      $au/codec_bench_batch16.json $au/logs/*.partial.json 2>/dev/null || true
   fi
   if [ "$1" = audio3 ]; then
     local cb
