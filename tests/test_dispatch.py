@@ -147,6 +147,28 @@ def test_streams_over_replicas_split_each_level_and_summarize_every_request(tmp_
     assert ready == ["v-r0", "v-r1"]  # started one after another
 
 
+def test_warm_levels_runs_an_untimed_round_at_each_load_before_the_timed_one(tmp_path):
+    """With ``warm_levels`` every replica gets the c=5 share twice; only the second is the row's."""
+    from spark_quant.audio.stream_pool import stream_over_replicas
+
+    spec = _stream_spec(tmp_path)
+    spec["stream"]["warm_levels"] = True
+    res = stream_over_replicas(spec, 2, tmp_path, sys.executable, "v", 30, module=FAKE)
+    c1, c5 = res["rows"]
+    assert res["ok"] and c1["warm_wall_s"] is None and c5["warm_wall_s"] > 0
+    assert sorted(r["prompt"] for r in c5["requests"]) == list(range(5))  # the timed round alone, every prompt once
+    assert c5["codec_calls"]["chunks"] == 2 * 5
+    # the first replica serves warm-up, c=1 and the warm c=5 share, then exits at its timed share: so the
+    # untimed round really reached the replica before the timed one
+    spec = _stream_spec(tmp_path, fake_die_after=3)
+    spec["stream"]["warm_levels"] = True
+    res = stream_over_replicas(spec, 2, tmp_path, sys.executable, "v", 30, module=FAKE)
+    assert res["ok"] is False and "exited" in res["error"] and [r["concurrency"] for r in res["rows"]] == [1]
+    spec["stream"]["warm_levels"] = False  # without it the same replica gets through c=5
+    res = stream_over_replicas(spec, 2, tmp_path, sys.executable, "v", 30, module=FAKE)
+    assert res["ok"] and [r["concurrency"] for r in res["rows"]] == [1, 5]
+
+
 def test_a_stream_replica_that_dies_keeps_the_levels_already_measured(tmp_path):
     from spark_quant.audio.stream_pool import stream_over_replicas
 

@@ -5,7 +5,9 @@ each), and one codec thread decodes about 190 streams' chunks; a TTS server scal
 engine + codec pairs on the GPU. ``stream_over_replicas`` starts ``replicas`` stream sessions
 (``audio.stream_session``) with ``serving.dispatch.Pool`` (one after another: vLLM's start-up memory
 profiling needs its neighbours idle), warms each up, then per concurrency level splits the requests round
-robin over the replicas and sends all shares at once. Concurrency 1 runs its sequential requests on the
+robin over the replicas and sends all shares at once (after an untimed round at the same load when the stream
+spec's ``warm_levels`` is set: on a GPU the first batch of a new size JIT-compiles vLLM's top-k/top-p kernel
+inside the timed round, one replica at a time). Concurrency 1 runs its sequential requests on the
 first replica. The result: per level a row with every request's record, the ``summary`` over them,
 ``codec_calls`` summed over the replicas and each replica's wall time; each replica's engine facts
 (``engines``); the codec's facts. After each level it is also written to the spec's ``partial_path``.
@@ -49,11 +51,16 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
                 rid = first.send([{"name": "part", "kind": "stream", "concurrency": 1, "requests": st["requests"]}])
                 parts = [first.receive(rid, timeout_s)["part"]]
                 wall = parts[0]["wall_s"]
+                warm_wall = None
             else:
+                warm_wall = None
+                if st.get("warm_levels"):  # an untimed round at this load first: vLLM JIT-compiles its top-k/top-p
+                    _, warm_wall = pool.spread({"kind": "stream", "concurrency": c})  # kernel per new batch shape
                 parts, wall = pool.spread({"kind": "stream", "concurrency": c})
             recs = [r for p in parts for r in p["requests"]]
             res["rows"].append({"concurrency": c, "wall_s": wall, "replica_wall_s": [p["wall_s"] for p in parts],
-                                "codec_calls": merge_calls(parts), "summary": summarize(recs), "requests": recs})
+                                "warm_wall_s": warm_wall, "codec_calls": merge_calls(parts),
+                                "summary": summarize(recs), "requests": recs})
             if partial:
                 partial.write_text(json.dumps({**res, "ok": True, "partial": True}))
         res["ok"] = True
