@@ -18,6 +18,8 @@
 #                      two-machine check folded in, then issue 16's streamed audio (eval/gpu_audio.py) and codec bench
 #           gpu3       issue 14's fused INT8 path vs stock W8A8 and BF16 (3 x mp each, b1 / c1024, equivalence), then
 #                      issue 16 at load (3 engine + codec sessions per model, codec batching 16, c = 1 / 1024)
+#           gpu4       next: gpu3's audio leg again with a warm round per level, then issue 15's trained full proxy,
+#                      sweep (FID_EXPS) and damaged recipe
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -171,6 +173,19 @@ job() {
       echo "audio wall $((SECONDS - t0))s"
       $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 60 110 210 --n 20 --batch 16 \
         --out eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json || true ;;
+    gpu4)  # next: issue 16 at load again, now with an untimed round at each level (gpu3's c = 1024 round held a
+           # JIT compile), then issue 15: the trained full proxy (timed, PROXY.json), the sweep of FID_EXPS (set it to
+           # one experiment to fit 30 device minutes) and the damaged recipe. Collect with `wait gpu4 N`.
+      setup "$PARTS"
+      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      t0=$SECONDS
+      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
+        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 \
+        --fixed-tokens 250 --timeout 300 || true
+      echo "audio wall $((SECONDS - t0))s"
+      fidelity_job fidelity || true
+      fidelity_job fidelity-damaged || true ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       setup "$PARTS"
@@ -301,6 +316,11 @@ collect_job() {
     tail -n 30 $au/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
+  fi
+  if [ "$1" = gpu4 ]; then
+    cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
+    tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
+    mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true
   fi
   if [ "$1" = gpu3 ]; then  # whatever exists so far (a wait that ends before the job still brings it back)
     local p=eval/results/paired3 au=eval/results/audio-gpu-x3-cb16
