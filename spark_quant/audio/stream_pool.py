@@ -46,14 +46,13 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
         res.update({k: v for k, v in warm[0]["warm"].items()
                     if k in ("codec", "plan", "codec_batch", "count_all_as_semantic")})
         for c in st["concurrency"]:
+            warm_wall = None
             if c == 1:
                 first = pool.replicas[0]
                 rid = first.send([{"name": "part", "kind": "stream", "concurrency": 1, "requests": st["requests"]}])
                 parts = [first.receive(rid, timeout_s)["part"]]
                 wall = parts[0]["wall_s"]
-                warm_wall = None
             else:
-                warm_wall = None
                 if st.get("warm_levels"):  # an untimed round at this load first: vLLM JIT-compiles its top-k/top-p
                     _, warm_wall = pool.spread({"kind": "stream", "concurrency": c})  # kernel per new batch shape
                 parts, wall = pool.spread({"kind": "stream", "concurrency": c})
