@@ -101,15 +101,35 @@ ONE='::{"replicas": 1, "executor": "default"}'  # one engine as vLLM starts it (
 
 uniq_csv() { printf '%s\n' "$@" | awk '!seen[$0]++' | paste -sd, -; }
 
+prepare() {  # every job's start: the bundle, the full proxy, W8A8 on 128 calibration samples, each timed
+  setup "$PARTS"
+  local t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
+  t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+}
+
+fused_gate() {  # sets the caller's f and fv: the fused INT8 variant (3 x mp) and its equivalence check, or stock
+               # W8A8 and nothing when the fused kernels fail their test (tests/test_int8_fused_gpu.py, run first)
+  f=w8a8f-x3mp fv=(--variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
+    --equivalence w8a8-x3mp,w8a8f-x3mp)
+  if ! $SERVE_PYTHON -m pytest -q -rA -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | grep -v "^$" | tail -40; then
+    echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8-x3mp; fv=()
+  fi
+}
+
+audio_x3() {  # CODEC_BATCH LEVELS OUT: streamed audio of BF16 and W8A8 on 3 engine + BiCodec sessions each (0.28 share)
+  local t0=$SECONDS
+  $SERVE_PYTHON eval/gpu_audio.py --out "$3" --model bf16=$BASE/LLM --model w8a8=$CK/LLM --replicas 3 --memory 0.28 \
+    --codec-batch "$1" --concurrency "$2" --requests 20 --fixed-tokens 250 --timeout 300 || true
+  echo "audio codec_batch=$1 wall $((SECONDS - t0))s"
+}
+
 job() {
   case $1 in
     fidelity*) fidelity_job "$@" ;;  # issue 15, see fidelity_job below
     issue14)  # the paired speed run of issue 14: about 20 minutes of one H200 after the parts are stashed
               # (2026-12-01: setup 1 min, proxy 33 s, W8A8 87 s, kernel test 19 s, paired run 867 s of which
               # 493 s were the 8 engine starts, 40-118 s each)
-      setup "$PARTS"
-      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      prepare
       # the fused INT8 path's kernels first: if they do not match the stock path, its variants are left out
       local f=w8a8f fx=w8a8f-x3mp fv=(--variant "w8a8f=$CK/LLM::{\"replicas\": 1, \"executor\": \"default\", \"int8_fused\": true}"
         --variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
@@ -128,14 +148,8 @@ job() {
            # issue 16's streamed audio (LLM + BiCodec; CODEC_BENCH=1: the codec alone). About 20 minutes of one H200.
            # All variants in the GPU experiment's topology (3 x mp replicas): the earlier machine's b1 (mp executor)
            # and c1024 (3 x mp) ratios are the two-machine check; no single default engines (3 starts saved).
-      setup "$PARTS"
-      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
-      local f=w8a8f-x3mp fv=(--variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
-        --equivalence w8a8-x3mp,w8a8f-x3mp)
-      if ! $SERVE_PYTHON -m pytest -q -rA -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | grep -v "^$" | tail -40; then
-        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8-x3mp; fv=()
-      fi
+      prepare
+      local f fv; fused_gate
       local all; all=$(uniq_csv bf16-x3mp w8a8-x3mp $f)
       t0=$SECONDS
       $PAIRED --out eval/results/paired2 --gpu-share 0.07 --trials 20 \
@@ -152,53 +166,29 @@ job() {
            # paired run (3 x mp each, 9 engines resident; its stock pair is the third machine of the ratio check),
            # then issue 16 at load (3 engine + BiCodec sessions per model, codec batching 16, c = 1 / 1024) and the
            # codec alone batched. About 20 minutes of one H200 after the parts are stashed.
-      setup "$PARTS"
-      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
-      local f=w8a8f-x3mp fv=(--variant "w8a8f-x3mp=$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"int8_fused\": true}"
-        --equivalence w8a8-x3mp,w8a8f-x3mp)
-      if ! $SERVE_PYTHON -m pytest -q -rA -p no:cacheprovider tests/test_int8_fused_gpu.py 2>&1 | grep -v "^$" | tail -40; then
-        echo "fused INT8 kernels failed their test: fused variants left out"; f=w8a8-x3mp; fv=()
-      fi
+      prepare
+      local f fv; fused_gate
       local all; all=$(uniq_csv bf16-x3mp w8a8-x3mp $f)
       t0=$SECONDS
       $PAIRED --out eval/results/paired3 --gpu-share 0.07 --trials 20 \
         --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" "${fv[@]}" \
         --cell b1=1:200:$all --cell c1024=1024:100:$all || true
       echo "paired wall $((SECONDS - t0))s"
-      t0=$SECONDS
-      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
-        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 \
-        --fixed-tokens 250 --timeout 300 || true
-      echo "audio wall $((SECONDS - t0))s"
+      audio_x3 16 ${AUDIO_C:-1,1024} eval/results/audio-gpu-x3-cb16
       $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 60 110 210 --n 20 --batch 16 \
         --out eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json || true ;;
     gpu4)  # next: issue 16 at load again, now with an untimed round at each level (gpu3's c = 1024 round held a
            # JIT compile), then issue 15: the trained full proxy (timed, PROXY.json), the sweep of FID_EXPS (set it to
            # one experiment to fit 30 device minutes) and the damaged recipe. Collect with `wait gpu4 N`.
-      setup "$PARTS"
-      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
-      t0=$SECONDS
-      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
-        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 \
-        --fixed-tokens 250 --timeout 300 || true
-      echo "audio wall $((SECONDS - t0))s"
+      prepare
+      audio_x3 16 ${AUDIO_C:-1,1024} eval/results/audio-gpu-x3-cb16
       fidelity_job fidelity || true
       fidelity_job fidelity-damaged || true ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
-      setup "$PARTS"
-      t0=$SECONDS; make proxy SIZE=full; echo "proxy wall $((SECONDS - t0))s"
-      t0=$SECONDS; make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB"; echo "w8a8 wall $((SECONDS - t0))s"
+      prepare
       local cb
-      for cb in 16 1; do
-        t0=$SECONDS
-        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb$cb --model bf16=$BASE/LLM --model w8a8=$CK/LLM \
-          --replicas 3 --memory 0.28 --codec-batch $cb --concurrency ${AUDIO_C:-1,512,1024} --requests 20 \
-          --fixed-tokens 250 --timeout 300 || true
-        echo "audio codec_batch=$cb wall $((SECONDS - t0))s"
-      done
+      for cb in 16 1; do audio_x3 $cb ${AUDIO_C:-1,512,1024} eval/results/audio-gpu-x3-cb$cb; done
       $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 60 110 210 --n 20 --batch 16 \
         --out eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json || true ;;
     check14)  # the same BF16 vs W8A8 cells on another machine: do the ratios agree? (about 8 minutes)
