@@ -110,7 +110,7 @@ class EvalConfig(_Section):
     int8_fused: bool = Field(
         False, description="serve W8A8 INT8 checkpoints with RMSNorm + residual add + INT8 quantization fused before "
         "the QKV and gate/up GEMMs (spark_quant/serving/int8_fused.py; CUDA, Cutlass INT8 kernel, dynamic activations; "
-        "0.982x stock W8A8's throughput at saturation on an H200, docs/benchmarks.md, hence off)"
+        "no gain on an H200: 0.982x stock W8A8's throughput at saturation, docs/benchmarks.md, hence off)"
     )
     require_gpu: bool = Field(False, description="refuse to run without a CUDA GPU (GPU timing experiments)")
     enforce_eager: bool = Field(False, description="disable CUDA graphs / torch.compile (debugging)")
