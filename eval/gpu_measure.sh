@@ -20,6 +20,8 @@
 #                      issue 16 at load (3 engine + codec sessions per model, codec batching 16, c = 1 / 1024)
 #           gpu4       next: gpu3's audio leg again with a warm round per level, then issue 15's trained full proxy,
 #                      sweep (FID_EXPS) and damaged recipe
+#           gpu5       issue 15's trained full proxy, default W8A8 and damaged recipe on it, then issue 16 on the
+#                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -184,6 +186,24 @@ job() {
       audio_x3 16 ${AUDIO_C:-1,1024} eval/results/audio-gpu-x3-cb16
       fidelity_job fidelity || true
       fidelity_job fidelity-damaged || true ;;
+    gpu5)  # one session's 30 device minutes, issue 15 first (never run on a GPU before): the trained full proxy
+           # (timed, PROXY.json), the default W8A8 recipe on it (512 samples, 115 texts x 2 modes x FID_SAMPLES
+           # outputs), the damaged recipe, then issue 16 on the trained proxy (natural length, warm round per level,
+           # 3 engine + codec sessions per model, c = 1 / 1024), then GPTQ without SmoothQuant for the recipe table
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      FID_EXPS=experiments/spark-tts_w8a8_int8.yaml fidelity_job fidelity-sweep || true
+      fidelity_job fidelity-damaged || true
+      local fb fq fx=0
+      fb=$FID_PROXY/LLM; fq=checkpoints/spark-tts_w8a8_int8/LLM
+      if [ ! -f $fq/config.json ]; then prepare; fb=$BASE/LLM; fq=$CK/LLM; fx=250; fi  # the random proxy, fixed length
+      t0=$SECONDS
+      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$fb --model w8a8=$fq \
+        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 --fixed-tokens $fx \
+        --timeout 300 || true
+      echo "audio (fixed tokens $fx) wall $((SECONDS - t0))s"
+      FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
+        fidelity_job fidelity-sweep || true ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       prepare
@@ -264,6 +284,8 @@ fidelity_job() {
       echo "trained full proxy wall $((SECONDS - t0))s"
       $QUANT_PYTHON -c "import json; m = json.load(open('$FID_PROXY/PROXY.json')); m.pop('config', None); print(json.dumps(m, indent=1))"
       [ "$1" = fidelity ] || return 0
+      fidelity_job fidelity-sweep ;;
+    fidelity-sweep)  # the sweep of FID_EXPS on the trained proxy (made first by fidelity-proxy)
       t0=$SECONDS
       make sweep EXPERIMENTS="$FID_EXPS" SWEEP=fidelity-gpu SET="$FID_SET" || true
       echo "fidelity sweep wall $((SECONDS - t0))s" ;;
@@ -307,10 +329,12 @@ collect_job() {
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
   fi
-  if [ "$1" = gpu4 ]; then
+  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ]; then
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true
+    tail -n 25 eval/results/audio-gpu-x3-cb16/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
+    tail -n 25 eval/results/spark-tts_*/logs/*.log eval/results/full-trained-*/logs/*.log > "$OUT/eval-logs.txt" 2>/dev/null || true
   fi
   if [ "$1" = gpu3 ]; then  # whatever exists so far (a wait that ends before the job still brings it back)
     local p=eval/results/paired3 au=eval/results/audio-gpu-x3-cb16
