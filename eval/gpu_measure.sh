@@ -22,6 +22,7 @@
 #                      sweep (FID_EXPS) and damaged recipe
 #           gpu5       issue 15's trained full proxy, default W8A8 and damaged recipe on it, then issue 16 on the
 #                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
+#           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -204,6 +205,14 @@ job() {
       echo "audio (fixed tokens $fx) wall $((SECONDS - t0))s"
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
         fidelity_job fidelity-sweep || true ;;
+    gpu6)  # issue 15 again on the full proxy retrained with 8 semantic variants (1.82 nats per semantic position,
+           # spark_language.py; gpu5's deterministic one was one-hot, so even the damaged recipe passed): the proxy
+           # (timed, PROXY.json), the default W8A8 and GPTQ-only recipes, then the damaged recipe, which must fail
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
+        fidelity_job fidelity-sweep || true
+      fidelity_job fidelity-damaged || true ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       prepare
@@ -329,7 +338,7 @@ collect_job() {
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
   fi
-  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ]; then
+  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ] || [ "$1" = gpu6 ]; then
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true

@@ -75,6 +75,10 @@ def device_info() -> dict[str, Any]:
 
 
 def git_commit() -> str | None:
+    """The code's commit: ``SPARK_QUANT_COMMIT`` when set (a copied tree, whose ``.git`` may be absent or
+    stale, names its commit there: eval/gpu_measure.sh), else ``git rev-parse HEAD`` (+ ``-dirty``)."""
+    if os.environ.get("SPARK_QUANT_COMMIT"):
+        return os.environ["SPARK_QUANT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5

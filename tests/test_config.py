@@ -76,3 +76,17 @@ def test_field_descriptions_exist_for_every_field():
     rows = describe_fields(Experiment)
     assert len(rows) > 20
     assert all(desc for name, _, desc in rows if name.split(".")[0] in ("calibration",) and name != "calibration.seed")
+
+
+def test_git_commit_prefers_the_commit_a_copied_tree_names(monkeypatch):
+    import subprocess
+
+    from spark_quant.envinfo import REPO_ROOT, git_commit
+
+    monkeypatch.delenv("SPARK_QUANT_COMMIT", raising=False)
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout: HEAD, marked when tracked files are changed
+        assert git_commit().removesuffix("-dirty") == head.stdout.strip()
+    # a tree copied to a GPU machine keeps a stale .git (or none): the commit it was copied at wins
+    monkeypatch.setenv("SPARK_QUANT_COMMIT", "0123abcd" * 5)
+    assert git_commit() == "0123abcd" * 5

@@ -143,3 +143,77 @@ def test_random_proxy_fails_the_same_thresholds(measured):
     r = measured["random"]
     failed = [key for key, floor in PEAKED.items() if r[key] < floor]
     assert set(failed) >= {"valid_rate", "mean_max_prob", "token_accuracy", "controllable_32_globals_rate"}, r
+
+
+def test_semantic_variants_are_zipf_draws_of_the_same_countdown_and_greedy_stays_variant_0(tok):
+    from spark_quant.models.spark_language import VARIANT_OFFSET, variant_weights
+
+    plain, varied = Language(), Language(8)
+    assert varied.weights == pytest.approx(variant_weights(8)) and varied.weights[0] == pytest.approx(1 / sum(
+        1 / (j + 1) for j in range(8)))
+    assert plain.semantic_entropy_nats == 0 and varied.semantic_entropy_nats == pytest.approx(
+        -sum(p * math.log(p) for p in varied.weights)) and 1.8 < varied.semantic_entropy_nats < 1.85
+    counts = [0] * 8
+    for i, text in enumerate(TRAIN[:40]):
+        content = tok.encode(text)
+        for kind in ("controllable", "clone"):
+            seq, plen = example(varied, content, random.Random(i), kind)
+            sem = [t - spark.semantic_id(0) for t in seq[plen:] if spark.is_semantic_id(t)]
+            base_seq, base_plen = example(plain, content, random.Random(i), kind)
+            base = [t - spark.semantic_id(0) for t in base_seq[base_plen:] if spark.is_semantic_id(t)]
+            # same count and grammar: each code is the deterministic language's code plus a variant's offset
+            assert len(sem) == len(base) and [c % VARIANT_OFFSET for c in sem] == base
+            for c in sem:
+                counts[c // VARIANT_OFFSET] += 1
+            # the greedy (modal) output is variant 0, the deterministic language's output
+            assert output_for(varied, seq[:plen]) == output_for(plain, seq[:plen])
+    n = sum(counts)
+    assert n > 2000
+    for j, w in enumerate(varied.weights):  # each variant's share within 4 standard errors of its weight
+        assert abs(counts[j] / n - w) < 4 * math.sqrt(w * (1 - w) / n), (j, counts[j] / n, w)
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="semantic variants"):
+            Language(bad)
+
+
+def test_one_variant_leaves_the_training_stream_unchanged(tok):
+    from spark_quant.models.trained import training_batch
+
+    corpus = Corpus(tok, TRAIN, HELDOUT)
+    a, b = random.Random(5), random.Random(5)
+    assert training_batch(Language(), corpus, a, 24, 0.6) == training_batch(Language(1), corpus, b, 24, 0.6)
+    assert a.random() == b.random()
+    # variants > 1 draw from the stream, so they do change it (the tiny proxy keeps 1 and its cache)
+    c = random.Random(5)
+    assert training_batch(Language(8), corpus, c, 24, 0.6) != training_batch(Language(), corpus, random.Random(5),
+                                                                              24, 0.6)
+
+
+def test_full_proxy_trains_on_variants_and_the_cache_key_honours_them(tmp_path):
+    from dataclasses import asdict
+
+    from spark_quant.models.trained import TrainSettings, is_trained_proxy, optimal_scores
+
+    assert TrainSettings.for_size("tiny").semantic_variants == 1
+    assert TrainSettings.for_size("full").semantic_variants == 8
+    lang = Language(8)
+    scores = optimal_scores(lang, positions=100, semantic_positions=80)
+    assert scores["optimal"] == pytest.approx((20 + 80 * lang.weights[0]) / 100)
+    assert scores["loss_floor"] == pytest.approx(0.8 * lang.semantic_entropy_nats)
+    assert optimal_scores(Language(), 100, 80) == {"optimal": 1.0, "loss_floor": 0.0}
+
+    from spark_quant.models.spark_language import LANGUAGE_VERSION
+
+    def marker(training):
+        (tmp_path / "PROXY.json").write_text(json.dumps({
+            "proxy": "spark-quant", "kind": "trained", "size": "tiny", "seed": 0,
+            "language_version": LANGUAGE_VERSION, "training": training}))
+
+    tiny = asdict(TrainSettings.for_size("tiny"))
+    legacy = {k: v for k, v in tiny.items() if k != "semantic_variants"}
+    marker(legacy)  # built before variants existed: the deterministic language, so still the tiny proxy
+    assert is_trained_proxy(tmp_path, "tiny", 0)
+    assert not is_trained_proxy(tmp_path, "tiny", 0, TrainSettings(semantic_variants=8))
+    marker(tiny | {"semantic_variants": 8})
+    assert not is_trained_proxy(tmp_path, "tiny", 0) and is_trained_proxy(tmp_path, "tiny", 0,
+                                                                           TrainSettings(semantic_variants=8))

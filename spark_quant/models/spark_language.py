@@ -21,7 +21,15 @@ fixed seed, independent of the training seed). See ``trained.py`` for why and ho
 - voice clone (``spark.clone_prompt`` without transcript) -> ``<|start_semantic_token|>``
   + the countdown at K = 2 + ``<|im_end|>``;
 - voice clone with transcript: the content is transcript + text, the prompt ends with
-  the reference's part of the countdown, and the model continues it to ``<|im_end|>``.
+  the reference's part of the countdown, and the model continues it to ``<|im_end|>``;
+- semantic variants (``Language(variants=V)``, V > 1; the full proxy's setting, ``trained.TrainSettings``):
+  each semantic code ``c`` of a training sequence is written as ``c + VARIANT_OFFSET * j``, j drawn from
+  fixed Zipf weights (``variant_weights``). Without them the language is deterministic: one output has
+  probability 1, a model that learns it exactly (the full proxy on a GPU: loss 1e-5) is one-hot at every
+  step, and quantization cannot move its argmax or its KL (docs/benchmarks.md, ``gpu5``: even a damaged
+  recipe passed every gate). With them a model that learns the language exactly keeps
+  ``semantic_entropy_nats`` of spread at every semantic position, as a sampled TTS LM does, while the
+  count, the grammar and the greedy output (variant 0 everywhere, ``output_for``) stay as above.
 """
 
 from __future__ import annotations
@@ -49,13 +57,39 @@ MAX_BLOCKS = 128  # content tokens counted; longer content is cut to this many i
 CODES_PER_BLOCK = 4  # code = CODES_PER_BLOCK * b + r, r < max(K_BY_SPEED)
 
 
-class Language:
-    """The tables of the synthetic Spark language (fixed by LANGUAGE_SEED)."""
+VARIANT_OFFSET = MAX_BLOCKS * CODES_PER_BLOCK  # variant j of code c is c + VARIANT_OFFSET * j
 
-    def __init__(self) -> None:
+
+def variant_weights(variants: int) -> list[float]:
+    """Zipf weights 1 / (j + 1) of the semantic variants j = 0 .. variants - 1, normalized."""
+    w = [1.0 / (j + 1) for j in range(variants)]
+    return [x / sum(w) for x in w]
+
+
+class Language:
+    """The tables of the synthetic Spark language (fixed by LANGUAGE_SEED); ``variants`` > 1 gives each
+    semantic code that many variants with Zipf weights (see the module's docstring)."""
+
+    def __init__(self, variants: int = 1) -> None:
+        if not 1 <= variants <= spark.SEMANTIC_CODEBOOK // VARIANT_OFFSET:
+            raise ValueError(f"semantic variants: {variants} is outside 1..{spark.SEMANTIC_CODEBOOK // VARIANT_OFFSET}")
         rng = random.Random(LANGUAGE_SEED)
         ids = rng.sample(range(spark.GLOBAL_CODEBOOK), 10 * spark.N_GLOBAL)
         self.voice_globals = {(g, p): ids[(g * 5 + p) * 32 : (g * 5 + p + 1) * 32] for g in range(2) for p in range(5)}
+        self.variants = variants
+        self.weights = variant_weights(variants)
+
+    @property
+    def semantic_entropy_nats(self) -> float:
+        """Entropy of one semantic position given everything before it (0 for the deterministic language)."""
+        return -sum(p * math.log(p) for p in self.weights)
+
+    def vary(self, codes: list[int], rng: random.Random) -> list[int]:
+        """``codes`` with each one's variant drawn (no draw at all, so the same ``rng`` stream, when variants = 1)."""
+        if self.variants == 1:
+            return list(codes)
+        js = rng.choices(range(self.variants), self.weights, k=len(codes))
+        return [c + VARIANT_OFFSET * j for c, j in zip(codes, js)]
 
     @staticmethod
     def semantic(n_content: int, k: int) -> list[int]:
@@ -71,14 +105,19 @@ class Language:
     def speed_value(speed: int) -> int:
         return 2 * speed
 
-    def controllable_output(self, content: list[int], gender: int, pitch: int, speed: int) -> list[int]:
+    def controllable_output(self, content: list[int], gender: int, pitch: int, speed: int,
+                            rng: random.Random | None = None) -> list[int]:
+        """The output for a controllable prompt: semantic variants drawn from ``rng``, or variant 0 (the mode)."""
+        sem = self.semantic(len(content), K_BY_SPEED[speed])
+        if rng is not None:
+            sem = self.vary(sem, rng)
         return (
             [spark.token_id("<|start_acoustic_token|>"), spark.RANGE_START["pitch_value"] + self.pitch_value(gender, pitch),
              spark.RANGE_START["speed_value"] + self.speed_value(speed), spark.token_id("<|end_acoustic_token|>"),
              spark.token_id("<|start_global_token|>")]
             + [spark.global_id(x) for x in self.voice_globals[(gender, pitch)]]
             + [spark.token_id("<|end_global_token|>"), spark.token_id("<|start_semantic_token|>")]
-            + [spark.semantic_id(s) for s in self.semantic(len(content), K_BY_SPEED[speed])]
+            + [spark.semantic_id(s) for s in sem]
             + [spark.EOS_ID]
         )
 
@@ -98,7 +137,7 @@ def example(lang: Language, content: list[int], rng: random.Random, kind: str,
         g, p, s = rng.randrange(2), rng.randrange(5), rng.randrange(5)
         head, tail = _ctrl_prefix(g, p, s)
         prompt = head + content + tail
-        return prompt + lang.controllable_output(content, g, p, s), len(prompt)
+        return prompt + lang.controllable_output(content, g, p, s, rng), len(prompt)
     if rng.random() < 0.75:
         glob = lang.voice_globals[(rng.randrange(2), rng.randrange(5))]
     else:
@@ -107,7 +146,7 @@ def example(lang: Language, content: list[int], rng: random.Random, kind: str,
     prompt = ([spark.token_id("<|task_tts|>"), spark.token_id("<|start_content|>")] + ref + content
               + [spark.token_id("<|end_content|>"), spark.token_id("<|start_global_token|>")]
               + [spark.global_id(x) for x in glob] + [spark.token_id("<|end_global_token|>")])
-    sem = [spark.semantic_id(x) for x in lang.semantic(len(ref) + len(content), CLONE_K)]
+    sem = [spark.semantic_id(x) for x in lang.vary(lang.semantic(len(ref) + len(content), CLONE_K), rng)]
     if not ref:
         return prompt + [spark.token_id("<|start_semantic_token|>")] + sem + [spark.EOS_ID], len(prompt)
     # with the transcript, the prompt ends inside the semantic block with the reference's own tokens

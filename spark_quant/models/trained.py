@@ -52,6 +52,7 @@ from spark_quant.models.spark_language import (
     K_BY_SPEED,
     LANGUAGE_SEED,
     LANGUAGE_VERSION,
+    VARIANT_OFFSET,
     Language,
     example,
     number_features,
@@ -75,15 +76,18 @@ class TrainSettings:
     n_sampled: int = 2048  # random rows of the compact vocabulary in each step's softmax, besides the targets
     truncate_fraction: float = 0.6  # share of sequences cut a few tokens into the semantic block (see training_batch)
     number_init: float = 0.5  # length of the number-shaped part of the countdown codes' initial rows (0: none)
+    semantic_variants: int = 1  # spark_language.Language(variants): 1 is the deterministic language
 
     @classmethod
     def for_size(cls, size: str) -> TrainSettings:
         # full (the 0.5B shape) is for a GPU: bf16 autocast; steps sized for <= 5 minutes on one H200 (not yet
-        # measured there, see docs/benchmarks.md); SPARK_QUANT_TRAIN_STEPS overrides them for such a measurement
+        # measured there: 159 s, docs/benchmarks.md); SPARK_QUANT_TRAIN_STEPS overrides them for a measurement.
+        # It learns the deterministic language exactly (loss 1e-5, one-hot outputs, which no quantization can
+        # move), so it learns the language with 8 semantic variants (1.82 nats at each semantic position)
         if size == "tiny":
             return cls()
         steps = int(os.environ.get("SPARK_QUANT_TRAIN_STEPS", "1500"))
-        return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2)
+        return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2, semantic_variants=8)
 
 
 # --- the synthetic language ----------------------------------------------------------
@@ -155,11 +159,14 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
         remap[torch.tensor(active)] = torch.arange(len(active))
         remap = remap.to(device)
         full_emb = model.get_input_embeddings()
-        if settings.number_init:  # the countdown codes start number-shaped (spark_language.number_features)
+        if settings.number_init:  # the countdown codes start number-shaped (spark_language.number_features),
+            # every variant of a code from the same row (each keeps its own random part)
             rows = number_features(full_emb.weight.shape[1], settings.number_init)
-            ids = torch.tensor([spark.semantic_id(c) for c in rows], device=device)
+            ids = torch.tensor([spark.semantic_id(c + VARIANT_OFFSET * j) for j in range(lang.variants) for c in rows],
+                               device=device)
             with torch.no_grad():
-                full_emb.weight[ids] = torch.tensor(list(rows.values()), device=device) + 0.5 * full_emb.weight[ids]
+                full_emb.weight[ids] = (torch.tensor(list(rows.values()), device=device).repeat(lang.variants, 1)
+                                        + 0.5 * full_emb.weight[ids])
         emb = torch.nn.Embedding(len(active), full_emb.weight.shape[1]).to(device)
         with torch.no_grad():
             emb.weight.copy_(full_emb.weight[torch.tensor(active, device=device)])
@@ -216,9 +223,11 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
 
 
 # --- measurement ---------------------------------------------------------------------
-def measure(model, tok, texts: list[str], n: int = 16, max_new: int = 400) -> dict[str, Any]:
-    """How peaked and structured the model's full-vocabulary greedy outputs are on held-out prompts."""
-    lang = Language()
+def measure(model, tok, texts: list[str], n: int = 16, max_new: int = 400,
+            lang: Language | None = None) -> dict[str, Any]:
+    """How peaked and structured the model's full-vocabulary greedy outputs are on held-out prompts (the
+    greedy output of a language with variants is its mode, variant 0 everywhere: ``output_for``)."""
+    lang = lang or Language()
     prompts = heldout_prompts(texts, n, tok.encode,
                               clone_globals=lambda i, rng: lang.voice_globals[(rng.randrange(2), rng.randrange(5))])
     outs, maxp = greedy_generate(model, [p["ids"] for p in prompts], max_new)
@@ -271,15 +280,19 @@ def _corr(xs: list[float], ys: list[float]) -> dict[str, Any]:
             "semantic_count_corr_ci95": [round(float(ci.low), 4), round(float(ci.high), 4)]}
 
 
-def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int = 99) -> dict[str, float]:
-    """Next-token accuracy and loss over the output positions of synthetic sequences built from ``texts``."""
+def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int = 99,
+                            lang: Language | None = None) -> dict[str, float]:
+    """Next-token accuracy and loss over the output positions of synthetic sequences built from ``texts``,
+    with what a model that knew the language exactly would score (``optimal``, ``loss_floor``): the semantic
+    positions of a language with variants are draws, so the mode is right with probability ``weights[0]`` and
+    the loss there is at least ``semantic_entropy_nats``; every other output position is determined."""
     import torch
 
-    lang = Language()
+    lang = lang or Language()
     rng = random.Random(seed)
     enc = [tok.encode(t) for t in texts]
     seqs = [example(lang, enc[i % len(enc)], rng, "controllable" if i % 2 == 0 else "clone") for i in range(n)]
-    correct = total = 0
+    correct = total = semantic = 0
     nll = 0.0
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -291,10 +304,19 @@ def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int
                 tgt = torch.tensor(s[plen:], device=dev)
                 correct += int((logits.argmax(-1) == tgt).sum())
                 total += len(tgt)
+                semantic += sum(spark.is_semantic_id(t) for t in s[plen:])
                 nll += float(torch.nn.functional.cross_entropy(logits, tgt, reduction="sum"))
     finally:
         torch.set_num_threads(threads)
-    return {"accuracy": correct / total, "loss": nll / total, "positions": total}
+    return {"accuracy": correct / total, "loss": nll / total, "positions": total,
+            **optimal_scores(lang, total, semantic)}
+
+
+def optimal_scores(lang: Language, positions: int, semantic_positions: int) -> dict[str, float]:
+    """The accuracy and mean loss of a model that knows ``lang`` exactly, over ``positions`` output positions
+    of which ``semantic_positions`` are semantic codes."""
+    return {"optimal": (positions - semantic_positions * (1 - lang.weights[0])) / positions,
+            "loss_floor": semantic_positions * lang.semantic_entropy_nats / positions}
 
 
 # --- building the model folder -----------------------------------------------------------
@@ -305,7 +327,8 @@ def is_trained_proxy(out: Path, size: str, seed: int, settings: TrainSettings | 
 
     m = read_marker(out)
     want = {k: v for k, v in asdict(settings or TrainSettings.for_size(size)).items() if k != "threads"}
-    got = {k: (m.get("training") or {}).get(k) for k in want} if m else {}
+    # a marker from before semantic variants existed was built with the deterministic language (1)
+    got = {k: (m.get("training") or {}).get(k, 1 if k == "semantic_variants" else None) for k in want} if m else {}
     return bool(m) and m.get("kind") == "trained" and m.get("size") == size and m.get("seed") == seed \
         and m.get("language_version") == LANGUAGE_VERSION and got == want
 
@@ -349,15 +372,15 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
         if size != "tiny" and torch.cuda.is_available():  # the tiny proxy trains on the CPU, as in CI
             model.to("cuda")
-        lang = Language()
+        lang = Language(settings.semantic_variants)
         corpus = Corpus(tok, train_texts, heldout_texts)
         stats = train(model, corpus, lang, settings, seed, log=log)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         save_file(state, str(llm / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(llm / "model.safetensors", (llm / "config.json").stat().st_mode & 0o777)
-        held = teacher_forced_accuracy(model, tok, heldout_texts)
-        train_acc = teacher_forced_accuracy(model, tok, train_texts[:64])
-        structure = measure(model, tok, heldout_texts, n=16, max_new=300)
+        held = teacher_forced_accuracy(model, tok, heldout_texts, lang=lang)
+        train_acc = teacher_forced_accuracy(model, tok, train_texts[:64], lang=lang)
+        structure = measure(model, tok, heldout_texts, n=16, max_new=300, lang=lang)
         structure.pop("rows")
         (tmp / "config.yaml").write_text(config_yaml(size).replace(
             "random-initialized stand-in", "synthetically trained stand-in").replace(
@@ -372,11 +395,15 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "random_init": False,
             "language_version": LANGUAGE_VERSION,
             "language_seed": LANGUAGE_SEED,
+            "semantic_variants": lang.variants,
+            "semantic_entropy_nats": round(lang.semantic_entropy_nats, 4),
             "training": asdict(settings) | stats,
             "final_loss": stats["final_loss"],
             "heldout_accuracy": round(held["accuracy"], 4),
             "heldout_loss": round(held["loss"], 4),
             "heldout_positions": held["positions"],
+            "heldout_accuracy_optimal": round(held["optimal"], 4),
+            "heldout_loss_floor": round(held["loss_floor"], 4),
             "train_accuracy": round(train_acc["accuracy"], 4),
             "heldout_greedy": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in structure.items()},
             "corpus": str(corpus_path),
