@@ -192,15 +192,15 @@ def test_one_variant_leaves_the_training_stream_unchanged(tok):
 def test_full_proxy_trains_on_variants_and_the_cache_key_honours_them(tmp_path):
     from dataclasses import asdict
 
-    from spark_quant.models.trained import TrainSettings, is_trained_proxy, optimal_scores
+    from spark_quant.models.trained import TrainSettings, is_trained_proxy
 
     assert TrainSettings.for_size("tiny").semantic_variants == 1
     assert TrainSettings.for_size("full").semantic_variants == 8
     lang = Language(8)
-    scores = optimal_scores(lang, positions=100, semantic_positions=80)
+    scores = lang.optimal_scores(positions=100, semantic_positions=80)
     assert scores["optimal"] == pytest.approx((20 + 80 * lang.weights[0]) / 100)
     assert scores["loss_floor"] == pytest.approx(0.8 * lang.semantic_entropy_nats)
-    assert optimal_scores(Language(), 100, 80) == {"optimal": 1.0, "loss_floor": 0.0}
+    assert Language().optimal_scores(100, 80) == {"optimal": 1.0, "loss_floor": 0.0}
 
     from spark_quant.models.spark_language import LANGUAGE_VERSION
 

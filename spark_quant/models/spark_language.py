@@ -84,6 +84,12 @@ class Language:
         """Entropy of one semantic position given everything before it (0 for the deterministic language)."""
         return -sum(p * math.log(p) for p in self.weights)
 
+    def optimal_scores(self, positions: int, semantic_positions: int) -> dict[str, float]:
+        """The accuracy and mean loss of a model that knows this language exactly, over ``positions`` output
+        positions of which ``semantic_positions`` are semantic codes (every other output position is determined)."""
+        return {"optimal": (positions - semantic_positions * (1 - self.weights[0])) / positions,
+                "loss_floor": semantic_positions * self.semantic_entropy_nats / positions}
+
     def vary(self, codes: list[int], rng: random.Random) -> list[int]:
         """``codes`` with each one's variant drawn (no draw at all, so the same ``rng`` stream, when variants = 1)."""
         if self.variants == 1:
@@ -185,3 +191,49 @@ def number_features(hidden: int, norm: float, n_freq: int = 48) -> dict[int, lis
             scale = norm / math.sqrt(sum(x * x for x in v))
             rows[CODES_PER_BLOCK * b + r] = [x * scale for x in v]
     return rows
+
+
+# --- training sequences ----------------------------------------------------------
+
+
+class Corpus:
+    """Encoded training texts and their variations; held-out texts for measurement only."""
+
+    def __init__(self, tok, train_texts: list[str], heldout_texts: list[str]) -> None:
+        self.train = [tok.encode(t) for t in train_texts]
+        self.heldout = [tok.encode(t) for t in heldout_texts]
+
+    def sample(self, rng: random.Random) -> list[int]:
+        x = rng.random()
+        t = rng.choice(self.train)
+        if x < 0.6 or len(t) < 6:
+            return list(t)
+        if x < 0.85:  # a random span
+            n = rng.randint(3, len(t) - 1)
+            i = rng.randrange(len(t) - n + 1)
+            return t[i : i + n]
+        return (t + rng.choice(self.train))[:64]  # two sentences
+
+
+def training_batch(lang: Language, corpus: Corpus, rng: random.Random, n: int,
+                   truncate_fraction: float = 0.0) -> list[tuple[list[int], int]]:
+    """n synthetic sequences; ``truncate_fraction`` of them end 4 tokens into the semantic block.
+
+    The first semantic code is the one place where the text's length must be counted;
+    the rest of the block is a chain. Cut sequences give that signal at about half the
+    compute of a whole one.
+    """
+    out = []
+    ss = spark.token_id("<|start_semantic_token|>")
+    for _ in range(n):
+        kind = rng.choices(["controllable", "clone", "clone_transcript"], [0.5, 0.35, 0.15])[0]
+        content = corpus.sample(rng)
+        if kind == "clone_transcript":
+            ref = corpus.sample(rng)[:24]
+            seq, plen = example(lang, content, rng, "clone", transcript=ref)
+        else:
+            seq, plen = example(lang, content, rng, kind)
+            if rng.random() < truncate_fraction:
+                seq = seq[: seq.index(ss, plen - 1) + 5]
+        out.append((seq, plen))
+    return out

@@ -53,10 +53,12 @@ from spark_quant.models.spark_language import (
     LANGUAGE_SEED,
     LANGUAGE_VERSION,
     VARIANT_OFFSET,
+    Corpus,
     Language,
     example,
     number_features,
     output_for,
+    training_batch,
 )
 from spark_quant.outputs import atomic_folder, remove_dead_temporaries
 from spark_quant.spark.heldout import heldout_prompts
@@ -88,52 +90,6 @@ class TrainSettings:
             return cls()
         steps = int(os.environ.get("SPARK_QUANT_TRAIN_STEPS", "1500"))
         return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2, semantic_variants=8)
-
-
-# --- the synthetic language ----------------------------------------------------------
-
-
-class Corpus:
-    """Encoded training texts and their variations; held-out texts for measurement only."""
-
-    def __init__(self, tok, train_texts: list[str], heldout_texts: list[str]) -> None:
-        self.train = [tok.encode(t) for t in train_texts]
-        self.heldout = [tok.encode(t) for t in heldout_texts]
-
-    def sample(self, rng: random.Random) -> list[int]:
-        x = rng.random()
-        t = rng.choice(self.train)
-        if x < 0.6 or len(t) < 6:
-            return list(t)
-        if x < 0.85:  # a random span
-            n = rng.randint(3, len(t) - 1)
-            i = rng.randrange(len(t) - n + 1)
-            return t[i : i + n]
-        return (t + rng.choice(self.train))[:64]  # two sentences
-
-
-def training_batch(lang: Language, corpus: Corpus, rng: random.Random, n: int,
-                   truncate_fraction: float = 0.0) -> list[tuple[list[int], int]]:
-    """n synthetic sequences; ``truncate_fraction`` of them end 4 tokens into the semantic block.
-
-    The first semantic code is the one place where the text's length must be counted;
-    the rest of the block is a chain. Cut sequences give that signal at about half the
-    compute of a whole one.
-    """
-    out = []
-    ss = spark.token_id("<|start_semantic_token|>")
-    for _ in range(n):
-        kind = rng.choices(["controllable", "clone", "clone_transcript"], [0.5, 0.35, 0.15])[0]
-        content = corpus.sample(rng)
-        if kind == "clone_transcript":
-            ref = corpus.sample(rng)[:24]
-            seq, plen = example(lang, content, rng, "clone", transcript=ref)
-        else:
-            seq, plen = example(lang, content, rng, kind)
-            if rng.random() < truncate_fraction:
-                seq = seq[: seq.index(ss, plen - 1) + 5]
-        out.append((seq, plen))
-    return out
 
 
 # --- training ----------------------------------------------------------------------
@@ -309,14 +265,8 @@ def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int
     finally:
         torch.set_num_threads(threads)
     return {"accuracy": correct / total, "loss": nll / total, "positions": total,
-            **optimal_scores(lang, total, semantic)}
+            **lang.optimal_scores(total, semantic)}
 
-
-def optimal_scores(lang: Language, positions: int, semantic_positions: int) -> dict[str, float]:
-    """The accuracy and mean loss of a model that knows ``lang`` exactly, over ``positions`` output positions
-    of which ``semantic_positions`` are semantic codes."""
-    return {"optimal": (positions - semantic_positions * (1 - lang.weights[0])) / positions,
-            "loss_floor": semantic_positions * lang.semantic_entropy_nats / positions}
 
 
 # --- building the model folder -----------------------------------------------------------
