@@ -73,6 +73,8 @@ def main() -> int:
                          "replica JIT-compiled vLLM's top-k/top-p kernel inside the timed c = 1024 round)")
     ap.add_argument("--codec-batch", type=int, help="most queued chunks per batched codec call (default: the "
                     "experiment's eval.audio_codec_batch)")
+    ap.add_argument("--codec-order", choices=("fifo", "deadline"), help="the codec thread's queue order (default: "
+                    "the experiment's eval.audio_codec_order)")
     a = ap.parse_args()
     conc = [int(c) for c in a.concurrency.split(",")]
     models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
@@ -97,7 +99,8 @@ def main() -> int:
                   "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
                   "plan": {"first_chunk": e.audio_first_chunk_tokens},
-                  "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels}
+                  "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
+                  "codec_order": a.codec_order or e.audio_codec_order}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             spec["gpu_memory_utilization"] = a.memory

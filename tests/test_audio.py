@@ -543,3 +543,81 @@ def test_stream_session_on_the_trained_proxy_writes_first_audio_rtf_and_underrun
             assert r["first_audio_s"] > r["ttft_s"] > 0 and r["rtf"] > 0 and r["underruns"] >= 0
         assert s["all"]["first_audio_s"]["p50"] > 0
 
+
+
+@pytest.mark.parametrize("order", ["fifo", "deadline"])
+def test_codec_queue_takes_chunks_in_arrival_or_playback_deadline_order(order):
+    import threading
+    import time
+
+    import numpy as np
+
+    from spark_quant.audio.stream import CodecRunner
+
+    gate, seen = threading.Event(), []
+
+    def decode_batch(items):
+        gate.wait(10)
+        seen.append([s[0] for _, s in items])
+        return [np.zeros(320 * len(s), np.float32) for _, s in items]
+
+    async def main():
+        runner = CodecRunner(decode_batch=decode_batch, max_batch=2, order=order)
+        try:
+            busy = asyncio.ensure_future(runner.run(GLOBALS, [0]))
+            await asyncio.sleep(0.1)  # the thread has taken it and waits at the gate while the rest queue
+            now = time.perf_counter()
+            jobs = [asyncio.ensure_future(runner.run(GLOBALS, [k], d))
+                    for k, d in ((1, now + 5), (2, now + 1), (3, now + 3), (4, None))]
+            await asyncio.sleep(0.05)
+            gate.set()
+            await asyncio.gather(busy, *jobs)
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+    assert seen[0] == [0]
+    # deadline order: a chunk without a deadline is due at submission (earliest here), then +1 s, +3 s, +5 s
+    assert seen[1:] == ([[1, 2], [3, 4]] if order == "fifo" else [[4, 2], [3, 1]])
+    with pytest.raises(ValueError, match="codec order 'lifo'"):
+        CodecRunner(decode_batch=decode_batch, order="lifo")
+
+
+def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
+    import time
+
+    import numpy as np
+
+    from spark_quant.audio.stream import ChunkPlan, CodecRunner, StreamingRequest
+
+    asked = []
+
+    class Recording(CodecRunner):
+        async def run(self, glob, sem, deadline=None):
+            asked.append(deadline)
+            return await super().run(glob, sem, deadline)
+
+    async def main():
+        runner = Recording(lambda g, s: np.zeros(320 * len(s), np.float32), order="deadline", first_slack_s=0.25)
+        t0 = time.perf_counter()
+        req = StreamingRequest(mode="clone", plan=ChunkPlan(), runner=runner, t0=t0, prompt_globals=GLOBALS)
+        toks = clone_output(180)
+        try:
+            before = time.perf_counter()
+            req.feed(toks[:51])  # <|start_semantic_token|> + 50 codes: the first chunk
+            after = time.perf_counter()
+            await asyncio.sleep(0)
+            await req.tasks[0]
+            req.feed(toks[51:-1])  # 130 more: the second chunk (100 codes) now, the last 30 at the end
+            req.finish()
+            return await req.done(), t0, before, after
+        finally:
+            runner.close()
+
+    rec, t0, before, after = asyncio.run(main())
+    assert [c["end"] for c in rec["chunks"]] == [50, 150, 180] and len(asked) == 3
+    assert before + 0.25 <= asked[0] <= after + 0.25  # a first chunk: due its slack after submission
+    # later chunks: due when playback, started at the first chunk's ready time, reaches their first code
+    play = t0 + rec["chunks"][0]["ready_s"]
+    assert asked[1] == pytest.approx(play + 50 / spark.SEMANTIC_PER_SECOND, abs=1e-9)
+    assert asked[2] == pytest.approx(play + 150 / spark.SEMANTIC_PER_SECOND, abs=1e-9)

@@ -74,7 +74,7 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
                   "max_tokens": fixed or e.similarity_max_tokens, "ignore_eos": bool(fixed),
                   "count_all_as_semantic": bool(fixed), "temperature": e.temperature, "top_k": e.top_k,
                   "top_p": e.top_p, "plan": {"first_chunk": e.audio_first_chunk_tokens},
-                  "codec_batch": e.audio_codec_batch}
+                  "codec_batch": e.audio_codec_batch, "codec_order": e.audio_codec_order}
         models = {}
         for name, spec in specs.items():
             spec = {**spec, "max_num_seqs": max(spec.get("max_num_seqs", 1), *e.audio_stream_concurrency),
@@ -84,6 +84,7 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
             r = stream_over_replicas(spec, e.replicas, logs, python or serve_python(), f"{name}-stream", e.timeout_s)
             models[name] = r if r.get("ok") else {"ok": False, "error": r.get("error")}
         res["audio_stream"] = {"token_source": token_source(exp, is_proxy), "plan": stream["plan"],
-                               "codec_batch": e.audio_codec_batch, "replicas": e.replicas,
+                               "codec_batch": e.audio_codec_batch, "codec_order": e.audio_codec_order,
+                               "replicas": e.replicas,
                                "requests_at_c1": e.audio_stream_requests, "models": models}
     return res

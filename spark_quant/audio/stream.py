@@ -24,7 +24,8 @@ engine in ``stream_session``, or saved tokens with their arrival times in tests.
 from __future__ import annotations
 
 import asyncio
-import queue
+import heapq
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,51 +66,70 @@ def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
     return stall, stalls
 
 
-class CodecRunner:
-    """One codec, one worker thread: chunks decode first come first served.
+CODEC_ORDERS = ("fifo", "deadline")
 
-    With ``max_batch`` > 1 the thread takes every chunk that queued while it was busy (up to ``max_batch``)
-    and decodes them in one ``decode_batch`` call, as a server with one codec on a GPU would batch them;
-    ``max_batch=1`` decodes one chunk per call. Each chunk's ``codec_s`` is its call's time and
+
+class CodecRunner:
+    """One codec, one worker thread: chunks decode first come first served (``order="fifo"``), or earliest
+    playback deadline first (``order="deadline"``).
+
+    A chunk's deadline (``run(..., deadline=)``, ``time.perf_counter`` seconds) is when playback reaches it:
+    for a stream already playing, its first chunk's ready time plus the audio before the chunk; for a first
+    chunk, its submission plus ``first_slack_s`` (so a new stream's first chunk waits behind a playing
+    stream's next chunk only while that one is due sooner). A chunk without one counts as due when submitted.
+    With ``max_batch`` > 1 the thread takes every chunk that queued while it was busy (up to ``max_batch``,
+    in that order) and decodes them in one ``decode_batch`` call, as a server with one codec on a GPU would
+    batch them; ``max_batch=1`` decodes one chunk per call. Each chunk's ``codec_s`` is its call's time and
     ``codec_batch`` the number of chunks that call decoded."""
 
     def __init__(self, decode: Callable[[list[int], list[int]], Any] | None = None, *,
                  decode_batch: Callable[[list[tuple[list[int], list[int]]]], list] | None = None,
-                 max_batch: int = 1):
+                 max_batch: int = 1, order: str = "fifo", first_slack_s: float = 0.25):
         if (decode is None) == (decode_batch is None):
             raise ValueError("CodecRunner needs decode or decode_batch")
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be at least 1")
+        if order not in CODEC_ORDERS:
+            raise ValueError(f"codec order {order!r}: use one of {', '.join(CODEC_ORDERS)}")
         self.decode_batch = decode_batch or (lambda items: [decode(g, s) for g, s in items])
         self.max_batch = max_batch
+        self.order = order
+        self.first_slack_s = first_slack_s
         self.calls: list[int] = []  # chunks per decode call, in order
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._heap: list[tuple[float, int, Any]] = []  # (key, arrival number, job); a job of None stops
+        self._seq = itertools.count()
+        self._ready = threading.Condition()
         self._thread = threading.Thread(target=self._serve, name="bicodec", daemon=True)
         self._thread.start()
 
-    async def run(self, glob: list[int], sem: list[int]) -> tuple[Any, float, float, int]:
+    def _put(self, key: float, job) -> None:
+        with self._ready:
+            heapq.heappush(self._heap, (key, next(self._seq), job))
+            self._ready.notify()
+
+    async def run(self, glob: list[int], sem: list[int], deadline: float | None = None) -> tuple[Any, float, float, int]:
         """(waveform, seconds queued, seconds decoding, chunks in its decode call)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.put((glob, sem, time.perf_counter(), loop, fut))
+        submitted = time.perf_counter()
+        key = deadline if self.order == "deadline" and deadline is not None else submitted
+        self._put(key, (glob, sem, submitted, loop, fut))
         return await fut
 
     def _serve(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            with self._ready:
+                while not self._heap:
+                    self._ready.wait()
+                jobs, stop = [], False
+                while self._heap and len(jobs) < self.max_batch:
+                    job = heapq.heappop(self._heap)[2]
+                    if job is None:
+                        stop = True
+                        break
+                    jobs.append(job)
+            if not jobs:
                 return
-            jobs = [job]
-            stop = False
-            while len(jobs) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                jobs.append(nxt)
             start = time.perf_counter()
             try:
                 wavs, error = self.decode_batch([(g, s) for g, s, *_ in jobs]), None
@@ -129,7 +149,8 @@ class CodecRunner:
         return {"n": len(calls), "chunks": sum(calls), "largest_batch": max(calls, default=0)}
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Decode what is queued, then stop the thread."""
+        self._put(float("inf"), None)
         self._thread.join()
 
 
@@ -161,6 +182,7 @@ class StreamingRequest:
     _sizes: Any = None
     _emitted: int = 0
     _next: int = 0
+    _first_due: float = 0.0
     skipped: str | None = None
 
     def __post_init__(self):
@@ -207,12 +229,25 @@ class StreamingRequest:
         chunk = {"index": index, "start": start, "end": end, "context": start - ctx, "tokens_ready_s": arrived}
         self.chunks.append(chunk)
 
+        deadline = self._deadline(start)
+
         async def decode():
-            wav, queued, took, batch = await self.runner.run(glob, sem)
+            wav, queued, took, batch = await self.runner.run(glob, sem, deadline)
             chunk.update(ready_s=time.perf_counter() - self.t0, codec_wait_s=queued, codec_s=took,
                          codec_batch=batch, samples=int(len(wav)) - (start - ctx) * HOP)
 
         self.tasks.append(asyncio.ensure_future(decode()))
+
+    def _deadline(self, start: int) -> float:
+        """When playback reaches semantic token ``start`` (``time.perf_counter`` seconds): the first chunk's
+        ready time (or, while it decodes, its own deadline) plus the audio before; a first chunk: now plus the
+        runner's ``first_slack_s``."""
+        if not self.chunks or self.chunks[0]["start"] == start:
+            self._first_due = time.perf_counter() + self.runner.first_slack_s
+            return self._first_due
+        first = self.chunks[0]
+        t = self.t0 + first["ready_s"] if "ready_s" in first else self._first_due
+        return t + (start - first["start"]) / spark.SEMANTIC_PER_SECOND
 
     async def done(self) -> dict[str, Any]:
         await asyncio.gather(*self.tasks)

@@ -44,7 +44,7 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
         res["engine"] = res["engines"][0]
         warm = pool.broadcast([{"name": "warm", "kind": "stream", "concurrency": 1, "requests": 1}])
         res.update({k: v for k, v in warm[0]["warm"].items()
-                    if k in ("codec", "plan", "codec_batch", "count_all_as_semantic")})
+                    if k in ("codec", "plan", "codec_batch", "codec_order", "count_all_as_semantic")})
         for c in st["concurrency"]:
             warm_wall = None
             if c == 1:

@@ -26,6 +26,8 @@ SPEC is a serving worker spec (``serving.client.worker_spec``) plus ``stream``:
 real model writes before its first semantic token (controllable: acoustic labels and the 32 global tokens,
 39 tokens; clone: ``<|start_semantic_token|>``), so first audio waits for them as it would.
 ``codec_batch``: the most chunks the codec thread decodes in one batched call (default 1: one per call).
+``codec_order``: ``fifo`` (default) or ``deadline``: the codec thread takes the chunk whose playback is due
+first (``stream.CodecRunner``), so a playing stream's next chunk goes before a new stream's first one.
 
 The engine and the codec share the process and the device, as in a TTS server: the LLM streams tokens
 (vLLM's AsyncLLM, delta outputs) while one codec thread decodes the chunks (``stream.StreamingRequest``),
@@ -55,7 +57,8 @@ class Streams:
         st = spec["stream"]
         self.plan = ChunkPlan(**st.get("plan", {}))
         self.codec = load_bicodec(Path(st["codec_dir"]), device="cuda" if spec.get("device") == "cuda" else "cpu")
-        self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)))
+        self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)),
+                                  order=st.get("codec_order", "fifo"))
         self.all_sem = bool(st.get("count_all_as_semantic"))
         header = st.get("header_tokens") or {}
         self.prompts = [{**p, "header_tokens": header.get(p["mode"], 0)} for p in st["prompts"]]
@@ -66,7 +69,7 @@ class Streams:
 
     def facts(self) -> dict[str, Any]:
         return {"codec": codec_info(self.codec), "plan": self.plan.__dict__, "codec_batch": self.runner.max_batch,
-                "count_all_as_semantic": self.all_sem}
+                "codec_order": self.runner.order, "count_all_as_semantic": self.all_sem}
 
     async def level(self, worker, concurrency: int, requests: int = 1, offset: int = 0) -> dict[str, Any]:
         """``requests`` requests one after another (concurrency 1) or ``concurrency`` started together, the

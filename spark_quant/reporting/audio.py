@@ -94,7 +94,9 @@ def render_stream(res: dict[str, Any]) -> list[str]:
               "later chunks twice the previous (at most 200), each decoded with 10 tokens of left context by one "
               "codec thread shared by all requests while the LLM generates"
               + (f", which decodes the chunks queued meanwhile in one batched call (at most {res['codec_batch']})"
-                 if res.get("codec_batch", 1) > 1 else "") + ". First audio = request sent to first "
+                 if res.get("codec_batch", 1) > 1 else "")
+              + (", taking the chunk whose playback is due first (deadline order)"
+                 if res.get("codec_order") == "deadline" else "") + ". First audio = request sent to first "
               "chunk decoded (LLM + codec). Underrun: playback from the first chunk on stalls for a later one. "
               f"{res['requests_at_c1']} sequential requests at c=1; c requests at once above.", ""]
     if codec:
