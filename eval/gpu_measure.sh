@@ -22,7 +22,8 @@
 #                      sweep (FID_EXPS) and damaged recipe
 #           gpu5       issue 15's trained full proxy, default W8A8 and damaged recipe on it, then issue 16 on the
 #                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
-#           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged
+#           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged;
+#                      then issue 16's codec queue order (deadline / fifo / deadline) at c = 1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -212,7 +213,17 @@ job() {
       fidelity_job fidelity-proxy || true
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
         fidelity_job fidelity-sweep || true
-      fidelity_job fidelity-damaged || true ;;
+      fidelity_job fidelity-damaged || true
+      # then issue 16's codec queue order at the load that underran in gpu5 (c = 1024, W8A8 on the trained proxy,
+      # 3 engine + codec sessions): deadline, then fifo, then deadline again (pairs close in time)
+      local fq=checkpoints/spark-tts_w8a8_int8/LLM o i=0
+      for o in deadline fifo deadline; do
+        i=$((i + 1)); t0=$SECONDS
+        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-order-$i-$o --model w8a8=$fq --replicas 3 \
+          --memory 0.28 --codec-batch 16 --codec-order $o --concurrency 1024 --requests 20 --fixed-tokens 0 \
+          --timeout 300 || true
+        echo "audio order $o ($i) wall $((SECONDS - t0))s"
+      done ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       prepare
@@ -342,6 +353,9 @@ collect_job() {
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true
+    local d; for d in eval/results/audio-order-*; do [ -f $d/audio.md ] && cp $d/audio.md "$OUT/$(basename $d).md" || true; done
+    ls eval/results/audio-order-*/audio.json >/dev/null 2>&1 && tar czf "$OUT/audio-order.tgz" eval/results/audio-order-*/audio.json || true
+    tail -n 25 eval/results/audio-order-*/logs/*.log > "$OUT/audio-order-logs.txt" 2>/dev/null || true
     tail -n 25 eval/results/audio-gpu-x3-cb16/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
     tail -n 25 eval/results/spark-tts_*/logs/*.log eval/results/full-trained-*/logs/*.log > "$OUT/eval-logs.txt" 2>/dev/null || true
   fi
