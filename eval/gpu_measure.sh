@@ -208,7 +208,7 @@ job() {
         fidelity_job fidelity-sweep || true ;;
     gpu6)  # issue 15 again on the full proxy retrained with 8 semantic variants (1.82 nats per semantic position,
            # spark_language.py; gpu5's deterministic one was one-hot, so even the damaged recipe passed): the proxy
-           # (timed, PROXY.json), the default W8A8 and GPTQ-only recipes, then the damaged recipe, which must fail
+           # (timed, PROXY.json), the default W8A8 recipe, then the damaged one, which must fail
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       FID_EXPS=experiments/spark-tts_w8a8_int8.yaml fidelity_job fidelity-sweep || true
