@@ -132,3 +132,31 @@ def test_eval_under_vllm_reports_kernel_latency_throughput_and_agreement(tiny_ev
     assert "CPUInt8ScaledMMLinearKernel" in report and "## Throughput by concurrency" in report
     for png in ("latency_cdf.png", "throughput.png", "agreement.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_static_activation_recipe_gives_one_calibrated_input_scale_per_linear(pipeline, tmp_path):
+    """recipes/w8a8_int8_static_sq_gptq.yaml (issue 14's static-scale option): every quantized Linear gets one
+    per-tensor INT8 input scale measured on the calibration set, and Linears that read the same tensor (q/k/v
+    after input_layernorm, gate/up after post_attention_layernorm) get the same scale."""
+    import torch
+    from conftest import ROOT
+    from safetensors.torch import load_file
+
+    out = tmp_path / "static"
+    run_cli("quantize", "--model", str(pipeline["model"]), "--calibration", str(pipeline["cal"]), "--out", str(out),
+            "--recipe", str(ROOT / "recipes/w8a8_int8_static_sq_gptq.yaml"), *FAST_CAL)
+    group = json.loads((out / "LLM/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    act = group["input_activations"]
+    assert (act["dynamic"], act["strategy"], act["num_bits"], act["type"]) == (False, "tensor", 8, "int")
+    tensors = {}
+    for f in (out / "LLM").glob("*.safetensors"):
+        tensors.update(load_file(f))
+    weights = [k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.int8]
+    assert len(weights) == 7 * json.loads((out / "LLM/config.json").read_text())["num_hidden_layers"]
+    scales = {k: tensors[f"{k}.input_scale"].float() for k in weights}
+    assert all(s.numel() == 1 and bool(s.isfinite().all()) and float(s) > 0 for s in scales.values())
+    assert "lm_head.input_scale" not in tensors
+    for layer in {k.rsplit(".", 2)[0] for k in weights}:
+        q, k_, v = (scales[f"{layer}.self_attn.{p}_proj"] for p in "qkv")
+        assert float(q) == float(k_) == float(v), layer
+        assert float(scales[f"{layer}.mlp.gate_proj"]) == float(scales[f"{layer}.mlp.up_proj"]), layer
