@@ -24,6 +24,7 @@
 #                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
 #           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged;
 #                      then issue 16's codec queue order (deadline / fifo / deadline) at c = 1024
+#           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
 #           check14    the two-machine check on a second machine: setup, proxy, W8A8, cells b1 + c256 only
@@ -225,6 +226,18 @@ job() {
       done
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
         fidelity_job fidelity-sweep || true ;;  # GPTQ-only last: what is left of the 30 device minutes
+    static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
+               # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024;
+               # (about 15 minutes; its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
+      prepare
+      local st=checkpoints/full-w8a8-static t0=$SECONDS
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB name=full-w8a8-static" \
+        RECIPE=recipes/w8a8_int8_static_sq_gptq.yaml; echo "static quantize wall $((SECONDS - t0))s"
+      t0=$SECONDS
+      $PAIRED --out eval/results/paired-static --gpu-share 0.07 --trials 20 \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" --variant "w8a8s-x3mp=$st/LLM$X3MP" \
+        --cell b1=1:200:bf16-x3mp,w8a8-x3mp,w8a8s-x3mp --cell c1024=1024:100:bf16-x3mp,w8a8-x3mp,w8a8s-x3mp || true
+      echo "paired wall $((SECONDS - t0))s" ;;
     audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       prepare
@@ -374,6 +387,13 @@ collect_job() {
     for cb in 16 1; do cp eval/results/audio-gpu-x3-cb$cb/audio.md "$OUT/audio-x3-cb$cb.md" 2>/dev/null || true; done
     tar czf "$OUT/audio3-results.tgz" eval/results/audio-gpu-x3-cb*/audio.json eval/results/audio-gpu-x3-cb*/logs/*.partial.json \
       eval/results/audio-gpu-x3-cb16/codec_bench_batch16.json 2>/dev/null || true
+  fi
+  if [ "$1" = static14 ]; then
+    local d=eval/results/paired-static
+    cp $d/paired.md "$OUT/" 2>/dev/null || true
+    grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $d/logs/*.log > "$OUT/engines.txt" 2>/dev/null || true
+    tar czf "$OUT/static14-results.tgz" $d/paired.json $d/logs/*.spec.json checkpoints/full-w8a8-static/manifest.json \
+      2>/dev/null || true
   fi
   case $1 in issue14|check14)
     local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
