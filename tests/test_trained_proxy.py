@@ -217,3 +217,28 @@ def test_full_proxy_trains_on_variants_and_the_cache_key_honours_them(tmp_path):
     marker(tiny | {"semantic_variants": 8})
     assert not is_trained_proxy(tmp_path, "tiny", 0) and is_trained_proxy(tmp_path, "tiny", 0,
                                                                            TrainSettings(semantic_variants=8))
+
+
+def test_rtn_copy_rounds_every_linear_but_lm_head_and_sensitivity_grows_as_bits_shrink(tiny_proxy, tok):
+    """models/sensitivity.py: the rounded copy has at most 2^bits levels per output channel in every decoder
+    Linear, leaves the model it copies and the tied lm_head alone, and its KL to the model falls with more bits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from spark_quant.models.sensitivity import rtn_copy, rtn_sensitivity
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_proxy / "LLM"), dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rounded = rtn_copy(model, bits=4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    linears = [(n, m) for n, m in rounded.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(linears) == 7 * model.config.num_hidden_layers
+    for name, mod in linears:
+        w = mod.weight
+        assert not torch.equal(w, model.get_submodule(name).weight), name
+        assert max(len(torch.unique(row)) for row in w[:8]) <= 16, name
+    assert torch.equal(rounded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    kl = {b: rtn_sensitivity(model, tok, HELDOUT, Language(), bits=b, n=6) for b in (8, 3)}
+    assert kl[8]["positions"] == kl[3]["positions"] > 0 and kl[8]["sequences"] == 6
+    assert 0 <= kl[8]["kl_nats_per_token"] < kl[3]["kl_nats_per_token"] / 10
+    assert kl[8]["top1_kept"] > kl[3]["top1_kept"]

@@ -48,6 +48,7 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.models.generate import greedy_generate
+from spark_quant.models.sensitivity import rtn_sensitivity
 from spark_quant.models.spark_language import (
     K_BY_SPEED,
     LANGUAGE_SEED,
@@ -332,6 +333,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         train_acc = teacher_forced_accuracy(model, tok, train_texts[:64], lang=lang)
         structure = measure(model, tok, heldout_texts, n=16, max_new=300, lang=lang)
         structure.pop("rows")
+        sensitivity = rtn_sensitivity(model, tok, heldout_texts, lang)
         (tmp / "config.yaml").write_text(config_yaml(size).replace(
             "random-initialized stand-in", "synthetically trained stand-in").replace(
             "LLM/ has random weights", "LLM/ is trained on a synthetic Spark language"))
@@ -356,6 +358,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "heldout_loss_floor": round(held["loss_floor"], 4),
             "train_accuracy": round(train_acc["accuracy"], 4),
             "heldout_greedy": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in structure.items()},
+            "rtn4_sensitivity": sensitivity,  # KL to a 4-bit round-to-nearest copy: can the fidelity gates fail?
             "corpus": str(corpus_path),
             "heldout": str(heldout_path),
             "parameters": sum(p.numel() for p in model.parameters()),
