@@ -145,14 +145,14 @@ def test_static_activation_recipe_gives_one_calibrated_input_scale_per_linear(pi
     out = tmp_path / "static"
     run_cli("quantize", "--model", str(pipeline["model"]), "--calibration", str(pipeline["cal"]), "--out", str(out),
             "--recipe", str(ROOT / "recipes/w8a8_int8_static_sq_gptq.yaml"), *FAST_CAL)
-    group = json.loads((out / "LLM/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
-    act = group["input_activations"]
+    cfg = json.loads((out / "LLM/config.json").read_text())
+    act = cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]
     assert (act["dynamic"], act["strategy"], act["num_bits"], act["type"]) == (False, "tensor", 8, "int")
     tensors = {}
     for f in (out / "LLM").glob("*.safetensors"):
         tensors.update(load_file(f))
     weights = [k[: -len(".weight")] for k, v in tensors.items() if k.endswith(".weight") and v.dtype == torch.int8]
-    assert len(weights) == 7 * json.loads((out / "LLM/config.json").read_text())["num_hidden_layers"]
+    assert len(weights) == 7 * cfg["num_hidden_layers"]
     scales = {k: tensors[f"{k}.input_scale"].float() for k in weights}
     assert all(s.numel() == 1 and bool(s.isfinite().all()) and float(s) > 0 for s in scales.values())
     assert "lm_head.input_scale" not in tensors

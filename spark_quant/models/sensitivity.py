@@ -15,10 +15,9 @@ in every recipe.
 from __future__ import annotations
 
 import copy
-import random
 from typing import Any
 
-from spark_quant.models.spark_language import Language, example
+from spark_quant.models.spark_language import Language, evaluation_sequences
 
 
 def rtn_copy(model, bits: int = 4):
@@ -46,9 +45,7 @@ def rtn_sensitivity(model, tok, texts: list[str], lang: Language, bits: int = 4,
     teacher-forced on ``n`` synthetic Spark sequences built from ``texts`` (both prompt modes)."""
     import torch
 
-    rng = random.Random(seed)
-    enc = [tok.encode(t) for t in texts]
-    seqs = [example(lang, enc[i % len(enc)], rng, "controllable" if i % 2 == 0 else "clone") for i in range(n)]
+    seqs = evaluation_sequences(lang, tok, texts, n, seed)
     rounded = rtn_copy(model, bits)
     dev = next(model.parameters()).device
     kl = 0.0
@@ -61,6 +58,5 @@ def rtn_sensitivity(model, tok, texts: list[str], lang: Language, bits: int = 4,
             kl += float((a.exp() * (a - b)).sum())
             same += int((a.argmax(-1) == b.argmax(-1)).sum())
             total += a.shape[0]
-    del rounded
     return {"bits": bits, "kl_nats_per_token": round(kl / total, 6), "top1_kept": round(same / total, 4),
             "positions": total, "sequences": n}

@@ -161,6 +161,14 @@ def example(lang: Language, content: list[int], rng: random.Random, kind: str,
     return prompt + sem[cut:] + [spark.EOS_ID], len(prompt)
 
 
+def evaluation_sequences(lang: Language, tok, texts: list[str], n: int, seed: int) -> list[tuple[list[int], int]]:
+    """``n`` synthetic sequences (ids, prompt length) built from ``texts`` in turn, the prompt modes alternating
+    (controllable first): what the trained proxy's teacher-forced measurements run on."""
+    rng = random.Random(seed)
+    enc = [tok.encode(t) for t in texts]
+    return [example(lang, enc[i % len(enc)], rng, "controllable" if i % 2 == 0 else "clone") for i in range(n)]
+
+
 def output_for(lang: Language, prompt_ids: list[int]) -> list[int]:
     """The language's expected continuation of a prompt without reference transcript (Spark tokenizer ids)."""
     sc, ec = spark.token_id("<|start_content|>"), spark.token_id("<|end_content|>")

@@ -56,7 +56,7 @@ from spark_quant.models.spark_language import (
     VARIANT_OFFSET,
     Corpus,
     Language,
-    example,
+    evaluation_sequences,
     number_features,
     output_for,
     training_batch,
@@ -246,9 +246,7 @@ def teacher_forced_accuracy(model, tok, texts: list[str], n: int = 64, seed: int
     import torch
 
     lang = lang or Language()
-    rng = random.Random(seed)
-    enc = [tok.encode(t) for t in texts]
-    seqs = [example(lang, enc[i % len(enc)], rng, "controllable" if i % 2 == 0 else "clone") for i in range(n)]
+    seqs = evaluation_sequences(lang, tok, texts, n, seed)
     correct = total = semantic = 0
     nll = 0.0
     threads = torch.get_num_threads()
