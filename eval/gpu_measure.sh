@@ -24,6 +24,9 @@
 #                      trained proxy (natural length, warm rounds), then GPTQ-only for the recipe table
 #           gpu6       issue 15 on the full proxy retrained with 8 semantic variants: default, GPTQ-only, damaged;
 #                      then issue 16's codec queue order (deadline, then fifo) at c = 1024, GPTQ-only last
+#           gpu7       issue 15's must-FAIL check on the full trained proxy: the noised copy (models/damage.py) under
+#                      the default W8A8 recipe, as tests/test_metrics_can_fail.py does on the tiny one; then issue 16's
+#                      codec queue order (deadline, fifo) at c = 1024 on the BF16 proxy; GPTQ-only last
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -227,6 +230,21 @@ job() {
       done
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
         fidelity_job fidelity-sweep || true ;;  # GPTQ-only last: what is left of the 30 device minutes
+    gpu7)  # gpu6 measured the default recipe on this proxy (PASS) and its RTN-4 damage passed too (the proxy is
+           # insensitive to 4-bit weights: PROXY.json rtn4_sensitivity); the damaged variant that must FAIL is the
+           # CPU test's: noise of the tensor's std on every body weight, then the default W8A8 recipe
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      fidelity_job fidelity-noised || true
+      local o i=0
+      for o in deadline fifo; do  # BF16: the codec queue's order, not the LLM's precision, is what is compared
+        i=$((i + 1)); t0=$SECONDS
+        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-order-$i-$o --model bf16=$FID_PROXY/LLM --replicas 3 \
+          --memory 0.28 --codec-batch 16 --codec-order $o --concurrency 1024 --requests 20 --fixed-tokens 0 \
+          --timeout 300 || true
+        echo "audio order $o ($i) wall $((SECONDS - t0))s"
+      done
+      FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -302,6 +320,7 @@ PY
 #   start fidelity          proxy + sweep of FID_EXPS (default: W8A8 default, GPTQ only, SmoothQuant 0.8, W4A16)
 #   start fidelity-proxy    only the trained proxy (SPARK_QUANT_TRAIN_STEPS=N to time another length)
 #   start fidelity-damaged  the damaged RTN-4 recipe on it (must FAIL every gate with its whole interval)
+#   start fidelity-noised   the damaged variant that must FAIL: the noised copy (models/damage.py) under the default recipe
 #   job fidelity-collect    copy PROXY.json, the sweep's comparison and each eval's results/report to $OUT
 FID_PROXY=build/proxy/Spark-TTS-proxy-full-trained-s0
 FID_EXPS=${FID_EXPS:-"experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml experiments/spark-tts_w8a8_int8_sq08.yaml experiments/spark-tts_w4a16_int4.yaml"}
@@ -329,11 +348,21 @@ fidelity_job() {
       make calibrate quantize eval EXPERIMENT=experiments/spark-tts_w8a8_int8.yaml \
         RECIPE=tests/fixtures/damaged_w4a16_rtn_channel.yaml SET="name=full-trained-damaged-rtn4 $FID_SET" || true
       echo "damaged eval wall $((SECONDS - t0))s" ;;
+    fidelity-noised)  # the damaged variant of tests/test_metrics_can_fail.py at full size: calibrated on the clean
+                      # proxy, the noised copy quantized with the default recipe, evaluated against the clean proxy
+      t0=$SECONDS
+      local e=experiments/spark-tts_w8a8_int8.yaml nz=build/proxy/full-trained-noised sets=() s
+      for s in $FID_SET name=full-trained-damaged-noised; do sets+=(--set "$s"); done
+      $QUANT_PYTHON -m spark_quant.models.damage $FID_PROXY $nz 1.0 &&
+      $QUANT_PYTHON -m spark_quant calibrate -e $e "${sets[@]}" &&
+      $QUANT_PYTHON -m spark_quant quantize -e $e --model $nz "${sets[@]}" &&
+      $SERVE_PYTHON -m spark_quant eval -e $e "${sets[@]}" || true
+      echo "noised eval wall $((SECONDS - t0))s" ;;
     fidelity-collect)
       [ -n "${OUT:-}" ] || { echo "fidelity-collect: set OUT" >&2; return 2; }
       cp $FID_PROXY/PROXY.json "$OUT/PROXY.json" 2>/dev/null || true
       cp eval/sweeps/fidelity-gpu/comparison.* eval/sweeps/fidelity-gpu/*.png "$OUT/" 2>/dev/null || true
-      for d in eval/results/spark-tts_* eval/results/full-trained-damaged-rtn4; do
+      for d in eval/results/spark-tts_* eval/results/full-trained-damaged-*; do
         [ -f $d/results.json ] || continue
         mkdir -p "$OUT/$(basename $d)"; cp $d/results.json $d/report.md "$OUT/$(basename $d)/"
       done
@@ -364,7 +393,7 @@ collect_job() {
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
   fi
-  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ] || [ "$1" = gpu6 ]; then
+  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ] || [ "$1" = gpu6 ] || [ "$1" = gpu7 ]; then
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true

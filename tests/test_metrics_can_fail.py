@@ -23,6 +23,8 @@ import json
 import pytest
 from conftest import ROOT, run_cli, serve_python
 
+from spark_quant.models.damage import noised_copy
+
 pytestmark = pytest.mark.e2e
 CAL = ["--set", "calibration.num_samples=64", "--set", "calibration.num_references=4",
        "--set", f"calibration.corpus={ROOT / 'calibration/texts/train.txt'}",
@@ -45,7 +47,7 @@ def results(trained_proxy, module_tmp_path):
     model = ["--model", str(trained_proxy)]
     cal = work / "cal"
     run_cli("calibrate", *model, "--out", str(cal), *CAL, cwd=work)
-    noised = _noised_copy(trained_proxy, work / "noised")
+    noised = noised_copy(trained_proxy, work / "noised")
     out = {}
     w8a8 = ROOT / "recipes/w8a8_int8_sq_gptq.yaml"
     for name, source, recipe in (("w8a8", trained_proxy, w8a8), ("noised", noised, w8a8), ("rtn4", trained_proxy, DAMAGED)):
@@ -58,25 +60,6 @@ def results(trained_proxy, module_tmp_path):
         assert (res / "results.json").is_file(), proc.stderr[-3000:]
         out[name] = json.loads((res / "results.json").read_text()) | {"exit_code": proc.returncode}
     return out
-
-
-def _noised_copy(src, dst, scale: float = 1.0, seed: int = 0):
-    """The model with N(0, (scale * tensor std)^2) noise on every 2-D body weight (embedding untouched)."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    path = dst / "LLM/model.safetensors"
-    state = load_file(str(path))
-    gen = torch.Generator().manual_seed(seed)
-    for name, w in state.items():
-        if w.dim() == 2 and "embed_tokens" not in name:
-            w.add_(torch.randn(w.shape, generator=gen) * w.std() * scale)
-    save_file(state, str(path), metadata={"format": "pt"})
-    (dst / "DAMAGED.txt").write_text(f"test fixture: noise x{scale} (seed {seed}) on every body weight\n")
-    return dst
 
 
 def _metrics(res: dict) -> dict[str, float]:

@@ -70,7 +70,7 @@ class Language:
     """The tables of the synthetic Spark language (fixed by LANGUAGE_SEED); ``variants`` > 1 gives each
     semantic code that many variants with Zipf weights (see the module's docstring)."""
 
-    def __init__(self, variants: int = 1) -> None:
+    def __init__(self, variants: int = 1, voiced: bool = False) -> None:
         if not 1 <= variants <= spark.SEMANTIC_CODEBOOK // VARIANT_OFFSET:
             raise ValueError(f"semantic variants: {variants} is outside 1..{spark.SEMANTIC_CODEBOOK // VARIANT_OFFSET}")
         rng = random.Random(LANGUAGE_SEED)
@@ -78,6 +78,16 @@ class Language:
         self.voice_globals = {(g, p): ids[(g * 5 + p) * 32 : (g * 5 + p + 1) * 32] for g in range(2) for p in range(5)}
         self.variants = variants
         self.weights = variant_weights(variants)
+        self.voiced = voiced and variants > 1
+        self._voice_of = {tuple(v): g * 5 + p for (g, p), v in self.voice_globals.items()}
+
+    def voice_of(self, global_codes: list[int]) -> int | None:
+        """The voice index (gender * 5 + pitch) whose 32 global codes these are; None for any other globals."""
+        return self._voice_of.get(tuple(global_codes))
+
+    def rotation(self, voice: int | None) -> int:
+        """The most likely semantic variant for a voice: ``voice % variants`` in a voiced language, else 0."""
+        return voice % self.variants if self.voiced and voice is not None else 0
 
     @property
     def semantic_entropy_nats(self) -> float:
@@ -90,12 +100,14 @@ class Language:
         return {"optimal": (positions - semantic_positions * (1 - self.weights[0])) / positions,
                 "loss_floor": semantic_positions * self.semantic_entropy_nats / positions}
 
-    def vary(self, codes: list[int], rng: random.Random) -> list[int]:
-        """``codes`` with each one's variant drawn (no draw at all, so the same ``rng`` stream, when variants = 1)."""
+    def vary(self, codes: list[int], rng: random.Random | None, voice: int | None = None) -> list[int]:
+        """``codes`` with each one's variant drawn (no draw at all, so the same ``rng`` stream, when variants = 1),
+        the Zipf weights rotated by the voice's ``rotation``; ``rng`` None gives every code its mode variant."""
         if self.variants == 1:
             return list(codes)
-        js = rng.choices(range(self.variants), self.weights, k=len(codes))
-        return [c + VARIANT_OFFSET * j for c, j in zip(codes, js)]
+        r = self.rotation(voice)
+        js = [0] * len(codes) if rng is None else rng.choices(range(self.variants), self.weights, k=len(codes))
+        return [c + VARIANT_OFFSET * ((j + r) % self.variants) for c, j in zip(codes, js)]
 
     @staticmethod
     def semantic(n_content: int, k: int) -> list[int]:
@@ -114,9 +126,7 @@ class Language:
     def controllable_output(self, content: list[int], gender: int, pitch: int, speed: int,
                             rng: random.Random | None = None) -> list[int]:
         """The output for a controllable prompt: semantic variants drawn from ``rng``, or variant 0 (the mode)."""
-        sem = self.semantic(len(content), K_BY_SPEED[speed])
-        if rng is not None:
-            sem = self.vary(sem, rng)
+        sem = self.vary(self.semantic(len(content), K_BY_SPEED[speed]), rng, gender * 5 + pitch)
         return (
             [spark.token_id("<|start_acoustic_token|>"), spark.RANGE_START["pitch_value"] + self.pitch_value(gender, pitch),
              spark.RANGE_START["speed_value"] + self.speed_value(speed), spark.token_id("<|end_acoustic_token|>"),
@@ -144,15 +154,17 @@ def example(lang: Language, content: list[int], rng: random.Random, kind: str,
         head, tail = _ctrl_prefix(g, p, s)
         prompt = head + content + tail
         return prompt + lang.controllable_output(content, g, p, s, rng), len(prompt)
+    voice = None
     if rng.random() < 0.75:
-        glob = lang.voice_globals[(rng.randrange(2), rng.randrange(5))]
+        g, p = rng.randrange(2), rng.randrange(5)
+        glob, voice = lang.voice_globals[(g, p)], g * 5 + p
     else:
         glob = [rng.randrange(spark.GLOBAL_CODEBOOK) for _ in range(spark.N_GLOBAL)]
     ref = transcript or []
     prompt = ([spark.token_id("<|task_tts|>"), spark.token_id("<|start_content|>")] + ref + content
               + [spark.token_id("<|end_content|>"), spark.token_id("<|start_global_token|>")]
               + [spark.global_id(x) for x in glob] + [spark.token_id("<|end_global_token|>")])
-    sem = [spark.semantic_id(x) for x in lang.vary(lang.semantic(len(ref) + len(content), CLONE_K), rng)]
+    sem = [spark.semantic_id(x) for x in lang.vary(lang.semantic(len(ref) + len(content), CLONE_K), rng, voice)]
     if not ref:
         return prompt + [spark.token_id("<|start_semantic_token|>")] + sem + [spark.EOS_ID], len(prompt)
     # with the transcript, the prompt ends inside the semantic block with the reference's own tokens
@@ -178,7 +190,9 @@ def output_for(lang: Language, prompt_ids: list[int]) -> list[int]:
         p = prompt_ids[-3] - spark.RANGE_START["pitch_label"]
         s = prompt_ids[-2] - spark.RANGE_START["speed_label"]
         return lang.controllable_output(content, g, p, s)
-    sem = lang.semantic(len(content), CLONE_K)
+    g0, g1 = spark.token_id("<|start_global_token|>"), spark.token_id("<|end_global_token|>")
+    glob = [t - spark.global_id(0) for t in prompt_ids[prompt_ids.index(g0) + 1 : prompt_ids.index(g1)]]
+    sem = lang.vary(lang.semantic(len(content), CLONE_K), None, lang.voice_of(glob))
     return [spark.token_id("<|start_semantic_token|>")] + [spark.semantic_id(x) for x in sem] + [spark.EOS_ID]
 
 

@@ -80,6 +80,7 @@ class TrainSettings:
     truncate_fraction: float = 0.6  # share of sequences cut a few tokens into the semantic block (see training_batch)
     number_init: float = 0.5  # length of the number-shaped part of the countdown codes' initial rows (0: none)
     semantic_variants: int = 1  # spark_language.Language(variants): 1 is the deterministic language
+    voiced_variants: bool = False  # spark_language.Language(voiced): the variants' weights depend on the voice
 
     @classmethod
     def for_size(cls, size: str) -> TrainSettings:
@@ -276,8 +277,8 @@ def is_trained_proxy(out: Path, size: str, seed: int, settings: TrainSettings | 
 
     m = read_marker(out)
     want = {k: v for k, v in asdict(settings or TrainSettings.for_size(size)).items() if k != "threads"}
-    # a marker from before semantic variants existed was built with the deterministic language (1)
-    got = {k: (m.get("training") or {}).get(k, 1 if k == "semantic_variants" else None) for k in want} if m else {}
+    legacy = {"semantic_variants": 1, "voiced_variants": False}  # what a marker from before a field was built with
+    got = {k: (m.get("training") or {}).get(k, legacy.get(k)) for k in want} if m else {}
     return bool(m) and m.get("kind") == "trained" and m.get("size") == size and m.get("seed") == seed \
         and m.get("language_version") == LANGUAGE_VERSION and got == want
 
@@ -321,7 +322,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
         model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32)
         if size != "tiny" and torch.cuda.is_available():  # the tiny proxy trains on the CPU, as in CI
             model.to("cuda")
-        lang = Language(settings.semantic_variants)
+        lang = Language(settings.semantic_variants, settings.voiced_variants)
         corpus = Corpus(tok, train_texts, heldout_texts)
         stats = train(model, corpus, lang, settings, seed, log=log)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -346,6 +347,7 @@ def build_trained_proxy(out: Path, size: str = "tiny", seed: int = 0, settings: 
             "language_version": LANGUAGE_VERSION,
             "language_seed": LANGUAGE_SEED,
             "semantic_variants": lang.variants,
+            "voiced_variants": lang.voiced,
             "semantic_entropy_nats": round(lang.semantic_entropy_nats, 4),
             "training": asdict(settings) | stats,
             "final_loss": stats["final_loss"],
