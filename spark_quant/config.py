@@ -162,6 +162,14 @@ class EvalConfig(_Section):
     max_kl: float | None = Field(
         None, ge=0.0, description="gate: teacher-forced KL(baseline || quantized), nats/token; null = no gate"
     )
+    max_valid_rate_diff: float | None = Field(
+        None, ge=0.0, le=1.0, description="gate: the paired valid-output rate difference quantized - baseline must "
+        "lie within 0 ± this (0.02 = ±2 percentage points); null = no gate"
+    )
+    max_duration_deviation: float | None = Field(
+        None, ge=0.0, description="gate: the mean audio-duration ratio quantized / baseline must lie within 1 ± this "
+        "(0.02 = ±2%); null = no gate"
+    )
     samples_per_prompt: int = Field(
         1, ge=1, le=64, description="sampled outputs per held-out prompt (seeds 7, 8, ...) for the valid-output, "
         "runaway and duration numbers; more outputs narrow their intervals"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -52,6 +53,27 @@ def test_gate_decides_on_the_whole_interval():
     assert gates.decide({"value": 0.5, "low": None, "high": None}, 0.4, True, (0.0, 1.0)) == "INCONCLUSIVE"
 
 
+def test_tolerance_gate_decides_on_the_whole_interval_in_the_band():
+    # the issue-15 targets as gates: valid-rate difference within 0 ± 0.02, duration ratio within 1 ± 0.02
+    st = {"max_valid_rate_diff": 0.02, "max_duration_deviation": 0.02}
+    fid = {"valid_diff": {"value": -0.099, "low": -0.136, "high": -0.065, "n": 230, "method": "paired bootstrap"},
+           "duration_ratio": {"value": 1.097, "low": 1.026, "high": 1.190, "n": 230, "method": "bootstrap"}}
+    out = {g["metric"]: g for g in gates.check_gates(fid, st)}  # gpu8's noised variant: both wholly outside
+    assert out["valid_diff"]["status"] == "FAIL" and out["duration_ratio"]["status"] == "FAIL"
+    assert "within 1 ± 0.02" in out["duration_ratio"]["text"], out
+    fid = {"valid_diff": {"value": 0.0, "low": -0.01, "high": 0.01, "n": 230},
+           "duration_ratio": {"value": 1.01, "low": 1.0, "high": 1.03, "n": 230}}
+    out = {g["metric"]: g for g in gates.check_gates(fid, st)}
+    assert out["valid_diff"]["status"] == "PASS"
+    # 1.03 crosses the upper edge 1.02: undecided, the estimate taken against that edge: (0.02 / 0.01)^2 x 230 - 230
+    assert out["duration_ratio"]["status"] == "INCONCLUSIVE" and out["duration_ratio"]["more_units"] == 230 * 3
+    assert gates.decide_band({"value": 1.0, "low": 0.97, "high": 0.99}, 0.98, 1.02) == "INCONCLUSIVE"
+    assert gates.decide_band({"value": 0.9, "low": 0.8, "high": 0.95}, 0.98, 1.02) == "FAIL"
+    # no interval: the metric's whole range, which no band holds
+    assert gates.decide_band({"value": 1.0, "low": None, "high": None}, 0.98, 1.02, (0.0, math.inf)) == "INCONCLUSIVE"
+    assert gates.check_gates(fid, {}) == []  # unset tolerances (the default) gate nothing
+
+
 def test_more_units_to_decide_follows_one_over_sqrt_n():
     ci = {"value": 0.95, "low": 0.93, "high": 0.97, "n": 100}  # half-width 0.02, 0.01 from the threshold
     assert stats.more_units_to_decide(ci, 0.94) == 300  # (0.02 / 0.01)^2 * 100 - 100
@@ -72,7 +94,8 @@ def test_every_gate_field_is_an_eval_setting():
     fields = EvalConfig.model_fields
     for m in METRICS.values():
         assert m.gate is None or m.gate in fields, m
-        assert m.gate is None or m.higher_is_better is not None, m
+        # a number without a better direction is gated by a tolerance around its target
+        assert m.gate is None or m.higher_is_better is not None or m.target is not None, m
 
 
 def test_several_samples_per_prompt_are_pooled_by_prompt():

@@ -176,6 +176,37 @@ def test_semantic_variants_are_zipf_draws_of_the_same_countdown_and_greedy_stays
             Language(bad)
 
 
+def test_voiced_variants_rotate_the_modal_variant_by_voice_and_are_off_by_default(tok):
+    from spark_quant.models.spark_language import VARIANT_OFFSET
+
+    voiced, plain = Language(8, voiced=True), Language(8)
+    assert not Language(1, voiced=True).voiced and not plain.voiced  # nothing to rotate / off by default
+    content = tok.encode(TRAIN[0])
+    seen = set()
+    for (g, p), globs in voiced.voice_globals.items():
+        v = g * 5 + p
+        assert voiced.voice_of(globs) == v and voiced.rotation(v) == v % 8 and plain.rotation(v) == 0
+        # the controllable output in this voice: every semantic code in variant v % 8, the counts unchanged
+        a = voiced.controllable_output(content, g, p, 2)
+        b = plain.controllable_output(content, g, p, 2)
+        assert len(a) == len(b) and {(x - spark.semantic_id(0)) // VARIANT_OFFSET for x in a
+                                     if spark.is_semantic_id(x)} == {v % 8}
+    for seed in range(40):  # clone prompts: the voice is read from the prompt's 32 globals
+        seq, plen = example(voiced, content, random.Random(seed), "clone")
+        prompt = seq[:plen]
+        v = voiced.voice_of([t - spark.global_id(0) for t in prompt if spark.is_global_id(t)])
+        sem = [t - spark.semantic_id(0) for t in output_for(voiced, prompt) if spark.is_semantic_id(t)]
+        # the greedy (modal) output: variant v % 8 in a voice, variant 0 for globals of no voice
+        assert {c // VARIANT_OFFSET for c in sem} == {v % 8 if v is not None else 0}, (seed, v)
+        seen.add(v % 8 if v is not None else None)
+    assert None in seen and len(seen) >= 4, seen  # both kinds of clone prompt were checked
+    assert voiced.rotation(voiced.voice_of([1] * 32)) == 0
+    # voiced=False is the language every cached proxy was trained on: the same draws from the same stream
+    a, b = random.Random(3), random.Random(3)
+    assert [example(plain, content, a, k) for k in ("controllable", "clone")] == \
+        [example(Language(8, voiced=False), content, b, k) for k in ("controllable", "clone")]
+
+
 def test_one_variant_leaves_the_training_stream_unchanged(tok):
     from spark_quant.models.trained import training_batch
 

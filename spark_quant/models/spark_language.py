@@ -29,7 +29,10 @@ fixed seed, independent of the training seed). See ``trained.py`` for why and ho
   step, and quantization cannot move its argmax or its KL (docs/benchmarks.md, ``gpu5``: even a damaged
   recipe passed every gate). With them a model that learns the language exactly keeps
   ``semantic_entropy_nats`` of spread at every semantic position, as a sampled TTS LM does, while the
-  count, the grammar and the greedy output (variant 0 everywhere, ``output_for``) stay as above.
+  count, the grammar and the greedy output (variant 0 everywhere, ``output_for``) stay as above;
+- voiced variants (``Language(V, voiced=True)``, an experiment, off in every proxy built so far): the Zipf
+  weights rotated by the voice (``voice % V`` is the modal variant), so the semantic tokens depend on the speaker
+  as well as the text; a prompt whose globals are no voice's keeps the unrotated weights.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Quality gates decided on confidence intervals (pure; ``stages/evaluate.py`` calls it).
 
 A gate compares a fidelity number's 95% interval (``metrics.fidelity``) with the threshold in its
-``eval.*`` field (``metrics.METRICS``: a minimum when higher is better, else a maximum):
+``eval.*`` field (``metrics.METRICS``: a minimum when higher is better, a maximum when lower is better, and for
+a number that should be close to its target, e.g. the duration ratio 1, a tolerance: the band target ± it):
 
 - PASS when the whole interval clears the threshold,
 - FAIL when the whole interval misses it,
@@ -32,6 +33,18 @@ def decide(ci: dict[str, Any], threshold: float, higher_is_better: bool,
     return PASS if hi <= threshold else FAIL if lo > threshold else INCONCLUSIVE
 
 
+def decide_band(ci: dict[str, Any], low: float, high: float,
+                bounds: tuple[float, float] = (-math.inf, math.inf)) -> str:
+    """PASS when the whole interval lies in [low, high], FAIL when it lies wholly outside (above or below),
+    else INCONCLUSIVE; without an interval it is the metric's whole range ``bounds``."""
+    lo, hi = ci.get("low"), ci.get("high")
+    if lo is None or hi is None:
+        lo, hi = bounds
+    if low <= lo and hi <= high:
+        return PASS
+    return FAIL if hi < low or lo > high else INCONCLUSIVE
+
+
 def _units(ci: dict[str, Any]) -> str:
     return "outputs" if ci.get("method") == "wilson" else "prompts"
 
@@ -44,12 +57,19 @@ def check_gates(fid: dict[str, Any], settings: dict[str, Any]) -> list[dict[str,
         ci = fid.get(m.key)
         if threshold is None or not ci or ci.get("value") is None:
             continue
-        status = decide(ci, threshold, bool(m.higher_is_better), m.bounds)
-        op = ">=" if m.higher_is_better else "<="
-        lo, hi = ci.get("low"), ci.get("high")
+        lo, hi, v = ci.get("low"), ci.get("high"), ci["value"]
+        if m.higher_is_better is None:  # a tolerance around the target: the band's edge nearest the value decides
+            band = (m.target - threshold, m.target + threshold)
+            status = decide_band(ci, *band, m.bounds)
+            edge = band[0] if v < m.target else band[1]
+            cond = f"within {m.target:g} ± {threshold}"
+        else:
+            status = decide(ci, threshold, m.higher_is_better, m.bounds)
+            edge = threshold
+            cond = f"{'>=' if m.higher_is_better else '<='} {threshold}"
         bounds = f"[{lo:{m.fmt}}, {hi:{m.fmt}}]" if lo is not None and hi is not None else "[no interval]"
-        text = f"{m.label} {ci['value']:{m.fmt}} {bounds} (n={ci['n']} {_units(ci)}) vs eval.{m.gate} {op} {threshold}"
-        more = more_units_to_decide(ci, threshold) if status == INCONCLUSIVE else None
+        text = f"{m.label} {v:{m.fmt}} {bounds} (n={ci['n']} {_units(ci)}) vs eval.{m.gate} {cond}"
+        more = more_units_to_decide(ci, edge) if status == INCONCLUSIVE else None
         if status == INCONCLUSIVE:
             text += (f": interval holds the threshold; about {more} more {_units(ci)} would decide it"
                      if more else ": interval holds the threshold; the estimate sits on it")

@@ -246,7 +246,8 @@ def roofline(res: dict[str, Any], model_cfg: dict[str, Any], context_tokens: flo
 @dataclass(frozen=True)
 class Metric:
     """One reported number: ``higher_is_better`` None = closer to ``target`` is better; ``gate`` = the
-    ``eval.*`` field holding its threshold (a minimum if higher is better, else a maximum)."""
+    ``eval.*`` field holding its threshold (a minimum if higher is better, a maximum if lower is better, a
+    tolerance around ``target`` if neither)."""
 
     key: str
     label: str
@@ -272,9 +273,11 @@ METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("valid_rate_baseline", "valid rate (BF16)", "share of outputs", True, ".3f"),
     Metric("valid_recovery", "valid rate q/b", "ratio", True, ".3f", gate="min_valid_rate_recovery",
            bounds=(0.0, math.inf)),
-    Metric("valid_diff", "valid rate q−b", "rate difference", None, "+.3f", target=0.0),
+    Metric("valid_diff", "valid rate q−b", "rate difference", None, "+.3f", gate="max_valid_rate_diff", target=0.0,
+           bounds=(-1.0, 1.0)),
     Metric("runaway_rate", "runaway rate", "share of outputs", False, ".3f"),
-    Metric("duration_ratio", "duration q/b", "ratio", None, ".3f", target=1.0),
+    Metric("duration_ratio", "duration q/b", "ratio", None, ".3f", gate="max_duration_deviation", target=1.0,
+           bounds=(0.0, math.inf)),
     Metric("semantic_tv", "semantic TV", "total variation", False, ".3f"),
     Metric("ms_sampled_ratio", "b1 ms/tok sampled q/b", "ratio", False, ".3f"),
     Metric("ms_greedy_ratio", "b1 ms/tok greedy q/b", "ratio", False, ".3f"),
