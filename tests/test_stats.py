@@ -72,6 +72,10 @@ def test_tolerance_gate_decides_on_the_whole_interval_in_the_band():
     # no interval: the metric's whole range, which no band holds
     assert gates.decide_band({"value": 1.0, "low": None, "high": None}, 0.98, 1.02, (0.0, math.inf)) == "INCONCLUSIVE"
     assert gates.check_gates(fid, {}) == []  # unset tolerances (the default) gate nothing
+    # a threshold no value can miss is no gate: the default greedy prefix >= 0.0 is not listed as a PASS
+    prefix = {"greedy_prefix": {"value": 0.1, "low": 0.05, "high": 0.15, "n": 12}}
+    assert gates.check_gates(prefix, {"min_greedy_prefix_agreement": 0.0}) == []
+    assert [g["status"] for g in gates.check_gates(prefix, {"min_greedy_prefix_agreement": 0.2})] == ["FAIL"]
 
 
 def test_more_units_to_decide_follows_one_over_sqrt_n():

@@ -57,6 +57,10 @@ def check_gates(fid: dict[str, Any], settings: dict[str, Any]) -> list[dict[str,
         ci = fid.get(m.key)
         if threshold is None or not ci or ci.get("value") is None:
             continue
+        # a threshold at the end of the metric's range cannot be missed (the default greedy prefix >= 0.0): no gate
+        if (m.higher_is_better is True and threshold <= m.bounds[0]) or \
+                (m.higher_is_better is False and threshold >= m.bounds[1]):
+            continue
         lo, hi, v = ci.get("low"), ci.get("high"), ci["value"]
         if m.higher_is_better is None:  # a tolerance around the target: the band's edge nearest the value decides
             band = (m.target - threshold, m.target + threshold)
