@@ -386,7 +386,7 @@ fidelity_job() {
     fidelity-noised)  # the damaged variant of tests/test_metrics_can_fail.py at full size: calibrated on the clean
                       # proxy, the noised copy quantized with the default recipe, evaluated against the clean proxy
       t0=$SECONDS
-      # NOISE_SCALE: the noise's std in units of each tensor's std (gpu8: 1.0 failed 2 of 6 gates; the folders of
+      # NOISE_SCALE: the noise's std in units of each tensor's std (gpu8: 1.0 failed 2 of 5 gates; the folders of
       # another scale are named after it, so the two never mix)
       local e=experiments/spark-tts_w8a8_int8.yaml sc=${NOISE_SCALE:-1.0} sets=() s n=full-trained-damaged-noised
       [ "$sc" = 1.0 ] || n=$n-x$sc
