@@ -391,6 +391,23 @@ def test_batched_decode_equals_decoding_each_chunk_alone(codec):
         codec.decode_batch([items[0], (items[1][0], [])])
 
 
+def test_right_padding_to_a_shared_length_changes_the_chunk_tail_so_batches_group_by_length(codec):
+    """Why ``decode_batch`` runs one pass per chunk length (gpu8: about 5 passes per full call on the H200)
+    instead of padding the chunks to one length: BiCodec's receptive field reaches about 18 tokens, so tokens
+    appended after a chunk change its last 0.35 s of audio far beyond rounding."""
+    import numpy as np
+
+    rng = __import__("random").Random(7)
+    g, s = [rng.randrange(4096) for _ in range(32)], [rng.randrange(8192) for _ in range(44)]
+    plain = codec.decode(g, s[:40])
+    padded = codec.decode(g, s[:40] + [0] * 4)[: len(plain)]
+    diff = np.abs(padded - plain)
+    changed = np.nonzero(diff > 1e-3 * np.abs(plain).max())[0]
+    assert changed.size and diff.max() > 0.1 * np.abs(plain).max(), diff.max()
+    assert (len(plain) - changed[0]) / 320 > 8  # more than 8 tokens (160 ms) of the tail moved
+    np.testing.assert_allclose(padded[: 20 * 320], plain[: 20 * 320], atol=1e-5)  # the start did not
+
+
 def test_codec_thread_batches_the_chunks_that_queued_while_it_was_busy():
     import threading
     import time
