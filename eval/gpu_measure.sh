@@ -134,13 +134,14 @@ audio_x3() {  # CODEC_BATCH LEVELS OUT: streamed audio of BF16 and W8A8 on 3 eng
   echo "audio codec_batch=$1 wall $((SECONDS - t0))s"
 }
 
-audio_order() {  # I ORDER: streamed audio of the BF16 trained full proxy on 3 engine + codec sessions at c = 1024,
-                 # the codec queue in ORDER (deadline: the chunk whose playback is due first; fifo: arrival)
+audio_c1024() {  # OUT CODEC_BATCH ORDER: streamed audio of the BF16 trained full proxy on 3 engine + codec sessions
+                 # at c = 1024, the codec thread batching up to CODEC_BATCH chunks, its queue in ORDER (deadline:
+                 # the chunk whose playback is due first; fifo: arrival)
   local t0=$SECONDS
-  $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-order-$1-$2 --model bf16=$FID_PROXY/LLM --replicas 3 \
-    --memory 0.28 --codec-batch 16 --codec-order $2 --concurrency 1024 --requests 20 --fixed-tokens 0 \
+  $SERVE_PYTHON eval/gpu_audio.py --out eval/results/$1 --model bf16=$FID_PROXY/LLM --replicas 3 \
+    --memory 0.28 --codec-batch $2 --codec-order $3 --concurrency 1024 --requests 20 --fixed-tokens 0 \
     --timeout 300 || true
-  echo "audio order $2 ($1) wall $((SECONDS - t0))s"
+  echo "audio $1 (codec batch $2, $3) wall $((SECONDS - t0))s"
 }
 
 job() {
@@ -247,14 +248,9 @@ job() {
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       fidelity_job fidelity-noised || true
-      local o i=0
-      for o in deadline fifo; do  # BF16: the codec queue's order, not the LLM's precision, is what is compared
-        i=$((i + 1)); t0=$SECONDS
-        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-order-$i-$o --model bf16=$FID_PROXY/LLM --replicas 3 \
-          --memory 0.28 --codec-batch 16 --codec-order $o --concurrency 1024 --requests 20 --fixed-tokens 0 \
-          --timeout 300 || true
-        echo "audio order $o ($i) wall $((SECONDS - t0))s"
-      done
+      # BF16: the codec queue's order, not the LLM's precision, is what is compared
+      audio_c1024 audio-order-1-deadline 16 deadline
+      audio_c1024 audio-order-2-fifo 16 fifo
       FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true ;;
     gpu8)  # gpu7 again with its fidelity-noised arm fixed (its quantize refused the clean proxy's calibration; it
            # now names it), ordered by what the issues still lack: the must-FAIL check, the codec queue's deadline
@@ -262,21 +258,16 @@ job() {
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       fidelity_job fidelity-noised || true
-      audio_order 1 deadline
+      audio_c1024 audio-order-1-deadline 16 deadline
       FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true
-      audio_order 2 fifo ;;
+      audio_c1024 audio-order-2-fifo 16 fifo ;;
     gpu9)  # next: what gpu8 left open. Issue 16: is the c = 1024 underrun the codec's batch size? The codec thread
            # cleared its first wave of 341 first chunks in calls of <= 16 (gpu8: codec wait p50 1.7-2.3 s): 64 then 16,
            # fifo. Issue 15: the noised variant at twice the noise (NOISE_SCALE=2.0), must FAIL every gate.
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
-      local cb t0
-      for cb in 64 16; do
-        t0=$SECONDS
-        $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb$cb --model bf16=$FID_PROXY/LLM --replicas 3 \
-          --memory 0.28 --codec-batch $cb --concurrency 1024 --requests 20 --fixed-tokens 0 --timeout 300 || true
-        echo "audio codec batch $cb wall $((SECONDS - t0))s"
-      done
+      audio_c1024 audio-cb64 64 fifo
+      audio_c1024 audio-cb16 16 fifo
       NOISE_SCALE=2.0 fidelity_job fidelity-noised || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
@@ -431,7 +422,7 @@ collect_job() {
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
   fi
-  if [ "$1" = gpu4 ] || [ "$1" = gpu5 ] || [ "$1" = gpu6 ] || [ "$1" = gpu7 ] || [ "$1" = gpu8 ] || [ "$1" = gpu9 ]; then
+  if [[ $1 == gpu[4-9] ]]; then
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true
