@@ -2,6 +2,7 @@
 
     python eval/gpu_audio.py --out DIR --model LABEL=PATH [--model ...] [--concurrency 1,256,1024]
         [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--replicas 1] [--codec-batch N] [--timeout 600]
+        [--arms fifo:16,playing:16,playing:64 --rounds 4]
         [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml]
 
 Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets
@@ -25,16 +26,30 @@ from pathlib import Path
 
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
+from spark_quant.audio.stream import CODEC_ORDERS
 from spark_quant.audio.stream_pool import stream_over_replicas
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
-from spark_quant.reporting.audio import stream_table
+from spark_quant.reporting.audio import level_label, arm_table, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
 
-HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
+HEADER = {"controllable": 39, "clone": 1}
+
+
+def parse_arms(text: str) -> list[dict]:
+    """``fifo:16,playing:64`` -> the stream spec's arms (``audio.stream_pool``); a bad item is a one-line error."""
+    arms = []
+    for item in text.split(","):
+        order, _, batch = item.strip().partition(":")
+        if order not in CODEC_ORDERS or not batch.isdigit() or int(batch) < 1:
+            raise SystemExit(f"--arms: {item!r} is not ORDER:BATCH (ORDER one of {', '.join(CODEC_ORDERS)}, BATCH >= 1)")
+        arms.append({"label": f"{order}-{batch}", "codec_order": order, "codec_batch": int(batch)})
+    if len({x["label"] for x in arms}) != len(arms):
+        raise SystemExit(f"--arms: {text!r} names an arm twice")
+    return arms  # tokens the real model writes before its first semantic token
 
 
 def load_rows(models: dict[str, dict]) -> list[str]:
@@ -47,7 +62,7 @@ def load_rows(models: dict[str, dict]) -> list[str]:
             if not rs:
                 continue
             lines.append(
-                f"| {name} | {row['concurrency']} | {len(rs)} | "
+                f"| {name} | {level_label(row)} | {len(rs)} | "
                 f"{percentile([r['first_audio_s'] for r in rs], 0.99) * 1000:.0f} | "
                 f"{percentile([r['rtf'] for r in rs], 0.99):.3f} | {sum(1 for r in rs if r['underruns'])}/{len(rs)} | "
                 f"{max(r['underrun_s'] for r in rs) * 1000:.0f} | "
@@ -73,9 +88,14 @@ def main() -> int:
                          "replica JIT-compiled vLLM's top-k/top-p kernel inside the timed c = 1024 round)")
     ap.add_argument("--codec-batch", type=int, help="most queued chunks per batched codec call (default: the "
                     "experiment's eval.audio_codec_batch)")
-    ap.add_argument("--codec-order", choices=("fifo", "deadline"), help="the codec thread's queue order (default: "
+    ap.add_argument("--codec-order", choices=CODEC_ORDERS, help="the codec thread's queue order (default: "
                     "the experiment's eval.audio_codec_order)")
+    ap.add_argument("--arms", help="a paired comparison of codec settings at each concurrency > 1: ORDER:BATCH,... "
+                    "(e.g. fifo:16,playing:16,playing:64), each run once per round on the same engines and prompts, "
+                    "rotated by one each round; the first arm is the reference")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
     a = ap.parse_args()
+    arms = parse_arms(a.arms) if a.arms else []
     conc = [int(c) for c in a.concurrency.split(",")]
     models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
     exp = load_experiment(a.experiment, [f"eval.concurrency={sorted(set(conc))}", "eval.num_prompts=32"])
@@ -100,7 +120,7 @@ def main() -> int:
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
                   "plan": {"first_chunk": e.audio_first_chunk_tokens},
                   "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
-                  "codec_order": a.codec_order or e.audio_codec_order}
+                  "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             spec["gpu_memory_utilization"] = a.memory
@@ -117,6 +137,12 @@ def main() -> int:
           f"Tokens: {src}. Codec: {codec_dir}" + (" (RANDOM weights: noise, real compute)" if random_codec else ""),
           "", *stream_table(res["models"]), "", "Tail figures over every request of a level:", "",
           *load_rows(res["models"]), ""]
+    if arms:
+        md += [f"Codec arms, paired: {a.rounds} rounds at each concurrency > 1, every arm once per round on the same "
+               "engines and prompts, rotated by one each round. Intervals: Wilson for the underrun share; bootstrap "
+               "over requests for first audio and for the paired differences from the first arm (requests of one "
+               "round share the codec queue, so the per-round counts show the spread between rounds).", "",
+               *arm_table(res["models"]), ""]
     (a.out / "audio.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0 if all(m.get("ok") for m in res["models"].values()) else 1

@@ -28,7 +28,8 @@
 #                      the default W8A8 recipe, as tests/test_metrics_can_fail.py does on the tiny one; then issue 16's
 #                      codec queue order (deadline, fifo) at c = 1024 on the BF16 proxy; GPTQ-only last
 #           gpu8       gpu7 with its noised arm fixed: noised (must FAIL), codec order deadline, GPTQ-only, fifo
-#           gpu9       next: codec batch 64 vs 16 at c = 1024 (issue 16's underrun), the noised variant at scale 2.0
+#           gpu9       codec arms fifo / playing-first at batch 16 / 64, paired at c = 1024 (issue 16's underrun);
+#                      the noised variant at scale 3.0, then 2.0 (issue 15's must-FAIL)
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -261,13 +262,19 @@ job() {
       audio_c1024 audio-order-1-deadline 16 deadline
       FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true
       audio_c1024 audio-order-2-fifo 16 fifo ;;
-    gpu9)  # next: what gpu8 left open. Issue 16: is the c = 1024 underrun the codec's batch size? The codec thread
-           # cleared its first wave of 341 first chunks in calls of <= 16 (gpu8: codec wait p50 1.7-2.3 s): 64 then 16,
-           # fifo. Issue 15: the noised variant at twice the noise (NOISE_SCALE=2.0), must FAIL every gate.
+    gpu9)  # what gpu8 left open. Issue 16: the c = 1024 underrun. One gpu_audio run on 3 BF16 engine + codec
+           # sessions, codec arms paired and alternated on the same engines and prompts, 4 rounds: fifo (gpu8's
+           # default) against playing-first (streams already playing before new streams' first chunks) at codec
+           # batch 16 and 64; c = 1 with 40 requests for first audio. Issue 15: the noised variant must FAIL every
+           # gate: NOISE_SCALE 3.0 (gpu8's 1.0 kept top-1 0.997), then 2.0 if the machine lasts.
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
-      audio_c1024 audio-cb64 64 fifo
-      audio_c1024 audio-cb16 16 fifo
+      local t0=$SECONDS
+      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb-arms --model bf16=$FID_PROXY/LLM --replicas 3 \
+        --memory 0.28 --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 \
+        --arms fifo:16,playing:16,playing:64 --rounds 4 || true
+      echo "audio arms wall $((SECONDS - t0))s"
+      NOISE_SCALE=3.0 fidelity_job fidelity-noised || true
       NOISE_SCALE=2.0 fidelity_job fidelity-noised || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
@@ -429,7 +436,7 @@ collect_job() {
     local d; for d in eval/results/audio-order-* eval/results/audio-cb*; do [ -f $d/audio.md ] && cp $d/audio.md "$OUT/$(basename $d).md" || true; done
     local aj; aj=$(ls eval/results/audio-order-*/audio.json eval/results/audio-cb*/audio.json 2>/dev/null || true)
     [ -z "$aj" ] || tar czf "$OUT/audio-order.tgz" $aj || true
-    tail -n 25 eval/results/audio-order-*/logs/*.log > "$OUT/audio-order-logs.txt" 2>/dev/null || true
+    tail -n 25 eval/results/audio-order-*/logs/*.log eval/results/audio-cb*/logs/*.log > "$OUT/audio-order-logs.txt" 2>/dev/null || true
     tail -n 25 eval/results/audio-gpu-x3-cb16/logs/*.log > "$OUT/audio-logs.txt" 2>/dev/null || true
     tail -n 25 eval/results/spark-tts_*/logs/*.log eval/results/full-trained-*/logs/*.log > "$OUT/eval-logs.txt" 2>/dev/null || true
   fi

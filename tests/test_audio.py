@@ -600,6 +600,68 @@ def test_codec_queue_takes_chunks_in_arrival_or_playback_deadline_order(order):
         CodecRunner(decode_batch=decode_batch, order="lifo")
 
 
+@pytest.mark.parametrize("order", ["fifo", "deadline", "playing"])
+def test_playing_order_puts_streams_already_playing_first_read_when_the_codec_picks(order):
+    """``playing``: chunks of streams whose playback has started go first (earliest due first), the others after
+    in arrival order; whether a stream plays is asked when the codec thread picks, so a chunk queued before its
+    stream's first chunk was decoded moves up once it is."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from spark_quant.audio.stream import CodecRunner
+
+    gate, seen, started = threading.Event(), [], {"d": False}
+
+    def decode_batch(items):
+        gate.wait(10)
+        seen.append(items[0][1][0])
+        return [np.zeros(320 * len(s), np.float32) for _, s in items]
+
+    async def main():
+        runner = CodecRunner(decode_batch=decode_batch, max_batch=1, order=order)
+        try:
+            busy = asyncio.ensure_future(runner.run(GLOBALS, [0]))
+            await asyncio.sleep(0.1)
+            now = time.perf_counter()
+            dues = {1: lambda: (False, now + 0.25),  # new streams' first chunks
+                    2: lambda: (False, now + 0.30),
+                    3: lambda: (True, now + 5),  # a stream playing, due in 5 s
+                    4: lambda: (started["d"], now + 1 if started["d"] else now + 9)}  # starts playing meanwhile
+            jobs = [asyncio.ensure_future(runner.run(GLOBALS, [k], None, dues[k])) for k in (1, 2, 3, 4)]
+            await asyncio.sleep(0.05)
+            started["d"] = True
+            gate.set()
+            await asyncio.gather(busy, *jobs)
+        finally:
+            runner.close()
+
+    asyncio.run(main())
+    assert seen == {"fifo": [0, 1, 2, 3, 4], "deadline": [0, 1, 2, 4, 3], "playing": [0, 4, 3, 1, 2]}[order]
+
+
+def test_codec_runner_configure_changes_order_and_batch_and_refuses_bad_values():
+    import numpy as np
+
+    from spark_quant.audio.stream import CodecRunner
+
+    runner = CodecRunner(lambda g, s: np.zeros(320 * len(s), np.float32))
+    try:
+        assert (runner.order, runner.max_batch) == ("fifo", 1)
+        runner.configure("playing", 64)
+        assert (runner.order, runner.max_batch) == ("playing", 64)
+        runner.configure(max_batch=16)
+        assert (runner.order, runner.max_batch) == ("playing", 16)
+        with pytest.raises(ValueError, match="max_batch=0"):
+            runner.configure(max_batch=0)
+        with pytest.raises(ValueError, match="codec order 'lifo'"):
+            runner.configure("lifo")
+        assert (runner.order, runner.max_batch) == ("playing", 16)
+    finally:
+        runner.close()
+
+
 def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
     import time
 
@@ -610,9 +672,9 @@ def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
     asked = []
 
     class Recording(CodecRunner):
-        async def run(self, glob, sem, deadline=None):
+        async def run(self, glob, sem, deadline=None, due=None):
             asked.append(deadline)
-            return await super().run(glob, sem, deadline)
+            return await super().run(glob, sem, deadline, due)
 
     async def main():
         runner = Recording(lambda g, s: np.zeros(320 * len(s), np.float32), order="deadline", first_slack_s=0.25)

@@ -169,6 +169,32 @@ def test_warm_levels_runs_an_untimed_round_at_each_load_before_the_timed_one(tmp
     assert res["ok"] and [r["concurrency"] for r in res["rows"]] == [1, 5]
 
 
+def test_codec_arms_alternate_round_by_round_on_the_same_sessions_and_pair_by_request(tmp_path):
+    """``arms`` + ``rounds``: at c=5 each round runs every arm once, rotated by one each round; c=1 runs once.
+    ``compare_arms`` pools each arm over its rounds and pairs it with the first arm request by request."""
+    from spark_quant.audio.stream_pool import stream_over_replicas
+    from spark_quant.reporting.audio import arm_table, compare_arms
+
+    spec = _stream_spec(tmp_path)
+    spec["stream"].update(arms=[{"label": "fifo-4", "codec_order": "fifo", "codec_batch": 4},
+                                {"label": "playing-2", "codec_order": "playing", "codec_batch": 2}], rounds=2)
+    res = stream_over_replicas(spec, 2, tmp_path, sys.executable, "v", 30, module=FAKE)
+    assert res["ok"], res.get("error")
+    c1, *c5 = res["rows"]
+    assert c1["concurrency"] == 1 and "arm" not in c1
+    assert [(r["arm"], r["round"]) for r in c5] == [("fifo-4", 0), ("playing-2", 0), ("playing-2", 1), ("fifo-4", 1)]
+    for r in c5:  # the sessions really ran each arm's settings
+        assert (r["codec_order"], r["codec_batch"]) == {"fifo-4": ("fifo", 4), "playing-2": ("playing", 2)}[r["arm"]]
+        assert 0 < r["codec_calls"]["largest_batch"] <= r["codec_batch"]
+        assert sorted(q["prompt"] for q in r["requests"]) == list(range(5))  # same prompts in every run
+    ref, other = compare_arms(c5)
+    assert (ref["arm"], ref["n"], ref["rounds"]) == ("fifo-4", 10, 2) and "vs" not in ref
+    assert other["vs"] == "fifo-4" and other["underrun_diff"]["n"] == other["first_audio_ratio"]["n"] == 10
+    assert other["underrun"]["n"] == 10 and other["chunks"] == 2 * 10
+    table = arm_table({"bf16": res})
+    assert len(table) == 4 and "playing-2 (playing, 2)" in table[3] and "(reference)" in table[2]
+
+
 def test_a_stream_replica_that_dies_keeps_the_levels_already_measured(tmp_path):
     from spark_quant.audio.stream_pool import stream_over_replicas
 

@@ -24,7 +24,6 @@ engine in ``stream_session``, or saved tokens with their arrival times in tests.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import threading
 import time
@@ -66,82 +65,108 @@ def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
     return stall, stalls
 
 
-CODEC_ORDERS = ("fifo", "deadline")
+CODEC_ORDERS = ("fifo", "deadline", "playing")
 
 
 class CodecRunner:
-    """One codec, one worker thread: chunks decode first come first served (``order="fifo"``), or earliest
-    playback deadline first (``order="deadline"``).
+    """One codec, one worker thread: chunks decode first come first served (``order="fifo"``), earliest
+    playback deadline first (``order="deadline"``), or playing streams first (``order="playing"``).
 
     A chunk's deadline (``run(..., deadline=)``, ``time.perf_counter`` seconds) is when playback reaches it:
     for a stream already playing, its first chunk's ready time plus the audio before the chunk; for a first
     chunk, its submission plus ``first_slack_s`` (so a new stream's first chunk waits behind a playing
     stream's next chunk only while that one is due sooner). A chunk without one counts as due when submitted.
+    ``playing`` puts every chunk of a stream whose playback has started (as its ``due`` says when the thread
+    picks chunks) before every other, earliest deadline first among them, and the rest after them in arrival
+    order:
+    under overload a gap in audio that is already playing is what a listener hears, a later start is not
+    (2026-12-04's H200 run: with ``deadline`` a new stream's 0.25 s slack beat a playing stream's next chunk,
+    and more streams underran than with ``fifo``).
     With ``max_batch`` > 1 the thread takes every chunk that queued while it was busy (up to ``max_batch``,
     in that order) and decodes them in one ``decode_batch`` call, as a server with one codec on a GPU would
     batch them; ``max_batch=1`` decodes one chunk per call. Each chunk's ``codec_s`` is its call's time and
-    ``codec_batch`` the number of chunks that call decoded."""
+    ``codec_batch`` the number of chunks that call decoded. ``configure`` changes the order and the batch
+    between measurements (chunks already queued keep their place)."""
 
     def __init__(self, decode: Callable[[list[int], list[int]], Any] | None = None, *,
                  decode_batch: Callable[[list[tuple[list[int], list[int]]]], list] | None = None,
                  max_batch: int = 1, order: str = "fifo", first_slack_s: float = 0.25):
         if (decode is None) == (decode_batch is None):
             raise ValueError("CodecRunner needs decode or decode_batch")
-        if max_batch < 1:
-            raise ValueError(f"max_batch={max_batch}: must be at least 1")
-        if order not in CODEC_ORDERS:
-            raise ValueError(f"codec order {order!r}: use one of {', '.join(CODEC_ORDERS)}")
         self.decode_batch = decode_batch or (lambda items: [decode(g, s) for g, s in items])
-        self.max_batch = max_batch
-        self.order = order
+        self._ready = threading.Condition()
+        self.max_batch, self.order = 1, "fifo"
+        self.configure(order, max_batch)
         self.first_slack_s = first_slack_s
         self.calls: list[int] = []  # chunks per decode call, in order
-        self._heap: list[tuple[float, int, Any]] = []  # (key, arrival number, job); a job of None stops
+        self._queue: list[_Job] = []  # in arrival order
         self._seq = itertools.count()
-        self._ready = threading.Condition()
+        self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="bicodec", daemon=True)
         self._thread.start()
 
-    def _put(self, key: float, job) -> None:
+    def configure(self, order: str | None = None, max_batch: int | None = None) -> None:
+        """Set the queue order and the most chunks per call (``None``: keep the current one)."""
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: must be at least 1")
+        if order is not None and order not in CODEC_ORDERS:
+            raise ValueError(f"codec order {order!r}: use one of {', '.join(CODEC_ORDERS)}")
         with self._ready:
-            heapq.heappush(self._heap, (key, next(self._seq), job))
-            self._ready.notify()
+            self.max_batch = self.max_batch if max_batch is None else int(max_batch)
+            self.order = order or self.order
 
-    async def run(self, glob: list[int], sem: list[int], deadline: float | None = None) -> tuple[Any, float, float, int]:
-        """(waveform, seconds queued, seconds decoding, chunks in its decode call)."""
+    def _key(self, job: "_Job") -> tuple[float, float]:
+        """A queued chunk's place, smallest first, read when the thread picks its next call's chunks (a stream
+        starts playing while its later chunks wait, so ``playing`` and the deadline are read then)."""
+        if self.order == "fifo":
+            return (0.0, job.seq)
+        playing, deadline = job.due() if job.due else (False, job.deadline)
+        if self.order == "deadline":
+            return (0.0, job.submitted if deadline is None else deadline)
+        return (0.0, deadline) if playing and deadline is not None else (1.0, job.seq)
+
+    async def run(self, glob: list[int], sem: list[int], deadline: float | None = None,
+                  due: Callable[[], tuple[bool, float | None]] | None = None) -> tuple[Any, float, float, int]:
+        """(waveform, seconds queued, seconds decoding, chunks in its decode call). ``deadline``: when playback
+        reaches the chunk; ``due``, if given, replaces it: a callable answering (is the chunk's stream playing,
+        its deadline), asked again each time the thread picks chunks (``StreamingRequest`` passes one)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        submitted = time.perf_counter()
-        key = deadline if self.order == "deadline" and deadline is not None else submitted
-        self._put(key, (glob, sem, submitted, loop, fut))
+        job = _Job(next(self._seq), glob, sem, time.perf_counter(), deadline, due, loop, fut)
+        with self._ready:
+            self._queue.append(job)
+            self._ready.notify()
         return await fut
+
+    def _take(self) -> list["_Job"]:
+        """The next call's chunks (the lock held): the first ``max_batch`` in the runner's order."""
+        if self.order == "fifo":
+            jobs, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            return jobs
+        ranked = sorted(range(len(self._queue)), key=lambda i: self._key(self._queue[i]))
+        take = set(ranked[: self.max_batch])
+        jobs = [self._queue[i] for i in ranked[: self.max_batch]]
+        self._queue = [j for i, j in enumerate(self._queue) if i not in take]
+        return jobs
 
     def _serve(self) -> None:
         while True:
             with self._ready:
-                while not self._heap:
+                while not self._queue and not self._stopping:
                     self._ready.wait()
-                jobs, stop = [], False
-                while self._heap and len(jobs) < self.max_batch:
-                    job = heapq.heappop(self._heap)[2]
-                    if job is None:
-                        stop = True
-                        break
-                    jobs.append(job)
-            if not jobs:
-                return
+                if not self._queue:
+                    return
+                jobs = self._take()
             start = time.perf_counter()
             try:
-                wavs, error = self.decode_batch([(g, s) for g, s, *_ in jobs]), None
+                wavs, error = self.decode_batch([(j.glob, j.sem) for j in jobs]), None
             except Exception as e:  # noqa: BLE001 - handed to every waiting chunk
                 wavs, error = None, e
             took = time.perf_counter() - start
             self.calls.append(len(jobs))
-            for k, (_, _, submitted, loop, fut) in enumerate(jobs):
-                result = None if error else (wavs[k], start - submitted, took, len(jobs))
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-            if stop:
-                return
+            for k, j in enumerate(jobs):
+                result = None if error else (wavs[k], start - j.submitted, took, len(jobs))
+                j.loop.call_soon_threadsafe(_settle, j.fut, result, error)
 
     def calls_since(self, start: int = 0) -> dict[str, int]:
         """The decode calls from index ``start`` of ``calls`` on: how many, their chunks, the largest batch."""
@@ -150,8 +175,22 @@ class CodecRunner:
 
     def close(self) -> None:
         """Decode what is queued, then stop the thread."""
-        self._put(float("inf"), None)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
         self._thread.join()
+
+
+@dataclass
+class _Job:
+    seq: int
+    glob: list[int]
+    sem: list[int]
+    submitted: float
+    deadline: float | None
+    due: Callable[[], tuple[bool, float | None]] | None
+    loop: asyncio.AbstractEventLoop
+    fut: asyncio.Future
 
 
 def _settle(fut: asyncio.Future, result, error) -> None:
@@ -230,9 +269,15 @@ class StreamingRequest:
         self.chunks.append(chunk)
 
         deadline = self._deadline(start)
+        first = self.chunks[0]
+
+        def due() -> tuple[bool, float]:  # asked on the codec thread: has playback started, and when is it due
+            if index and "ready_s" in first:
+                return True, self.t0 + first["ready_s"] + (start - first["start"]) / spark.SEMANTIC_PER_SECOND
+            return False, deadline
 
         async def decode():
-            wav, queued, took, batch = await self.runner.run(glob, sem, deadline)
+            wav, queued, took, batch = await self.runner.run(glob, sem, deadline, due)
             chunk.update(ready_s=time.perf_counter() - self.t0, codec_wait_s=queued, codec_s=took,
                          codec_batch=batch, samples=int(len(wav)) - (start - ctx) * HOP)
 

@@ -11,6 +11,12 @@ inside the timed round, one replica at a time). Concurrency 1 runs its sequentia
 first replica. The result: per level a row with every request's record, the ``summary`` over them,
 ``codec_calls`` summed over the replicas and each replica's wall time; each replica's engine facts
 (``engines``); the codec's facts. After each level it is also written to the spec's ``partial_path``.
+
+A paired comparison of codec settings: the stream spec's ``arms`` (``[{"label", "codec_order", "codec_batch"}]``)
+and ``rounds``. At each concurrency > 1, every round runs every arm once on the same engines and prompts, the
+arms rotated by one each round (A B C, B C A, ...), so the arms are alternated within seconds of each other
+and no arm always goes first; each run is a row with its ``arm`` and ``round``. Concurrency 1 runs once, with
+the codec's own settings (one stream has nothing to reorder).
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ def merge_calls(parts: list[dict[str, Any]]) -> dict[str, int]:
             "largest_batch": max((c["largest_batch"] for c in calls), default=0)}
 
 
+def arm_task(arm: dict[str, Any] | None) -> dict[str, Any]:
+    """The task keys of a codec arm (``{"label", "codec_order", "codec_batch"}``); none without one."""
+    return {} if arm is None else {k: arm[k] for k in ("codec_order", "codec_batch") if arm.get(k) is not None}
+
+
 def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, python: str, tag: str,
                          timeout_s: float, module: str = MODULE) -> dict[str, Any]:
     """The stream measurement of ``spec`` (a stream worker spec) on ``replicas`` sessions; never raises for a
@@ -38,6 +49,9 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
     st = spec["stream"]
     pool = Pool(tag, spec, replicas, Path(workdir), python, module=module, timeout_s=timeout_s)
     res: dict[str, Any] = {"ok": False, "replicas": replicas, "rows": []}
+    arms = [dict(a) for a in st.get("arms") or []]
+    rounds = int(st.get("rounds", 1)) if arms else 1
+    arms = arms or [None]
     partial = Path(st["partial_path"]) if st.get("partial_path") else None
     try:
         res["engines"] = pool.start()
@@ -52,14 +66,25 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
                 rid = first.send([{"name": "part", "kind": "stream", "concurrency": 1, "requests": st["requests"]}])
                 parts = [first.receive(rid, timeout_s)["part"]]
                 wall = parts[0]["wall_s"]
+                runs = [(None, None, parts, wall)]
             else:
                 if st.get("warm_levels"):  # an untimed round at this load first: vLLM JIT-compiles its top-k/top-p
-                    _, warm_wall = pool.spread({"kind": "stream", "concurrency": c})  # kernel per new batch shape
-                parts, wall = pool.spread({"kind": "stream", "concurrency": c})
-            recs = [r for p in parts for r in p["requests"]]
-            res["rows"].append({"concurrency": c, "wall_s": wall, "replica_wall_s": [p["wall_s"] for p in parts],
-                                "warm_wall_s": warm_wall, "codec_calls": merge_calls(parts),
-                                "summary": summarize(recs), "requests": recs})
+                    _, warm_wall = pool.spread({"kind": "stream", "concurrency": c,  # kernel per new batch shape
+                                                **arm_task(arms[0])})
+                runs = []
+                for rnd in range(rounds):  # the arms alternated, each round starting one arm further on
+                    for arm in arms[rnd % len(arms):] + arms[: rnd % len(arms)]:
+                        parts, wall = pool.spread({"kind": "stream", "concurrency": c, **arm_task(arm)})
+                        runs.append((arm, rnd, parts, wall))
+            for arm, rnd, parts, wall in runs:
+                recs = [r for p in parts for r in p["requests"]]
+                row = {"concurrency": c, "wall_s": wall, "replica_wall_s": [p["wall_s"] for p in parts],
+                       "warm_wall_s": warm_wall, "codec_calls": merge_calls(parts),
+                       "summary": summarize(recs), "requests": recs}
+                if arm is not None:
+                    row.update(arm=arm["label"], round=rnd, codec_order=parts[0].get("codec_order"),
+                               codec_batch=parts[0].get("codec_batch"))
+                res["rows"].append(row)
             if partial:
                 partial.write_text(json.dumps({**res, "ok": True, "partial": True}))
         res["ok"] = True

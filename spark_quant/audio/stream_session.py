@@ -26,8 +26,10 @@ SPEC is a serving worker spec (``serving.client.worker_spec``) plus ``stream``:
 real model writes before its first semantic token (controllable: acoustic labels and the 32 global tokens,
 39 tokens; clone: ``<|start_semantic_token|>``), so first audio waits for them as it would.
 ``codec_batch``: the most chunks the codec thread decodes in one batched call (default 1: one per call).
-``codec_order``: ``fifo`` (default) or ``deadline``: the codec thread takes the chunk whose playback is due
-first (``stream.CodecRunner``), so a playing stream's next chunk goes before a new stream's first one.
+``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
+(streams already playing first, then new streams' first chunks in arrival order; ``stream.CodecRunner``).
+A stream task may carry ``codec_order`` and ``codec_batch`` of its own: the codec thread uses them from that
+task on (``audio.stream_pool`` alternates such arms round by round).
 
 The engine and the codec share the process and the device, as in a TTS server: the LLM streams tokens
 (vLLM's AsyncLLM, delta outputs) while one codec thread decodes the chunks (``stream.StreamingRequest``),
@@ -118,6 +120,8 @@ async def stream_task(worker, task: dict[str, Any]) -> dict[str, Any]:
     if not _streams:
         _streams.append(Streams(worker.spec, worker.eos_id))
     s = _streams[0]
+    if "codec_order" in task or "codec_batch" in task:  # an arm of a paired comparison (audio.stream_pool)
+        s.runner.configure(task.get("codec_order"), task.get("codec_batch"))
     part = await s.level(worker, int(task["concurrency"]), int(task.get("requests", 1)),
                          int(task.get("prompt_offset", 0)))
     return {**part, **s.facts()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spark_quant.reporting.stats import bootstrap_ci
+from spark_quant.reporting.stats import bootstrap_ci, paired_ci, pct, rate_ci
 
 
 def _stat(xs: list[float]) -> dict[str, Any]:
@@ -54,6 +54,12 @@ def _ci_ms(s: dict[str, Any]) -> str:
     return "" if lo is None else f" [{lo * 1000:.0f}, {hi * 1000:.0f}]"
 
 
+def level_label(row: dict[str, Any]) -> str:
+    """A row's concurrency, with its codec arm and round when it is one run of a paired arm comparison."""
+    c = str(row["concurrency"])
+    return c if row.get("arm") is None else f"{c} ({row['arm']}, round {row['round'] + 1})"
+
+
 def stream_table(models: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown rows: time to first audio (LLM part, codec part), RTF with the codec, underrun."""
     lines = ["| model | c | mode | n | first audio p50 ms [95% CI] | LLM to 1st chunk ms | codec 1st chunk ms | "
@@ -76,12 +82,88 @@ def stream_table(models: dict[str, dict[str, Any]]) -> list[str]:
                 share = s["codec_share_of_first_audio"]
                 rtf_ci = "" if rtf["ci95"][0] is None else f" [{rtf['ci95'][0]:.2f}, {rtf['ci95'][1]:.2f}]"
                 lines.append(
-                    f"| {label.get(name, name)} | {row['concurrency']} | {mode} | {n} | "
+                    f"| {label.get(name, name)} | {level_label(row)} | {mode} | {n} | "
                     f"{_ms(s['first_audio_s'])}{_ci_ms(s['first_audio_s'])} | {_ms(s['first_chunk_tokens_s'])} | "
                     f"{_ms(s['first_chunk_codec_s'])} | {'–' if share is None else f'{share:.0%}'} | "
                     f"{rtf['p50']:.2f}{rtf_ci} | {s['codec_rtf']['p50']:.2f} | "
                     f"{s['requests_with_underrun']}/{n} | {_ms(s['underrun_s'])} |")
     return lines
+
+
+def compare_arms(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The codec arms of one model at one concurrency (rows with ``arm`` and ``round``, ``audio.stream_pool``),
+    pooled over their rounds: requests with an underrun (Wilson interval), first audio p50 (bootstrap) and
+    p99, codec wait p50, per-round underrun counts; and each arm against the first one, paired by round and
+    request (the same prompts): the difference in the share of requests that underran and the ratio of mean
+    first audio, each with a paired bootstrap interval over requests."""
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        arms.setdefault(row["arm"], []).append(row)
+    ref_label = next(iter(arms), None)
+
+    def by_key(rs: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any] | None]:
+        return {(row["round"], i): (None if "skipped" in r else r)
+                for row in rs for i, r in enumerate(row["requests"])}
+
+    ref = by_key(arms[ref_label]) if ref_label else {}
+    out = []
+    for label, rs in arms.items():
+        ok = [r for row in rs for r in row["requests"] if "skipped" not in r]
+        k = sum(1 for r in ok if r["underruns"])
+        fa = [r["first_audio_s"] for r in ok]
+        lo, hi = bootstrap_ci(fa)
+        entry = {"arm": label, "codec_order": rs[0].get("codec_order"), "codec_batch": rs[0].get("codec_batch"),
+                 "rounds": len(rs), "n": len(ok), "underrun": rate_ci(k, len(ok)),
+                 "underrun_per_round": [sum(1 for r in row["requests"] if r.get("underruns")) for row in rs],
+                 "first_audio_p50_s": {"value": pct(fa, 0.5), "low": lo, "high": hi, "n": len(fa)},
+                 "first_audio_p99_s": pct(fa, 0.99),
+                 "codec_wait_p50_s": pct([r["codec_wait_s"] for r in ok], 0.5),
+                 "calls": sum(row["codec_calls"]["n"] for row in rs),
+                 "chunks": sum(row["codec_calls"]["chunks"] for row in rs)}
+        if label != ref_label:
+            mine = by_key(rs)
+            keys = [key for key in mine if mine[key] and ref.get(key)]
+            entry["vs"] = ref_label
+            entry["underrun_diff"] = paired_ci([float(bool(ref[key]["underruns"])) for key in keys],
+                                               [float(bool(mine[key]["underruns"])) for key in keys])
+            entry["first_audio_ratio"] = paired_ci([ref[key]["first_audio_s"] for key in keys],
+                                                   [mine[key]["first_audio_s"] for key in keys], kind="ratio")
+        out.append(entry)
+    return out
+
+
+def _iv(d: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
+    if not d or d.get("value") is None:
+        return "–"
+    v = fmt.format(d["value"])
+    return v if d.get("low") is None else f"{v} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]"
+
+
+def arm_table(models: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: each model's codec arms at each concurrency, pooled over rounds, and paired with the first."""
+    lines = ["| model | c | arm (order, batch) | rounds | n | requests with underrun [95% CI] | per round | "
+             "first audio p50 ms [95% CI] | p99 ms | codec wait p50 ms | vs first arm: underrun share diff "
+             "[95% CI] | mean first audio ratio [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    any_arm = False
+    for name, m in models.items():
+        levels: dict[int, list[dict[str, Any]]] = {}
+        for row in m.get("rows", []):
+            if row.get("arm") is not None:
+                levels.setdefault(row["concurrency"], []).append(row)
+        for c, rows in levels.items():
+            for e in compare_arms(rows):
+                any_arm = True
+                u = e["underrun"]
+                ms = {k: (None if e["first_audio_p50_s"][k] is None else e["first_audio_p50_s"][k] * 1000)
+                      for k in ("value", "low", "high")}
+                lines.append(
+                    f"| {name} | {c} | {e['arm']} ({e['codec_order']}, {e['codec_batch']}) | {e['rounds']} | {e['n']} | "
+                    f"{u.get('k', 0)} = {_iv(u)} | {', '.join(map(str, e['underrun_per_round']))} | "
+                    f"{_iv(ms, '{:,.0f}')} | {e['first_audio_p99_s'] * 1000:,.0f} | "
+                    f"{e['codec_wait_p50_s'] * 1000:,.0f} | "
+                    f"{_iv(e.get('underrun_diff'), '{:+.3f}') if 'vs' in e else '(reference)'} | "
+                    f"{_iv(e.get('first_audio_ratio')) if 'vs' in e else '(reference)'} |")
+    return lines if any_arm else []
 
 
 def render_stream(res: dict[str, Any]) -> list[str]:
@@ -95,8 +177,9 @@ def render_stream(res: dict[str, Any]) -> list[str]:
               "codec thread shared by all requests while the LLM generates"
               + (f", which decodes the chunks queued meanwhile in one batched call (at most {res['codec_batch']})"
                  if res.get("codec_batch", 1) > 1 else "")
-              + (", taking the chunk whose playback is due first (deadline order)"
-                 if res.get("codec_order") == "deadline" else "") + ". First audio = request sent to first "
+              + {"deadline": ", taking the chunk whose playback is due first (deadline order)",
+                 "playing": ", taking chunks of streams already playing first (playing order)"}.get(
+                  res.get("codec_order"), "") + ". First audio = request sent to first "
               "chunk decoded (LLM + codec). Underrun: playback from the first chunk on stalls for a later one. "
               f"{res['requests_at_c1']} sequential requests at c=1; c requests at once above.", ""]
     if codec:
