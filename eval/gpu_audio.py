@@ -27,7 +27,7 @@ from pathlib import Path
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
 from spark_quant.audio.stream import CODEC_ORDERS
-from spark_quant.audio.stream_pool import stream_over_replicas
+from spark_quant.audio.stream_pool import engine_memory_share, stream_over_replicas
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
@@ -35,6 +35,7 @@ from spark_quant.reporting.audio import level_label, arm_table, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
+from spark_quant.stages.paired import gpu_memory_gib
 
 HEADER = {"controllable": 39, "clone": 1}
 
@@ -79,7 +80,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=20, help="requests at concurrency 1")
     ap.add_argument("--fixed-tokens", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=600, help="the limit when not --fixed-tokens")
-    ap.add_argument("--memory", type=float, default=0.35, help="GPU memory share of each engine")
+    ap.add_argument("--memory", default="0.35", help="each engine's GPU memory: a share (0.28) or an amount "
+                    "(18GiB, the same engine on an H100 or an H200); refused when the engines leave their codec "
+                    "sessions too little")
     ap.add_argument("--replicas", type=int, default=1, help="engine + codec sessions per model, the requests "
                     "split over them (spark_quant.audio.stream_pool)")
     ap.add_argument("--timeout", type=int, default=600)
@@ -102,12 +105,19 @@ def main() -> int:
     prompts = eval_prompts(exp, load_tokenizer(models[0][1]), [])
     codec_dir, random_codec = resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)
     fixed = a.fixed_tokens
+    res_host = device_info()
     a.out.mkdir(parents=True, exist_ok=True)
     logs = a.out / "logs"
     logs.mkdir(exist_ok=True)
     e = exp.eval
+    share, total_gib = None, res_host.get("gpu_memory_gib") or gpu_memory_gib()
+    if total_gib:
+        try:
+            share = engine_memory_share(a.memory, a.replicas, total_gib)
+        except ValueError as err:
+            raise SystemExit(f"gpu_audio: {err}") from None
     res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
-           "versions": versions(), "host": device_info(), "codec_random_weights": random_codec,
+           "versions": versions(), "host": res_host, "engine_memory_share": share, "codec_random_weights": random_codec,
            "fixed_tokens": fixed, "header_tokens": HEADER if fixed else {}, "concurrency": conc,
            "requests_at_c1": a.requests, "models": {}}
     for label, path in models:
@@ -123,7 +133,10 @@ def main() -> int:
                   "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
-            spec["gpu_memory_utilization"] = a.memory
+            if share is None:
+                raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "
+                                 "check that nvidia-smi runs")
+            spec["gpu_memory_utilization"] = share
         t0 = time.time()
         r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout)
         r["seconds"] = round(time.time() - t0, 1)

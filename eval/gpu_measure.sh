@@ -30,6 +30,7 @@
 #           gpu8       gpu7 with its noised arm fixed: noised (must FAIL), codec order deadline, GPTQ-only, fifo
 #           gpu9       codec arms fifo / playing-first at batch 16 / 64, paired at c = 1024 (issue 16's underrun);
 #                      the noised variant at scale 3.0, then 2.0 (issue 15's must-FAIL)
+#           gpu10      gpu9 with 20 GiB engines (gpu9's 0.28 share ran out of memory on an H100)
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -106,6 +107,7 @@ CK=checkpoints/spark-tts-full_w8a8_int8_gpu
 SPEED="$SERVE_PYTHON eval/gpu_speed.py --tokens 300 --requests 6 --concurrency 1,16,64,256"
 FP8_FUSED='{"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}}'
 FP8=checkpoints/full-fp8_dynamic
+AUDIO_MEM=${AUDIO_MEM:-20GiB}  # each streamed-audio engine's memory: 3 of them + their codecs fit an H100 or an H200
 SMALL_CALIB="calibration.num_samples=128"  # speed does not depend on the calibration set's size
 PAIRED="$SERVE_PYTHON -m spark_quant.stages.paired --experiment $EXP_GPU --set eval.concurrency=[1,4,16,64,256,512]"
 X3MP='::{"replicas": 3, "executor": "mp"}'
@@ -130,7 +132,7 @@ fused_gate() {  # sets the caller's f and fv: the fused INT8 variant (3 x mp) an
 
 audio_x3() {  # CODEC_BATCH LEVELS OUT: streamed audio of BF16 and W8A8 on 3 engine + BiCodec sessions each (0.28 share)
   local t0=$SECONDS
-  $SERVE_PYTHON eval/gpu_audio.py --out "$3" --model bf16=$BASE/LLM --model w8a8=$CK/LLM --replicas 3 --memory 0.28 \
+  $SERVE_PYTHON eval/gpu_audio.py --out "$3" --model bf16=$BASE/LLM --model w8a8=$CK/LLM --replicas 3 --memory $AUDIO_MEM \
     --codec-batch "$1" --concurrency "$2" --requests 20 --fixed-tokens 250 --timeout 300 || true
   echo "audio codec_batch=$1 wall $((SECONDS - t0))s"
 }
@@ -140,7 +142,7 @@ audio_c1024() {  # OUT CODEC_BATCH ORDER: streamed audio of the BF16 trained ful
                  # the chunk whose playback is due first; fifo: arrival)
   local t0=$SECONDS
   $SERVE_PYTHON eval/gpu_audio.py --out eval/results/$1 --model bf16=$FID_PROXY/LLM --replicas 3 \
-    --memory 0.28 --codec-batch $2 --codec-order $3 --concurrency 1024 --requests 20 --fixed-tokens 0 \
+    --memory $AUDIO_MEM --codec-batch $2 --codec-order $3 --concurrency 1024 --requests 20 --fixed-tokens 0 \
     --timeout 300 || true
   echo "audio $1 (codec batch $2, $3) wall $((SECONDS - t0))s"
 }
@@ -219,7 +221,7 @@ job() {
       if [ ! -f $fq/config.json ]; then prepare; fb=$BASE/LLM; fq=$CK/LLM; fx=250; fi  # the random proxy, fixed length
       t0=$SECONDS
       $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-gpu-x3-cb16 --model bf16=$fb --model w8a8=$fq \
-        --replicas 3 --memory 0.28 --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 --fixed-tokens $fx \
+        --replicas 3 --memory $AUDIO_MEM --codec-batch 16 --concurrency ${AUDIO_C:-1,1024} --requests 20 --fixed-tokens $fx \
         --timeout 300 || true
       echo "audio (fixed tokens $fx) wall $((SECONDS - t0))s"
       FID_EXPS="experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_gptq-only.yaml" \
@@ -237,7 +239,7 @@ job() {
       for o in deadline fifo; do
         i=$((i + 1)); t0=$SECONDS
         $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-order-$i-$o --model w8a8=$fq --replicas 3 \
-          --memory 0.28 --codec-batch 16 --codec-order $o --concurrency 1024 --requests 20 --fixed-tokens 0 \
+          --memory $AUDIO_MEM --codec-batch 16 --codec-order $o --concurrency 1024 --requests 20 --fixed-tokens 0 \
           --timeout 300 || true
         echo "audio order $o ($i) wall $((SECONDS - t0))s"
       done
@@ -262,7 +264,9 @@ job() {
       audio_c1024 audio-order-1-deadline 16 deadline
       FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true
       audio_c1024 audio-order-2-fifo 16 fifo ;;
-    gpu9)  # what gpu8 left open. Issue 16: the c = 1024 underrun. One gpu_audio run on 3 BF16 engine + codec
+    gpu9|gpu10)  # gpu10 is gpu9 with engines of AUDIO_MEM (20 GiB each, on either card): gpu9 ran on an H100 with
+                 # a 0.28 share each (b0747a4), which left the codec sessions 26 MiB, and its c = 1024 arms died of
+                 # CUDA OOM (gpu_audio now refuses such a plan). What gpu8 left open. Issue 16: the c = 1024 underrun. One gpu_audio run on 3 BF16 engine + codec
            # sessions, codec arms paired and alternated on the same engines and prompts, 4 rounds: fifo (gpu8's
            # default) against playing-first (streams already playing before new streams' first chunks) at codec
            # batch 16 and 64; c = 1 with 40 requests for first audio. Issue 15: the noised variant must FAIL every
@@ -271,7 +275,7 @@ job() {
       fidelity_job fidelity-proxy || true
       local t0=$SECONDS
       $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb-arms --model bf16=$FID_PROXY/LLM --replicas 3 \
-        --memory 0.28 --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 \
+        --memory $AUDIO_MEM --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 \
         --arms fifo:16,playing:16,playing:64 --rounds 4 || true
       echo "audio arms wall $((SECONDS - t0))s"
       NOISE_SCALE=3.0 fidelity_job fidelity-noised || true
@@ -429,7 +433,7 @@ collect_job() {
     tar czf "$OUT/gpu2-results.tgz" $p/paired.json $p/logs/*.spec.json $CK/manifest.json $au/audio.json \
       $au/codec_bench.json $au/logs/*.partial.json 2>/dev/null || true
   fi
-  if [[ $1 == gpu[4-9] ]]; then
+  if [[ $1 == gpu[4-9] || $1 == gpu1[0-9] ]]; then
     cp eval/results/audio-gpu-x3-cb16/audio.md "$OUT/" 2>/dev/null || true
     tar czf "$OUT/gpu4-audio.tgz" eval/results/audio-gpu-x3-cb16/audio.json 2>/dev/null || true
     mkdir -p "$OUT/fidelity"; OUT="$OUT/fidelity" fidelity_job fidelity-collect || true

@@ -203,3 +203,19 @@ def test_a_stream_replica_that_dies_keeps_the_levels_already_measured(tmp_path):
                                module=FAKE)
     assert res["ok"] is False and "exited" in res["error"] and [r["concurrency"] for r in res["rows"]] == [1]
     assert json.loads((tmp_path / "partial.json").read_text())["partial"] is True
+
+
+def test_engine_memory_is_a_share_or_an_amount_and_a_plan_that_starves_the_codecs_is_refused():
+    from spark_quant.audio.stream_pool import engine_memory_share
+    # job gpu9's plan (3 engines at 0.28) on an H100's 79.2 GiB: the one that died of CUDA OOM at c = 1,024
+    with pytest.raises(ValueError, match=r"^--memory '0.28': 3 engine\(s\) of 22.2 GiB .* 79.2 GiB; "
+                                         r"pass --memory 21GiB or less$"):
+        engine_memory_share("0.28", 3, 79.2)
+    assert engine_memory_share("0.28", 3, 139.8) == 0.28  # the same plan fits an H200 (gpu8)
+    assert engine_memory_share("21GiB", 3, 79.2) == pytest.approx(21 / 79.2)  # the hint it gave fits
+    assert engine_memory_share("18gib", 3, 139.8) == pytest.approx(18 / 139.8)
+    with pytest.raises(ValueError, match="pass fewer --replicas"):
+        engine_memory_share("1GiB", 20, 79.2)
+    for bad in ("lots", "", "0", "1.5", "200GiB", "-3GiB"):
+        with pytest.raises(ValueError, match=rf"^--memory {bad!r}"):
+            engine_memory_share(bad, 1, 79.2)

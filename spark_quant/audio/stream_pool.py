@@ -22,6 +22,7 @@ the codec's own settings (one stream has nothing to reorder).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,33 @@ from spark_quant.reporting.audio import summarize
 from spark_quant.serving.dispatch import Pool, ReplicaError
 
 MODULE = "spark_quant.audio.stream_session"
+
+# Measured on an H100 80GB (2026-12-06, job gpu9, the full proxy at c = 1,024): an engine held 24.58 GiB at
+# share 0.28 (22.17 GiB), so 2.4 GiB beyond its share; a stream session's BiCodec process held 1.6-1.9 GiB.
+# Three engines at 0.28 left the codecs 26 MiB and the run died of CUDA OOM at its first c = 1,024 round.
+ENGINE_EXTRA_GIB = 2.5
+CODEC_GIB = 2.0
+
+
+def engine_memory_share(text: str, replicas: int, total_gib: float) -> float:
+    """Each engine's ``gpu_memory_utilization`` from ``--memory``: ``0.28`` (a share of the GPU) or ``18GiB``
+    (an amount, the same engine on any card). Refuses, with a one-line ValueError, a plan whose ``replicas``
+    engines leave their codec sessions less than they need (``ENGINE_EXTRA_GIB`` + ``CODEC_GIB`` each)."""
+    t = text.strip()
+    try:
+        gib = float(t[:-3]) if t.lower().endswith("gib") else None
+        share = gib / total_gib if gib is not None else float(t)
+    except ValueError:
+        raise ValueError(f"--memory {text!r}: give a share of the GPU (0.28) or an amount per engine (18GiB)") from None
+    if not 0.0 < share <= 0.95:
+        raise ValueError(f"--memory {text!r} is {share:.3f} of the {total_gib:.1f} GiB GPU; it must be in (0, 0.95]")
+    need = replicas * (share * total_gib + ENGINE_EXTRA_GIB + CODEC_GIB)
+    if need > total_gib:
+        most = total_gib / replicas - ENGINE_EXTRA_GIB - CODEC_GIB
+        hint = f"pass --memory {math.floor(most)}GiB or less" if most >= 1 else "pass fewer --replicas"
+        raise ValueError(f"--memory {text!r}: {replicas} engine(s) of {share * total_gib:.1f} GiB with their codec "
+                         f"sessions need about {need:.1f} GiB of the GPU's {total_gib:.1f} GiB; {hint}")
+    return share
 
 
 def merge_calls(parts: list[dict[str, Any]]) -> dict[str, int]:
