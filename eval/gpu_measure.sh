@@ -31,6 +31,7 @@
 #           gpu9       codec arms fifo / playing-first at batch 16 / 64, paired at c = 1024 (issue 16's underrun);
 #                      the noised variant at scale 3.0, then 2.0 (issue 15's must-FAIL)
 #           gpu10      gpu9 with 20 GiB engines (gpu9's 0.28 share ran out of memory on an H100)
+#           gpu11      gpu10's arms fifo-16 / playing-16 on an H200 (issue 16's target device), 4 rounds
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -145,6 +146,14 @@ audio_c1024() {  # OUT CODEC_BATCH ORDER: streamed audio of the BF16 trained ful
     --memory $AUDIO_MEM --codec-batch $2 --codec-order $3 --concurrency 1024 --requests 20 --fixed-tokens 0 \
     --timeout 300 || true
   echo "audio $1 (codec batch $2, $3) wall $((SECONDS - t0))s"
+}
+
+audio_arms() {  # ARMS: the BF16 trained full proxy on 3 engine + codec sessions of AUDIO_MEM each, c = 1 (40 requests)
+                # and c = 1024 with the codec arms ARMS (ORDER:BATCH,...) paired over 4 rounds
+  local t0=$SECONDS
+  $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb-arms --model bf16=$FID_PROXY/LLM --replicas 3 \
+    --memory $AUDIO_MEM --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 --arms "$1" --rounds 4 || true
+  echo "audio arms wall $((SECONDS - t0))s"
 }
 
 job() {
@@ -273,13 +282,13 @@ job() {
            # gate: NOISE_SCALE 3.0 (gpu8's 1.0 kept top-1 0.997), then 2.0 if the machine lasts.
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
-      local t0=$SECONDS
-      $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb-arms --model bf16=$FID_PROXY/LLM --replicas 3 \
-        --memory $AUDIO_MEM --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 \
-        --arms fifo:16,playing:16,playing:64 --rounds 4 || true
-      echo "audio arms wall $((SECONDS - t0))s"
+      audio_arms fifo:16,playing:16,playing:64
       NOISE_SCALE=3.0 fidelity_job fidelity-noised || true
       NOISE_SCALE=2.0 fidelity_job fidelity-noised || true ;;
+    gpu11)  # issue 16's underrun target is for an H200: gpu10's H100 arms fifo-16 / playing-16 again there, 4 rounds
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      audio_arms fifo:16,playing:16 ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)

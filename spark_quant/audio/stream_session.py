@@ -60,7 +60,7 @@ class Streams:
         self.plan = ChunkPlan(**st.get("plan", {}))
         self.codec = load_bicodec(Path(st["codec_dir"]), device="cuda" if spec.get("device") == "cuda" else "cpu")
         self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)),
-                                  order=st.get("codec_order", "fifo"))
+                                  order=st.get("codec_order", "playing"))
         self.all_sem = bool(st.get("count_all_as_semantic"))
         header = st.get("header_tokens") or {}
         self.prompts = [{**p, "header_tokens": header.get(p["mode"], 0)} for p in st["prompts"]]
