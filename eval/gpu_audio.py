@@ -27,7 +27,7 @@ from pathlib import Path
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
 from spark_quant.audio.stream import CODEC_ORDERS
-from spark_quant.audio.stream_pool import engine_memory_share, stream_over_replicas
+from spark_quant.audio.stream_pool import engine_memory_share, parse_arms, stream_over_replicas
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
@@ -37,20 +37,7 @@ from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
 from spark_quant.stages.paired import gpu_memory_gib
 
-HEADER = {"controllable": 39, "clone": 1}
-
-
-def parse_arms(text: str) -> list[dict]:
-    """``fifo:16,playing:64`` -> the stream spec's arms (``audio.stream_pool``); a bad item is a one-line error."""
-    arms = []
-    for item in text.split(","):
-        order, _, batch = item.strip().partition(":")
-        if order not in CODEC_ORDERS or not batch.isdigit() or int(batch) < 1:
-            raise SystemExit(f"--arms: {item!r} is not ORDER:BATCH (ORDER one of {', '.join(CODEC_ORDERS)}, BATCH >= 1)")
-        arms.append({"label": f"{order}-{batch}", "codec_order": order, "codec_batch": int(batch)})
-    if len({x["label"] for x in arms}) != len(arms):
-        raise SystemExit(f"--arms: {text!r} names an arm twice")
-    return arms  # tokens the real model writes before its first semantic token
+HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
 
 
 def load_rows(models: dict[str, dict]) -> list[str]:
@@ -98,7 +85,10 @@ def main() -> int:
                     "rotated by one each round; the first arm is the reference")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
     a = ap.parse_args()
-    arms = parse_arms(a.arms) if a.arms else []
+    try:
+        arms = parse_arms(a.arms) if a.arms else []
+    except ValueError as err:
+        raise SystemExit(f"gpu_audio: {err}") from None
     conc = [int(c) for c in a.concurrency.split(",")]
     models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
     exp = load_experiment(a.experiment, [f"eval.concurrency={sorted(set(conc))}", "eval.num_prompts=32"])

@@ -219,3 +219,15 @@ def test_engine_memory_is_a_share_or_an_amount_and_a_plan_that_starves_the_codec
     for bad in ("lots", "", "0", "1.5", "200GiB", "-3GiB"):
         with pytest.raises(ValueError, match=rf"^--memory {bad!r}"):
             engine_memory_share(bad, 1, 79.2)
+
+
+def test_codec_arms_are_order_colon_batch_and_a_bad_or_repeated_arm_is_refused():
+    from spark_quant.audio.stream_pool import parse_arms
+    assert parse_arms("fifo:16, playing:64") == [
+        {"label": "fifo-16", "codec_order": "fifo", "codec_batch": 16},
+        {"label": "playing-64", "codec_order": "playing", "codec_batch": 64}]
+    for bad in ("lifo:16", "fifo", "fifo:0", "fifo:x", "playing:-2"):
+        with pytest.raises(ValueError, match=rf"^--arms: '{bad}' is not ORDER:BATCH \(ORDER one of fifo, deadline, playing"):
+            parse_arms(bad)
+    with pytest.raises(ValueError, match=r"^--arms: 'fifo:16,fifo:16' names an arm twice$"):
+        parse_arms("fifo:16,fifo:16")

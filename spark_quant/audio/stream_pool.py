@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spark_quant.audio.stream import CODEC_ORDERS
 from spark_quant.reporting.audio import summarize
 from spark_quant.serving.dispatch import Pool, ReplicaError
 
@@ -68,6 +69,19 @@ def merge_calls(parts: list[dict[str, Any]]) -> dict[str, int]:
 def arm_task(arm: dict[str, Any] | None) -> dict[str, Any]:
     """The task keys of a codec arm (``{"label", "codec_order", "codec_batch"}``); none without one."""
     return {} if arm is None else {k: arm[k] for k in ("codec_order", "codec_batch") if arm.get(k) is not None}
+
+
+def parse_arms(text: str) -> list[dict]:
+    """``fifo:16,playing:64`` -> the stream spec's arms (``audio.stream_pool``); a bad item is a one-line error."""
+    arms = []
+    for item in text.split(","):
+        order, _, batch = item.strip().partition(":")
+        if order not in CODEC_ORDERS or not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"--arms: {item!r} is not ORDER:BATCH (ORDER one of {', '.join(CODEC_ORDERS)}, BATCH >= 1)")
+        arms.append({"label": f"{order}-{batch}", "codec_order": order, "codec_batch": int(batch)})
+    if len({x["label"] for x in arms}) != len(arms):
+        raise ValueError(f"--arms: {text!r} names an arm twice")
+    return arms
 
 
 def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, python: str, tag: str,
