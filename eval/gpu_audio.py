@@ -96,16 +96,16 @@ def main() -> int:
     codec_dir, random_codec = resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)
     fixed = a.fixed_tokens
     res_host = device_info()
-    a.out.mkdir(parents=True, exist_ok=True)
-    logs = a.out / "logs"
-    logs.mkdir(exist_ok=True)
-    e = exp.eval
     share, total_gib = None, res_host.get("gpu_memory_gib") or gpu_memory_gib()
-    if total_gib:
+    if total_gib:  # before the output folder: a refused plan leaves nothing behind
         try:
             share = engine_memory_share(a.memory, a.replicas, total_gib)
         except ValueError as err:
             raise SystemExit(f"gpu_audio: {err}") from None
+    a.out.mkdir(parents=True, exist_ok=True)
+    logs = a.out / "logs"
+    logs.mkdir(exist_ok=True)
+    e = exp.eval
     res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
            "versions": versions(), "host": res_host, "engine_memory_share": share, "codec_random_weights": random_codec,
            "fixed_tokens": fixed, "header_tokens": HEADER if fixed else {}, "concurrency": conc,

@@ -131,7 +131,7 @@ fused_gate() {  # sets the caller's f and fv: the fused INT8 variant (3 x mp) an
   fi
 }
 
-audio_x3() {  # CODEC_BATCH LEVELS OUT: streamed audio of BF16 and W8A8 on 3 engine + BiCodec sessions each (0.28 share)
+audio_x3() {  # CODEC_BATCH LEVELS OUT: streamed audio of BF16 and W8A8 on 3 engine + BiCodec sessions each (AUDIO_MEM)
   local t0=$SECONDS
   $SERVE_PYTHON eval/gpu_audio.py --out "$3" --model bf16=$BASE/LLM --model w8a8=$CK/LLM --replicas 3 --memory $AUDIO_MEM \
     --codec-batch "$1" --concurrency "$2" --requests 20 --fixed-tokens 250 --timeout 300 || true
@@ -273,13 +273,14 @@ job() {
       audio_c1024 audio-order-1-deadline 16 deadline
       FID_EXPS=experiments/spark-tts_w8a8_int8_gptq-only.yaml fidelity_job fidelity-sweep || true
       audio_c1024 audio-order-2-fifo 16 fifo ;;
-    gpu9|gpu10)  # gpu10 is gpu9 with engines of AUDIO_MEM (20 GiB each, on either card): gpu9 ran on an H100 with
-                 # a 0.28 share each (b0747a4), which left the codec sessions 26 MiB, and its c = 1024 arms died of
-                 # CUDA OOM (gpu_audio now refuses such a plan). What gpu8 left open. Issue 16: the c = 1024 underrun. One gpu_audio run on 3 BF16 engine + codec
-           # sessions, codec arms paired and alternated on the same engines and prompts, 4 rounds: fifo (gpu8's
-           # default) against playing-first (streams already playing before new streams' first chunks) at codec
-           # batch 16 and 64; c = 1 with 40 requests for first audio. Issue 15: the noised variant must FAIL every
-           # gate: NOISE_SCALE 3.0 (gpu8's 1.0 kept top-1 0.997), then 2.0 if the machine lasts.
+    gpu9|gpu10)  # gpu10 is gpu9 with engines of AUDIO_MEM (20 GiB each, on either card): gpu9 ran on an H100
+                 # with a 0.28 share each (b0747a4), which left the codec sessions 26 MiB, and its c = 1024 arms
+                 # died of CUDA OOM (gpu_audio now refuses such a plan). What gpu8 left open. Issue 16: the
+                 # c = 1024 underrun. One gpu_audio run on 3 BF16 engine + codec sessions, codec arms paired
+                 # and alternated on the same engines and prompts, 4 rounds: fifo (gpu8's default) against
+                 # playing-first (streams already playing before new streams' first chunks) at codec batch 16
+                 # and 64; c = 1 with 40 requests for first audio. Issue 15: the noised variant must FAIL every
+                 # gate: NOISE_SCALE 3.0 (gpu8's 1.0 kept top-1 0.997), then 2.0 if the machine lasts.
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       audio_arms fifo:16,playing:16,playing:64
@@ -301,7 +302,7 @@ job() {
         --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" --variant "w8a8s-x3mp=$st/LLM$X3MP" \
         --cell b1=1:200:bf16-x3mp,w8a8-x3mp,w8a8s-x3mp --cell c1024=1024:100:bf16-x3mp,w8a8-x3mp,w8a8s-x3mp || true
       echo "paired wall $((SECONDS - t0))s" ;;
-    audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (a 0.28 share
+    audio3)  # issue 16 at the load issue 14 calls real-time: 3 engine + BiCodec sessions per model (AUDIO_MEM
              # each), c = 1 / 512 / 1024, codec batching 16 then 1; then the codec alone (about 15 minutes of one H200)
       prepare
       local cb

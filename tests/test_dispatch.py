@@ -221,6 +221,37 @@ def test_engine_memory_is_a_share_or_an_amount_and_a_plan_that_starves_the_codec
             engine_memory_share(bad, 1, 79.2)
 
 
+def test_the_eval_streams_engines_leave_their_codecs_room_on_a_smaller_gpu():
+    from spark_quant.audio.stream_pool import fitting_share
+    # eval.replicas = 3 at 0.3 each (0.9 / 3): on an H100 the engines would starve the codecs (gpu9's OOM's twin)
+    assert fitting_share(0.3, 3, 79.2) == pytest.approx((79.2 / 3 - 4.5) / 79.2)
+    assert fitting_share(0.3, 3, 139.8) == 0.3  # an H200 has room
+    assert fitting_share(0.3, 3, None) == 0.3  # no nvidia-smi: as configured
+    with pytest.raises(ValueError, match=r"^20 engine \+ codec sessions do not fit a 79.2 GiB GPU; set fewer eval.replicas$"):
+        fitting_share(0.045, 20, 79.2)
+
+
+def test_the_eval_audio_step_lowers_or_refuses_each_models_share_before_any_engine_starts(tmp_path, monkeypatch, capsys):
+    from spark_quant.audio import evalstep
+    from spark_quant.config import load_experiment
+
+    started = []
+    monkeypatch.setattr(evalstep, "resolve_codec_dir", lambda model, root: (tmp_path, "proxy"))
+    monkeypatch.setattr(evalstep, "stream_over_replicas",
+                        lambda spec, n, *a, **k: started.append((spec["gpu_memory_utilization"], n)) or {"ok": True})
+    prompts = [{"ids": [1, 2], "mode": "controllable"}, {"ids": [3, 4], "mode": "clone"}]
+    specs = {"baseline": {"model": "m", "device": "cuda"}, "quantized": {"model": "q", "device": "cuda"}}
+    exp = load_experiment(None, ["eval.audio_samples=0", "eval.audio_stream_concurrency=[1]", "eval.replicas=3"])
+    monkeypatch.setattr(evalstep, "gpu_memory_gib", lambda: 79.2)
+    res = evalstep.audio_step(exp, tmp_path / "out", prompts, {}, tmp_path, True, specs, tmp_path, python="py")
+    assert started == [(pytest.approx((79.2 / 3 - 4.5) / 79.2), 3)] * 2 and res["audio_stream"]["models"]["baseline"]["ok"]
+    started.clear()
+    exp = load_experiment(None, ["eval.audio_samples=0", "eval.audio_stream_concurrency=[1]", "eval.replicas=20"])
+    res = evalstep.audio_step(exp, tmp_path / "out", prompts, {}, tmp_path, True, specs, tmp_path, python="py")
+    assert started == [] and "set fewer eval.replicas" in res["audio_stream"]["models"]["quantized"]["error"]
+    assert "eval: audio stream of baseline skipped: 20 engine" in capsys.readouterr().err
+
+
 def test_codec_arms_are_order_colon_batch_and_a_bad_or_repeated_arm_is_refused():
     from spark_quant.audio.stream_pool import parse_arms
     assert parse_arms("fifo:16, playing:64") == [

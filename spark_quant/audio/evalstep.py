@@ -18,9 +18,10 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.audio.codec import load_bicodec, resolve_codec_dir
 from spark_quant.audio.samples import prompt_globals, write_audio_samples
-from spark_quant.audio.stream_pool import stream_over_replicas
+from spark_quant.audio.stream_pool import fitting_share, stream_over_replicas
 from spark_quant.errors import UserError
 from spark_quant.serving.client import serve_python
+from spark_quant.stages.paired import gpu_memory_gib
 
 BUILD_ROOT = Path("build")
 
@@ -79,8 +80,15 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
         for name, spec in specs.items():
             spec = {**spec, "max_num_seqs": max(spec.get("max_num_seqs", 1), *e.audio_stream_concurrency),
                     "stream": stream}
-            if spec.get("device") == "cuda" and e.replicas > 1:  # a share of the GPU each, as the paired run
-                spec["gpu_memory_utilization"] = min(spec.get("gpu_memory_utilization", 0.9), 0.9 / e.replicas)
+            if spec.get("device") == "cuda" and e.replicas > 1:  # a share of the GPU each, as the paired run,
+                # lowered where the engines would leave their codecs too little (3 x 0.3 does on an H100)
+                try:
+                    spec["gpu_memory_utilization"] = fitting_share(
+                        min(spec.get("gpu_memory_utilization", 0.9), 0.9 / e.replicas), e.replicas, gpu_memory_gib())
+                except ValueError as err:
+                    print(f"eval: audio stream of {name} skipped: {err}", file=sys.stderr, flush=True)
+                    models[name] = {"ok": False, "error": str(err)}
+                    continue
             r = stream_over_replicas(spec, e.replicas, logs, python or serve_python(), f"{name}-stream", e.timeout_s)
             models[name] = r if r.get("ok") else {"ok": False, "error": r.get("error")}
         res["audio_stream"] = {"token_source": token_source(exp, is_proxy), "plan": stream["plan"],

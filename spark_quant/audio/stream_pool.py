@@ -39,6 +39,24 @@ ENGINE_EXTRA_GIB = 2.5
 CODEC_GIB = 2.0
 
 
+def most_engine_gib(replicas: int, total_gib: float) -> float:
+    """The most GPU memory each of ``replicas`` engines may take and still leave its codec session room."""
+    return total_gib / replicas - ENGINE_EXTRA_GIB - CODEC_GIB
+
+
+def fitting_share(share: float, replicas: int, total_gib: float | None) -> float:
+    """``share`` (an engine's ``gpu_memory_utilization``), lowered where ``replicas`` engines at it would leave
+    their codec sessions too little of a ``total_gib`` GPU (unknown: ``share`` as given); ValueError when no
+    share fits."""
+    if not total_gib:
+        return share
+    most = most_engine_gib(replicas, total_gib)
+    if most <= 0:
+        raise ValueError(f"{replicas} engine + codec sessions do not fit a {total_gib:.1f} GiB GPU; "
+                         "set fewer eval.replicas")
+    return min(share, most / total_gib)
+
+
 def engine_memory_share(text: str, replicas: int, total_gib: float) -> float:
     """Each engine's ``gpu_memory_utilization`` from ``--memory``: ``0.28`` (a share of the GPU) or ``18GiB``
     (an amount, the same engine on any card). Refuses, with a one-line ValueError, a plan whose ``replicas``
@@ -53,7 +71,7 @@ def engine_memory_share(text: str, replicas: int, total_gib: float) -> float:
         raise ValueError(f"--memory {text!r} is {share:.3f} of the {total_gib:.1f} GiB GPU; it must be in (0, 0.95]")
     need = replicas * (share * total_gib + ENGINE_EXTRA_GIB + CODEC_GIB)
     if need > total_gib:
-        most = total_gib / replicas - ENGINE_EXTRA_GIB - CODEC_GIB
+        most = most_engine_gib(replicas, total_gib)
         hint = f"pass --memory {math.floor(most)}GiB or less" if most >= 1 else "pass fewer --replicas"
         raise ValueError(f"--memory {text!r}: {replicas} engine(s) of {share * total_gib:.1f} GiB with their codec "
                          f"sessions need about {need:.1f} GiB of the GPU's {total_gib:.1f} GiB; {hint}")
