@@ -80,8 +80,11 @@ def main() -> int:
                     "experiment's eval.audio_codec_batch)")
     ap.add_argument("--codec-order", choices=CODEC_ORDERS, help="the codec thread's queue order (default: "
                     "the experiment's eval.audio_codec_order)")
-    ap.add_argument("--arms", help="a paired comparison of codec settings at each concurrency > 1: ORDER:BATCH,... "
-                    "(e.g. fifo:16,playing:16,playing:64), each run once per round on the same engines and prompts, "
+    ap.add_argument("--codec-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode through CUDA graphs (default: the experiment's eval.audio_codec_graphs)")
+    ap.add_argument("--arms", help="a paired comparison of codec settings at each concurrency > 1: "
+                    "ORDER:BATCH[:graphs],... (e.g. fifo:16,playing:16,playing:16:graphs), each run once per round "
+                    "on the same engines and prompts, "
                     "rotated by one each round; the first arm is the reference")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
     a = ap.parse_args()
@@ -120,7 +123,8 @@ def main() -> int:
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
                   "plan": {"first_chunk": e.audio_first_chunk_tokens},
                   "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
-                  "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds}
+                  "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
+                  "codec_graphs": e.audio_codec_graphs if a.codec_graphs is None else a.codec_graphs}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             if share is None:

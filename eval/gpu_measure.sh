@@ -32,6 +32,8 @@
 #                      the noised variant at scale 3.0, then 2.0 (issue 15's must-FAIL)
 #           gpu10      gpu9 with 20 GiB engines (gpu9's 0.28 share ran out of memory on an H100)
 #           gpu11      gpu10's arms fifo-16 / playing-16 on an H200 (issue 16's target device), 4 rounds
+#           gpu12      BiCodec through CUDA graphs: the codec alone (profiled, graphs vs eager), then codec arms with
+#                      and without graphs at c = 1024 on the trained full proxy; issue 15's SQ 0.8 sweep row
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -290,6 +292,21 @@ job() {
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       audio_arms fifo:16,playing:16 ;;
+    gpu12)  # issue 16's codec throughput: BiCodec through CUDA graphs per (batch, length) against eager. The codec
+            # alone first (audio.bench: one eager pass profiled into GPU kernel time and the rest; graphs vs eager
+            # paired at 50 / 110 / 210 tokens, batch 1 and 16, n = 20, with the largest waveform difference); then
+            # on the trained full proxy the arms playing-16, playing-16-graphs and fifo-16 (gpu10's reference, on
+            # a second machine) at c = 1024, 4 rounds, engines of 18 GiB (the graphs' pool needs room beside the
+            # eager codec's; batch 64 graphs would hold about 5 GiB); issue 15's SQ 0.8 sweep row last
+      setup "$PARTS"
+      mkdir -p eval/results/codec-graphs
+      local t0=$SECONDS
+      $SERVE_PYTHON -m spark_quant.audio.bench --device cuda --tokens 50 110 210 --n 20 --graphs 1 16 --profile \
+        --out eval/results/codec-graphs/codec_bench.json || true
+      echo "codec graphs bench wall $((SECONDS - t0))s"
+      fidelity_job fidelity-proxy || true
+      AUDIO_MEM=18GiB audio_arms playing:16,playing:16:graphs,fifo:16
+      FID_EXPS=experiments/spark-tts_w8a8_int8_sq08.yaml fidelity_job fidelity-sweep || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -424,6 +441,7 @@ fidelity_job() {
 collect_job() {
   [ -n "${OUT:-}" ] || return 0
   cp /root/$1.log "$OUT/$1.log" 2>/dev/null || true
+  cp eval/results/codec-graphs/codec_bench.json "$OUT/codec_graphs_bench.json" 2>/dev/null || true
   for d in eval/results/speed eval/results/speed2 eval/results/stepprof; do
     [ "$1" = "${d#eval/results/}" ] && cp $d/speed.json $d/speed.md "$OUT/" 2>/dev/null || true
   done

@@ -147,6 +147,11 @@ class EvalConfig(_Section):
         "1 of 4,096 requests underran against fifo's 680, first audio 18% later), fifo (arrival) or deadline (the "
         "chunk whose playback is due first; on the H200 at c = 1024 more streams underran than with fifo)"
     )
+    audio_codec_graphs: bool = Field(
+        False, description="streamed TTS on a GPU: decode through CUDA graphs per (batch, chunk length) instead of "
+        "launching BiCodec's kernels one by one (an eager pass costs 25-35 ms whatever its size); ignored, with "
+        "a warning, where the codec runs on the CPU"
+    )
     audio_stream_fixed_tokens: int = Field(
         0, ge=0, description="0 = stream until <|im_end|> (trained proxy, real model); N = N tokens per request with "
         "EOS ignored, each decoded as a semantic token (the random proxy, which never writes 50 semantic tokens)"

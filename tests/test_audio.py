@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import random
 import shutil
 import subprocess
 import wave
@@ -389,6 +390,48 @@ def test_batched_decode_equals_decoding_each_chunk_alone(codec):
 
     with pytest.raises(CodecInputError, match="no semantic tokens"):
         codec.decode_batch([items[0], (items[1][0], [])])
+
+
+def test_codec_graphs_pad_to_a_bucket_capture_at_the_second_sight_and_decode_as_eager(codec, monkeypatch):
+    """The graph cache's own logic on the CPU: a stand-in for CUDA capture whose replay reruns the forward pass
+    on the static inputs, so padding, slicing, when a shape is captured and the eager fallback are tested here
+    (the CUDA capture itself is torch's; audio.bench --graphs checks it on a GPU against eager)."""
+    import numpy as np
+
+    from spark_quant.audio import codec as cm
+
+    def cpu_record(self, forward, sem, glob):
+        out = forward(sem, glob)
+        return (lambda: out.copy_(forward(sem, glob))), out
+
+    rng = random.Random(5)
+    items = [([rng.randrange(4096) for _ in range(32)], [rng.randrange(8192) for _ in range(12)]) for _ in range(6)]
+    ref = [codec.decode(g, s) for g, s in items]  # eager, one by one
+    with pytest.raises(ValueError, match="codec graphs need a CUDA device; this codec runs on cpu"):
+        codec.use_graphs(True)
+    graphs = cm._Graphs()
+    monkeypatch.setattr(cm._Graphs, "record", cpu_record)
+    monkeypatch.setattr(codec, "graphs", True)
+    monkeypatch.setattr(codec, "_graphs", graphs)
+
+    def close(got, want):
+        return all(np.allclose(a, b, atol=1e-5) for a, b in zip(got, want, strict=True))
+
+    assert close(codec.decode_batch(items[:3]), ref[:3])  # 3 chunks: bucket 4, first sight, eager
+    assert graphs.info()["graphs"] == 0 and graphs.stats["eager_passes"] == 1
+    assert close(codec.decode_batch(items[3:6]), ref[3:6])  # second sight: captured, replayed with a padding row
+    assert close(codec.decode_batch(items[:3]), ref[:3])  # the same graph, new rows copied into its inputs
+    assert (graphs.info()["graphs"], graphs.stats["replayed_passes"]) == (1, 2) and list(graphs.graphs) == [(4, 12)]
+
+    def no_capture(self, forward, sem, glob):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(cm._Graphs, "record", no_capture)
+    for _ in range(3):  # a shape whose capture fails decodes eagerly from then on, and is tried once
+        assert close(codec.decode_batch(items[:1]), ref[:1])
+    info = graphs.info()
+    assert info["failed_shapes"] == 1 and info["first_failure"] == "operation not permitted when stream is capturing"
+    assert graphs.stats["eager_passes"] == 4 and info["graphs"] == 1
 
 
 def test_right_padding_to_a_shared_length_changes_the_chunk_tail_so_batches_group_by_length(codec):

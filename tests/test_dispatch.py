@@ -254,11 +254,12 @@ def test_the_eval_audio_step_lowers_or_refuses_each_models_share_before_any_engi
 
 def test_codec_arms_are_order_colon_batch_and_a_bad_or_repeated_arm_is_refused():
     from spark_quant.audio.stream_pool import parse_arms
-    assert parse_arms("fifo:16, playing:64") == [
-        {"label": "fifo-16", "codec_order": "fifo", "codec_batch": 16},
-        {"label": "playing-64", "codec_order": "playing", "codec_batch": 64}]
-    for bad in ("lifo:16", "fifo", "fifo:0", "fifo:x", "playing:-2"):
-        with pytest.raises(ValueError, match=rf"^--arms: '{bad}' is not ORDER:BATCH \(ORDER one of fifo, deadline, playing"):
+    assert parse_arms("fifo:16, playing:64,playing:16:graphs") == [
+        {"label": "fifo-16", "codec_order": "fifo", "codec_batch": 16, "codec_graphs": False},
+        {"label": "playing-64", "codec_order": "playing", "codec_batch": 64, "codec_graphs": False},
+        {"label": "playing-16-graphs", "codec_order": "playing", "codec_batch": 16, "codec_graphs": True}]
+    for bad in ("lifo:16", "fifo", "fifo:0", "fifo:x", "playing:-2", "playing:16:graph", "fifo:16:graphs:x"):
+        with pytest.raises(ValueError, match=rf"^--arms: '{bad}' is not ORDER:BATCH\[:graphs\] \(ORDER one of fifo, deadline, playing"):
             parse_arms(bad)
     with pytest.raises(ValueError, match=r"^--arms: 'fifo:16,fifo:16' names an arm twice$"):
         parse_arms("fifo:16,fifo:16")

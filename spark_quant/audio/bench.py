@@ -12,6 +12,12 @@ codec's real-time factor, and ends with one JSON line.
 call (the order alternating trial by trial). It reports each way's codec throughput (seconds of audio
 decoded per second: the real-time streams one codec thread keeps up with) and the paired ratio
 batched / one-by-one with its 95% interval and n.
+
+``--graphs B [B ...]`` (CUDA): per length and batch B, ``n`` paired trials of B chunks in one ``decode_batch``
+call eagerly and through CUDA graphs (alternating), each way's throughput and the paired ratio graphs /
+eager, plus the largest difference between the two waveforms. ``--profile`` adds one eager pass per length
+and batch under ``torch.profiler``: the GPU's kernel time against the pass's wall time and the kernel count
+(what is left of the wall is launch and host time, the part graphs remove).
 """
 
 from __future__ import annotations
@@ -35,11 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[50, 100, 200])
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1, help="also time B chunks in one batched call against B calls")
+    ap.add_argument("--graphs", type=int, nargs="*", default=[], metavar="B",
+                    help="also time CUDA-graph decoding against eager at these batch sizes")
+    ap.add_argument("--profile", action="store_true", help="GPU kernel time of one eager pass per length")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if (args.graphs or args.profile) and (args.device or "cuda") != "cuda":
+        raise SystemExit("bench: --graphs and --profile time the codec on a GPU; leave --device out or pass cuda")
     folder = args.codec or resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)[0]
     codec = load_bicodec(folder, device=args.device)
+    if (args.graphs or args.profile) and codec.device != "cuda":
+        raise SystemExit("bench: --graphs and --profile need a CUDA GPU; this machine has none")
     rng = random.Random(0)
     glob = [rng.randrange(4096) for _ in range(32)]
     sems = {n: [rng.randrange(8192) for _ in range(n)] for n in args.tokens}
@@ -65,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     res = {"codec": codec_info(codec), "rows": rows}
     if args.batch > 1:
         res["batched"] = batched(codec, args.tokens, args.batch, args.n, rng)
+    if args.graphs:
+        res["graphs"] = graphs_vs_eager(codec, args.tokens, args.graphs, args.n, rng)
+        res["codec"]["cuda_graphs"] = codec.graph_info()
+    if args.profile:
+        res["profile"] = [profile_pass(codec, n, b, rng) for n in args.tokens for b in sorted({1, *args.graphs})]
     if args.out:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({"codec": str(codec.folder), "device": codec.device,
@@ -106,6 +124,72 @@ def batched(codec, lengths: list[int], b: int, n: int, rng: random.Random) -> li
              if ratio["lo"] is not None else f"{ratio['median']:.2f} ({ratio['verdict']})")
         print(f"| {length} | {b} | {n} | {ci(one)} | {ci(many)} | {r} |")
     return rows
+
+
+def _ci(d: dict) -> str:
+    return f"{d['median']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}]" if d["lo"] is not None else f"{d['median']:.1f} (n < 3)"
+
+
+def graphs_vs_eager(codec, lengths: list[int], batches: list[int], n: int, rng: random.Random) -> list[dict]:
+    """Paired trials per (length, batch): one ``decode_batch`` call eagerly and through CUDA graphs."""
+    import numpy as np
+
+    rows = []
+    print("\n| semantic tokens | chunks | n | eager: audio s/s [95% CI] | graphs: audio s/s [95% CI] | "
+          "graphs / eager [95% CI] | max abs diff / peak |")
+    print("|---|---|---|---|---|---|---|")
+    for length in lengths:
+        for b in batches:
+            items = [([rng.randrange(4096) for _ in range(32)], [rng.randrange(8192) for _ in range(length)])
+                     for _ in range(b)]
+            codec.use_graphs(False)
+            ref = codec.decode_batch(items)
+            codec.use_graphs(True)
+            codec.prepare_graphs([length], b)
+            got = codec.decode_batch(items)
+            diff = max(float(np.abs(x - y).max()) for x, y in zip(ref, got))
+            peak = max(float(np.abs(x).max()) for x in ref)
+            audio = b * length / 50
+            eager, graph = [], []
+            for trial in range(n):
+                for way in (("eager", "graphs") if trial % 2 == 0 else ("graphs", "eager")):
+                    codec.use_graphs(way == "graphs")
+                    t0 = time.perf_counter()
+                    codec.decode_batch(items)
+                    (graph if way == "graphs" else eager).append(audio / (time.perf_counter() - t0))
+            codec.use_graphs(False)
+            ratio = paired_ratio(eager, graph, higher_is_better=True)
+            rows.append({"tokens": length, "chunks": b, "eager_audio_s_per_s": median_ci(eager),
+                         "graphs_audio_s_per_s": median_ci(graph), "ratio": ratio, "max_abs_diff": diff,
+                         "peak": peak, "raw": {"eager": eager, "graphs": graph}})
+            r = (f"{ratio['median']:.2f} [{ratio['lo']:.2f}, {ratio['hi']:.2f}] {ratio['verdict']}"
+                 if ratio["lo"] is not None else f"{ratio['median']:.2f} ({ratio['verdict']})")
+            print(f"| {length} | {b} | {n} | {_ci(median_ci(eager))} | {_ci(median_ci(graph))} | {r} | "
+                  f"{diff:.2e} / {peak:.2f} |")
+    return rows
+
+
+def profile_pass(codec, length: int, b: int, rng: random.Random) -> dict:
+    """One eager pass of ``b`` chunks of ``length`` tokens under torch.profiler: GPU kernel time and count."""
+    from torch.profiler import ProfilerActivity, profile
+
+    items = [([rng.randrange(4096) for _ in range(32)], [rng.randrange(8192) for _ in range(length)]) for _ in range(b)]
+    graphs = codec.graphs
+    codec.use_graphs(False)
+    codec.decode_batch(items)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if codec.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        codec.decode_batch(items)
+        wall = time.perf_counter() - t0
+    codec.use_graphs(graphs)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]  # kernels and copies on the GPU
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+    row = {"tokens": length, "chunks": b, "wall_s": wall, "kernel_s": busy, "kernels": len(kernels),
+           "kernel_share": busy / wall if wall else None}
+    print(f"profile: {b} x {length} tokens: wall {wall * 1000:.1f} ms, GPU kernels {busy * 1000:.1f} ms "
+          f"({len(kernels)} kernels, {row['kernel_share']:.0%} of the wall)")
+    return row
 
 
 if __name__ == "__main__":

@@ -78,8 +78,12 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
                   "codec_batch": e.audio_codec_batch, "codec_order": e.audio_codec_order}
         models = {}
         for name, spec in specs.items():
+            graphs = e.audio_codec_graphs and spec.get("device") == "cuda"
+            if e.audio_codec_graphs and not graphs:
+                print(f"eval: eval.audio_codec_graphs needs a CUDA device; {name}'s codec runs eagerly on the CPU",
+                      file=sys.stderr, flush=True)
             spec = {**spec, "max_num_seqs": max(spec.get("max_num_seqs", 1), *e.audio_stream_concurrency),
-                    "stream": stream}
+                    "stream": {**stream, "codec_graphs": graphs}}
             if spec.get("device") == "cuda" and e.replicas > 1:  # a share of the GPU each, as the paired run,
                 # lowered where the engines would leave their codecs too little (3 x 0.3 does on an H100)
                 try:
@@ -93,6 +97,7 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
             models[name] = r if r.get("ok") else {"ok": False, "error": r.get("error")}
         res["audio_stream"] = {"token_source": token_source(exp, is_proxy), "plan": stream["plan"],
                                "codec_batch": e.audio_codec_batch, "codec_order": e.audio_codec_order,
+                               "codec_graphs": e.audio_codec_graphs,
                                "replicas": e.replicas,
                                "requests_at_c1": e.audio_stream_requests, "models": models}
     return res

@@ -12,7 +12,8 @@ first replica. The result: per level a row with every request's record, the ``su
 ``codec_calls`` summed over the replicas and each replica's wall time; each replica's engine facts
 (``engines``); the codec's facts. After each level it is also written to the spec's ``partial_path``.
 
-A paired comparison of codec settings: the stream spec's ``arms`` (``[{"label", "codec_order", "codec_batch"}]``)
+A paired comparison of codec settings: the stream spec's ``arms`` (``[{"label", "codec_order", "codec_batch",
+"codec_graphs"}]``)
 and ``rounds``. At each concurrency > 1, every round runs every arm once on the same engines and prompts, the
 arms rotated by one each round (A B C, B C A, ...), so the arms are alternated within seconds of each other
 and no arm always goes first; each run is a row with its ``arm`` and ``round``. Concurrency 1 runs once, with
@@ -85,18 +86,23 @@ def merge_calls(parts: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def arm_task(arm: dict[str, Any] | None) -> dict[str, Any]:
-    """The task keys of a codec arm (``{"label", "codec_order", "codec_batch"}``); none without one."""
-    return {} if arm is None else {k: arm[k] for k in ("codec_order", "codec_batch") if arm.get(k) is not None}
+    """The task keys of a codec arm (``{"label", "codec_order", "codec_batch", "codec_graphs"}``); none without one."""
+    return ({} if arm is None else
+            {k: arm[k] for k in ("codec_order", "codec_batch", "codec_graphs") if arm.get(k) is not None})
 
 
 def parse_arms(text: str) -> list[dict]:
-    """``fifo:16,playing:64`` -> the stream spec's arms (``audio.stream_pool``); a bad item is a one-line error."""
+    """``fifo:16,playing:64,playing:16:graphs`` -> the stream spec's arms (``audio.stream_pool``): ORDER:BATCH,
+    ``:graphs`` to decode through CUDA graphs; a bad item is a one-line error."""
     arms = []
     for item in text.split(","):
-        order, _, batch = item.strip().partition(":")
-        if order not in CODEC_ORDERS or not batch.isdigit() or int(batch) < 1:
-            raise ValueError(f"--arms: {item!r} is not ORDER:BATCH (ORDER one of {', '.join(CODEC_ORDERS)}, BATCH >= 1)")
-        arms.append({"label": f"{order}-{batch}", "codec_order": order, "codec_batch": int(batch)})
+        order, batch, *rest = item.strip().split(":") + ([""] if ":" not in item else [])
+        if (order not in CODEC_ORDERS or not batch.isdigit() or int(batch) < 1 or rest not in ([], ["graphs"])):
+            raise ValueError(f"--arms: {item!r} is not ORDER:BATCH[:graphs] (ORDER one of {', '.join(CODEC_ORDERS)}, "
+                             "BATCH >= 1)")
+        graphs = rest == ["graphs"]
+        arms.append({"label": f"{order}-{batch}" + ("-graphs" if graphs else ""), "codec_order": order,
+                     "codec_batch": int(batch), "codec_graphs": graphs})
     if len({x["label"] for x in arms}) != len(arms):
         raise ValueError(f"--arms: {text!r} names an arm twice")
     return arms
@@ -143,7 +149,7 @@ def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, pyt
                        "summary": summarize(recs), "requests": recs}
                 if arm is not None:
                     row.update(arm=arm["label"], round=rnd, codec_order=parts[0].get("codec_order"),
-                               codec_batch=parts[0].get("codec_batch"))
+                               codec_batch=parts[0].get("codec_batch"), codec_graphs=parts[0].get("codec_graphs"))
                 res["rows"].append(row)
             if partial:
                 partial.write_text(json.dumps({**res, "ok": True, "partial": True}))

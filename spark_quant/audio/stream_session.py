@@ -26,9 +26,10 @@ SPEC is a serving worker spec (``serving.client.worker_spec``) plus ``stream``:
 real model writes before its first semantic token (controllable: acoustic labels and the 32 global tokens,
 39 tokens; clone: ``<|start_semantic_token|>``), so first audio waits for them as it would.
 ``codec_batch``: the most chunks the codec thread decodes in one batched call (default 1: one per call).
-``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
+``codec_graphs`` (CUDA only): decode through CUDA graphs (``codec._Graphs``; the plan's first chunk lengths are
+captured at the codec's loading, before any timing). ``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
 (streams already playing first, then new streams' first chunks in arrival order; ``stream.CodecRunner``).
-A stream task may carry ``codec_order`` and ``codec_batch`` of its own: the codec thread uses them from that
+A stream task may carry ``codec_order``, ``codec_batch`` and ``codec_graphs`` of its own: the codec thread uses them from that
 task on (``audio.stream_pool`` alternates such arms round by round).
 
 The engine and the codec share the process and the device, as in a TTS server: the LLM streams tokens
@@ -61,6 +62,14 @@ class Streams:
         self.codec = load_bicodec(Path(st["codec_dir"]), device="cuda" if spec.get("device") == "cuda" else "cpu")
         self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)),
                                   order=st.get("codec_order", "playing"))
+        arms = st.get("arms") or []
+        if st.get("codec_graphs") or any(a.get("codec_graphs") for a in arms):  # captured now, before any timing
+            self.codec.use_graphs(True)
+            sizes = self.plan.sizes()  # the first chunk alone, later full chunks with their context before them
+            lengths = sorted({next(sizes)} | {next(sizes) + self.plan.context for _ in range(3)})
+            self.codec.prepare_graphs(lengths, max(int(st.get("codec_batch", 1)),
+                                                   *(int(a.get("codec_batch", 1)) for a in arms)))
+            self.codec.use_graphs(bool(st.get("codec_graphs")))
         self.all_sem = bool(st.get("count_all_as_semantic"))
         header = st.get("header_tokens") or {}
         self.prompts = [{**p, "header_tokens": header.get(p["mode"], 0)} for p in st["prompts"]]
@@ -71,7 +80,8 @@ class Streams:
 
     def facts(self) -> dict[str, Any]:
         return {"codec": codec_info(self.codec), "plan": self.plan.__dict__, "codec_batch": self.runner.max_batch,
-                "codec_order": self.runner.order, "count_all_as_semantic": self.all_sem}
+                "codec_order": self.runner.order, "codec_graphs": self.codec.graphs,
+                "count_all_as_semantic": self.all_sem}
 
     async def level(self, worker, concurrency: int, requests: int = 1, offset: int = 0) -> dict[str, Any]:
         """``requests`` requests one after another (concurrency 1) or ``concurrency`` started together, the
@@ -122,6 +132,8 @@ async def stream_task(worker, task: dict[str, Any]) -> dict[str, Any]:
     s = _streams[0]
     if "codec_order" in task or "codec_batch" in task:  # an arm of a paired comparison (audio.stream_pool)
         s.runner.configure(task.get("codec_order"), task.get("codec_batch"))
+    if "codec_graphs" in task:
+        s.codec.use_graphs(bool(task["codec_graphs"]))
     part = await s.level(worker, int(task["concurrency"]), int(task.get("requests", 1)),
                          int(task.get("prompt_offset", 0)))
     return {**part, **s.facts()}
