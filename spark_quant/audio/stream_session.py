@@ -67,8 +67,8 @@ class Streams:
             self.codec.use_graphs(True)
             sizes = self.plan.sizes()  # the first chunk alone, later full chunks with their context before them
             lengths = sorted({next(sizes)} | {next(sizes) + self.plan.context for _ in range(3)})
-            self.codec.prepare_graphs(lengths, max(int(st.get("codec_batch", 1)),
-                                                   *(int(a.get("codec_batch", 1)) for a in arms)))
+            self.codec.prepare_graphs(lengths, max([int(st.get("codec_batch", 1))] +
+                                                   [int(a.get("codec_batch", 1)) for a in arms]))
             self.codec.use_graphs(bool(st.get("codec_graphs")))
         self.all_sem = bool(st.get("count_all_as_semantic"))
         header = st.get("header_tokens") or {}
