@@ -35,7 +35,7 @@ from spark_quant.reporting.audio import level_label, arm_table, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
-from spark_quant.stages.paired import gpu_memory_gib
+from spark_quant.serving.dispatch import gpu_memory_gib
 
 HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
 

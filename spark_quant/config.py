@@ -149,8 +149,9 @@ class EvalConfig(_Section):
     )
     audio_codec_graphs: bool = Field(
         False, description="streamed TTS on a GPU: decode through CUDA graphs per (batch, chunk length) instead of "
-        "launching BiCodec's kernels one by one (an eager pass costs 25-35 ms whatever its size); ignored, with "
-        "a warning, where the codec runs on the CPU"
+        "launching BiCodec's kernels one by one; ignored, with a warning, where the codec runs on the CPU. On an H100 "
+        "alone 1.44-2.19x faster at batch 1, 1.03-1.08x at batch 16; beside 3 engines at c = 1024 first audio "
+        "came 1.14x later than eager (docs/benchmarks.md, gpu12), hence off"
     )
     audio_stream_fixed_tokens: int = Field(
         0, ge=0, description="0 = stream until <|im_end|> (trained proxy, real model); N = N tokens per request with "

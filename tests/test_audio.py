@@ -398,7 +398,7 @@ def test_codec_graphs_pad_to_a_bucket_capture_at_the_second_sight_and_decode_as_
     (the CUDA capture itself is torch's; audio.bench --graphs checks it on a GPU against eager)."""
     import numpy as np
 
-    from spark_quant.audio import codec as cm
+    from spark_quant.audio import graphs as cm
 
     def cpu_record(self, forward, sem, glob):
         out = forward(sem, glob)
@@ -409,8 +409,8 @@ def test_codec_graphs_pad_to_a_bucket_capture_at_the_second_sight_and_decode_as_
     ref = [codec.decode(g, s) for g, s in items]  # eager, one by one
     with pytest.raises(ValueError, match="codec graphs need a CUDA device; this codec runs on cpu"):
         codec.use_graphs(True)
-    graphs = cm._Graphs()
-    monkeypatch.setattr(cm._Graphs, "record", cpu_record)
+    graphs = cm.Graphs()
+    monkeypatch.setattr(cm.Graphs, "record", cpu_record)
     monkeypatch.setattr(codec, "graphs", True)
     monkeypatch.setattr(codec, "_graphs", graphs)
 
@@ -426,7 +426,7 @@ def test_codec_graphs_pad_to_a_bucket_capture_at_the_second_sight_and_decode_as_
     def no_capture(self, forward, sem, glob):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
-    monkeypatch.setattr(cm._Graphs, "record", no_capture)
+    monkeypatch.setattr(cm.Graphs, "record", no_capture)
     for _ in range(3):  # a shape whose capture fails decodes eagerly from then on, and is tried once
         assert close(codec.decode_batch(items[:1]), ref[:1])
     info = graphs.info()

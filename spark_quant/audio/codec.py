@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from spark_quant import spark
+from spark_quant.audio.graphs import GRAPH_BATCHES, Graphs
 from spark_quant.artifacts import sha256_file
 from spark_quant.errors import UserError
 from spark_quant.outputs import swap_into_place
@@ -142,96 +143,11 @@ class CodecInputError(ValueError):
     """Tokens BiCodec cannot decode (the sample is skipped with this reason)."""
 
 
-GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # a CUDA graph's batch: the call's chunks padded up to one of these
-GRAPH_AFTER = 2  # a (batch, length) shape is captured the second time it is decoded (the first runs eagerly)
-GRAPH_LIMIT = 256  # the most graphs one codec keeps; shapes beyond it run eagerly
-
-
-class _Graphs:
-    """CUDA graphs of the BiCodec forward pass, one per (padded batch, semantic length), sharing one memory
-    pool. A pass of the eager network cost 25-35 ms on the H200 whatever its size (docs/benchmarks.md, gpu8;
-    ``audio.bench --profile`` splits a pass into GPU kernel time and the rest): a graph replays the same
-    kernels without launching each one from Python.
-    Padding rows repeat the first chunk and are dropped (each row is computed on its own); a shape whose
-    capture fails runs eagerly from then on (``failed``)."""
-
-    def __init__(self) -> None:
-        self.graphs: dict[tuple[int, int], tuple[Any, Any, Any, Any]] = {}  # (replay, sem, glob, out)
-        self.seen: dict[tuple[int, int], int] = {}
-        self.failed: dict[tuple[int, int], str] = {}
-        self.pool = None
-        self.stats = {"captured": 0, "capture_s": 0.0, "replayed_passes": 0, "eager_passes": 0}
-
-    @staticmethod
-    def bucket(b: int) -> int | None:
-        return next((g for g in GRAPH_BATCHES if g >= b), None)
-
-    def capture(self, forward, key: tuple[int, int], device: str) -> bool:
-        import torch
-
-        t0 = time.perf_counter()
-        b, n = key
-        try:
-            sem = torch.zeros((b, n), dtype=torch.long, device=device)
-            glob = torch.zeros((b, 1, spark.N_GLOBAL), dtype=torch.long, device=device)
-            replay, out = self.record(forward, sem, glob)
-        except RuntimeError as e:  # e.g. an op that cannot be captured: this shape stays eager
-            self.failed[key] = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            return False
-        self.graphs[key] = (replay, sem, glob, out)
-        self.stats["captured"] += 1
-        self.stats["capture_s"] += time.perf_counter() - t0
-        return True
-
-    def record(self, forward, sem, glob):
-        """A CUDA graph of ``forward`` on the static inputs ``sem``, ``glob``: (its replay, its static output)."""
-        import torch
-
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture (cuDNN plans, TorchScript's fused snake)
-            for _ in range(3):
-                forward(sem, glob)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            out = forward(sem, glob)
-        return graph.replay, out
-
-    def run(self, forward, sem, glob, device: str):
-        """``forward(sem, glob)`` through a graph when this shape has one (or gets one now), else eagerly."""
-        b, n = sem.shape
-        g = self.bucket(b)
-        key = (g, n)
-        if g is not None and key not in self.graphs and key not in self.failed:
-            self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] >= GRAPH_AFTER and len(self.graphs) < GRAPH_LIMIT:
-                self.capture(forward, key, device)
-        if key not in self.graphs:
-            self.stats["eager_passes"] += 1
-            return forward(sem, glob)
-        replay, s_sem, s_glob, out = self.graphs[key]
-        s_sem[:b].copy_(sem)
-        s_glob[:b].copy_(glob)
-        if g > b:  # padding rows: the first chunk again
-            s_sem[b:].copy_(sem[:1].expand(g - b, -1))
-            s_glob[b:].copy_(glob[:1].expand(g - b, -1, -1))
-        replay()
-        self.stats["replayed_passes"] += 1
-        return out[:b]
-
-    def info(self) -> dict[str, Any]:
-        return {**self.stats, "capture_s": round(self.stats["capture_s"], 2), "graphs": len(self.graphs),
-                "failed_shapes": len(self.failed), "first_failure": next(iter(self.failed.values()), None)}
-
-
 @dataclass
 class Codec:
     """A loaded BiCodec decoder. ``decode`` is thread-safe enough for one caller thread at a time.
 
-    ``graphs`` (CUDA only): decode through CUDA graphs (``_Graphs``); ``prepare_graphs`` captures the
+    ``graphs`` (CUDA only): decode through CUDA graphs (``audio.graphs.Graphs``); ``prepare_graphs`` captures the
     shapes a stream plan always has (its first chunk) before any timing."""
 
     net: Any
@@ -241,14 +157,14 @@ class Codec:
     load_seconds: float
     parameters: int
     graphs: bool = False
-    _graphs: "_Graphs | None" = None
+    _graphs: "Graphs | None" = None
 
     def use_graphs(self, on: bool) -> None:
         if on and not self.device.startswith("cuda"):
             raise ValueError(f"codec graphs need a CUDA device; this codec runs on {self.device}")
         self.graphs = bool(on)
         if on and self._graphs is None:
-            self._graphs = _Graphs()
+            self._graphs = Graphs()
 
     def prepare_graphs(self, lengths: list[int], max_batch: int) -> None:
         """Capture every padded batch up to ``max_batch`` at each of ``lengths`` now (no-op without graphs)."""

@@ -21,7 +21,7 @@ from spark_quant.audio.samples import prompt_globals, write_audio_samples
 from spark_quant.audio.stream_pool import fitting_share, stream_over_replicas
 from spark_quant.errors import UserError
 from spark_quant.serving.client import serve_python
-from spark_quant.stages.paired import gpu_memory_gib
+from spark_quant.serving.dispatch import gpu_memory_gib
 
 BUILD_ROOT = Path("build")
 

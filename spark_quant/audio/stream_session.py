@@ -26,7 +26,7 @@ SPEC is a serving worker spec (``serving.client.worker_spec``) plus ``stream``:
 real model writes before its first semantic token (controllable: acoustic labels and the 32 global tokens,
 39 tokens; clone: ``<|start_semantic_token|>``), so first audio waits for them as it would.
 ``codec_batch``: the most chunks the codec thread decodes in one batched call (default 1: one per call).
-``codec_graphs`` (CUDA only): decode through CUDA graphs (``codec._Graphs``; the plan's first chunk lengths are
+``codec_graphs`` (CUDA only): decode through CUDA graphs (``audio.graphs``; the plan's first chunk lengths are
 captured at the codec's loading, before any timing). ``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
 (streams already playing first, then new streams' first chunks in arrival order; ``stream.CodecRunner``).
 A stream task may carry ``codec_order``, ``codec_batch`` and ``codec_graphs`` of its own: the codec thread uses them from that

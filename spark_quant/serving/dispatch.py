@@ -35,6 +35,15 @@ _LOG_FACTS = {
 }
 
 
+def gpu_memory_gib() -> float | None:
+    """The GPU's memory in GiB (nvidia-smi), None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=False).stdout.split()
+        return float(out[0]) / 1024 if out else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
 class ReplicaError(RuntimeError):
     """A replica died, failed to start, or did not answer in time."""
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.reporting import speed_stats as stats
-from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError
+from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, gpu_memory_gib
 
 TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
 KV_BLOCK = 16
@@ -110,15 +109,6 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
     spec["engine_overrides"] = over
     spec["env"] = {**spec.get("env", {}), **(topo.get("env") or {})}
     return spec
-
-
-def gpu_memory_gib() -> float | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=False).stdout.split()
-        return float(out[0]) / 1024 if out else None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
 
 
 # --- one trial's numbers --------------------------------------------------------------------------
