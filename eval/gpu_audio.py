@@ -27,7 +27,8 @@ from pathlib import Path
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
 from spark_quant.audio.stream import CODEC_ORDERS
-from spark_quant.audio.stream_pool import engine_memory_share, parse_arms, stream_over_replicas
+from spark_quant.audio.stream_pool import (CODEC_GIB, CODEC_GRAPHS_GIB, engine_memory_share, parse_arms,
+                                           stream_over_replicas)
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
@@ -102,7 +103,9 @@ def main() -> int:
     share, total_gib = None, res_host.get("gpu_memory_gib") or gpu_memory_gib()
     if total_gib:  # before the output folder: a refused plan leaves nothing behind
         try:
-            share = engine_memory_share(a.memory, a.replicas, total_gib)
+            graphs = any(x["codec_graphs"] for x in arms) or (
+                exp.eval.audio_codec_graphs if a.codec_graphs is None else a.codec_graphs)
+            share = engine_memory_share(a.memory, a.replicas, total_gib, CODEC_GRAPHS_GIB if graphs else CODEC_GIB)
         except ValueError as err:
             raise SystemExit(f"gpu_audio: {err}") from None
     a.out.mkdir(parents=True, exist_ok=True)

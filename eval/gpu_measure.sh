@@ -296,8 +296,8 @@ job() {
             # alone first (audio.bench: one eager pass profiled into GPU kernel time and the rest; graphs vs eager
             # paired at 50 / 110 / 210 tokens, batch 1 and 16, n = 20, with the largest waveform difference); then
             # on the trained full proxy the arms playing-16, playing-16-graphs and fifo-16 (gpu10's reference, on
-            # a second machine) at c = 1024, 4 rounds, engines of 18 GiB (the graphs' pool needs room beside the
-            # eager codec's; batch 64 graphs would hold about 5 GiB); issue 15's SQ 0.8 sweep row last
+            # a second machine) at c = 1024, 4 rounds, engines of 14 GiB (at 18 GiB the codecs with graphs, 5.3-7.3
+            # GiB each, ran out of memory: gpu_audio now refuses that plan); issue 15's SQ 0.8 sweep row last
       setup "$PARTS"
       mkdir -p eval/results/codec-graphs
       local t0=$SECONDS
@@ -305,7 +305,7 @@ job() {
         --out eval/results/codec-graphs/codec_bench.json || true
       echo "codec graphs bench wall $((SECONDS - t0))s"
       fidelity_job fidelity-proxy || true
-      AUDIO_MEM=18GiB audio_arms playing:16,playing:16:graphs,fifo:16
+      AUDIO_MEM=14GiB audio_arms playing:16,playing:16:graphs,fifo:16
       FID_EXPS=experiments/spark-tts_w8a8_int8_sq08.yaml fidelity_job fidelity-sweep || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,

@@ -214,6 +214,11 @@ def test_engine_memory_is_a_share_or_an_amount_and_a_plan_that_starves_the_codec
     assert engine_memory_share("0.28", 3, 139.8) == 0.28  # the same plan fits an H200 (gpu8)
     assert engine_memory_share("21GiB", 3, 79.2) == pytest.approx(21 / 79.2)  # the hint it gave fits
     assert engine_memory_share("18gib", 3, 139.8) == pytest.approx(18 / 139.8)
+    # gpu12: codecs with CUDA graphs held up to 7.3 GiB, and 3 engines of 18 GiB beside them ran out of memory
+    from spark_quant.audio.stream_pool import CODEC_GRAPHS_GIB
+    with pytest.raises(ValueError, match=r"pass --memory 15GiB or less$"):
+        engine_memory_share("18GiB", 3, 79.2, CODEC_GRAPHS_GIB)
+    assert engine_memory_share("14GiB", 3, 79.2, CODEC_GRAPHS_GIB) == pytest.approx(14 / 79.2)  # the rerun's plan
     with pytest.raises(ValueError, match="pass fewer --replicas"):
         engine_memory_share("1GiB", 20, 79.2)
     for bad in ("lots", "", "0", "1.5", "200GiB", "-3GiB"):

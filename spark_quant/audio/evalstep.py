@@ -18,7 +18,7 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.audio.codec import load_bicodec, resolve_codec_dir
 from spark_quant.audio.samples import prompt_globals, write_audio_samples
-from spark_quant.audio.stream_pool import fitting_share, stream_over_replicas
+from spark_quant.audio.stream_pool import CODEC_GIB, CODEC_GRAPHS_GIB, fitting_share, stream_over_replicas
 from spark_quant.errors import UserError
 from spark_quant.serving.client import serve_python
 from spark_quant.serving.dispatch import gpu_memory_gib
@@ -88,7 +88,8 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
                 # lowered where the engines would leave their codecs too little (3 x 0.3 does on an H100)
                 try:
                     spec["gpu_memory_utilization"] = fitting_share(
-                        min(spec.get("gpu_memory_utilization", 0.9), 0.9 / e.replicas), e.replicas, gpu_memory_gib())
+                        min(spec.get("gpu_memory_utilization", 0.9), 0.9 / e.replicas), e.replicas, gpu_memory_gib(),
+                        CODEC_GRAPHS_GIB if graphs else CODEC_GIB)
                 except ValueError as err:
                     print(f"eval: audio stream of {name} skipped: {err}", file=sys.stderr, flush=True)
                     models[name] = {"ok": False, "error": str(err)}

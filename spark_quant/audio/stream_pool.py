@@ -38,30 +38,34 @@ MODULE = "spark_quant.audio.stream_session"
 # Three engines at 0.28 left the codecs 26 MiB and the run died of CUDA OOM at its first c = 1,024 round.
 ENGINE_EXTRA_GIB = 2.5
 CODEC_GIB = 2.0
+# Measured on an H100 (2026-12-06, job gpu12): with CUDA graphs captured (eval.audio_codec_graphs, an arm's
+# :graphs) a codec session held 5.3-7.3 GiB, the graph pool beside the eager allocator's blocks; 3 engines of
+# 20.4 GiB beside them ran out of memory at c = 1,024.
+CODEC_GRAPHS_GIB = 8.0
 
 
-def most_engine_gib(replicas: int, total_gib: float) -> float:
+def most_engine_gib(replicas: int, total_gib: float, codec_gib: float = CODEC_GIB) -> float:
     """The most GPU memory each of ``replicas`` engines may take and still leave its codec session room."""
-    return total_gib / replicas - ENGINE_EXTRA_GIB - CODEC_GIB
+    return total_gib / replicas - ENGINE_EXTRA_GIB - codec_gib
 
 
-def fitting_share(share: float, replicas: int, total_gib: float | None) -> float:
+def fitting_share(share: float, replicas: int, total_gib: float | None, codec_gib: float = CODEC_GIB) -> float:
     """``share`` (an engine's ``gpu_memory_utilization``), lowered where ``replicas`` engines at it would leave
     their codec sessions too little of a ``total_gib`` GPU (unknown: ``share`` as given); ValueError when no
     share fits."""
     if not total_gib:
         return share
-    most = most_engine_gib(replicas, total_gib)
+    most = most_engine_gib(replicas, total_gib, codec_gib)
     if most <= 0:
         raise ValueError(f"{replicas} engine + codec sessions do not fit a {total_gib:.1f} GiB GPU; "
                          "set fewer eval.replicas")
     return min(share, most / total_gib)
 
 
-def engine_memory_share(text: str, replicas: int, total_gib: float) -> float:
+def engine_memory_share(text: str, replicas: int, total_gib: float, codec_gib: float = CODEC_GIB) -> float:
     """Each engine's ``gpu_memory_utilization`` from ``--memory``: ``0.28`` (a share of the GPU) or ``18GiB``
     (an amount, the same engine on any card). Refuses, with a one-line ValueError, a plan whose ``replicas``
-    engines leave their codec sessions less than they need (``ENGINE_EXTRA_GIB`` + ``CODEC_GIB`` each)."""
+    engines leave their codec sessions less than they need (``ENGINE_EXTRA_GIB`` + ``codec_gib`` each: ``CODEC_GRAPHS_GIB`` where the codec captures CUDA graphs)."""
     t = text.strip()
     try:
         gib = float(t[:-3]) if t.lower().endswith("gib") else None
@@ -70,9 +74,9 @@ def engine_memory_share(text: str, replicas: int, total_gib: float) -> float:
         raise ValueError(f"--memory {text!r}: give a share of the GPU (0.28) or an amount per engine (18GiB)") from None
     if not 0.0 < share <= 0.95:
         raise ValueError(f"--memory {text!r} is {share:.3f} of the {total_gib:.1f} GiB GPU; it must be in (0, 0.95]")
-    need = replicas * (share * total_gib + ENGINE_EXTRA_GIB + CODEC_GIB)
+    need = replicas * (share * total_gib + ENGINE_EXTRA_GIB + codec_gib)
     if need > total_gib:
-        most = most_engine_gib(replicas, total_gib)
+        most = most_engine_gib(replicas, total_gib, codec_gib)
         hint = f"pass --memory {math.floor(most)}GiB or less" if most >= 1 else "pass fewer --replicas"
         raise ValueError(f"--memory {text!r}: {replicas} engine(s) of {share * total_gib:.1f} GiB with their codec "
                          f"sessions need about {need:.1f} GiB of the GPU's {total_gib:.1f} GiB; {hint}")
