@@ -28,7 +28,7 @@ from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
 from spark_quant.audio.stream import CODEC_ORDERS
 from spark_quant.audio.stream_pool import (CODEC_GIB, CODEC_GRAPHS_GIB, engine_memory_share, parse_arms,
-                                           stream_over_replicas)
+                                           stream_over_replicas, uses_graphs)
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.models.folder import load_tokenizer
@@ -100,12 +100,12 @@ def main() -> int:
     codec_dir, random_codec = resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)
     fixed = a.fixed_tokens
     res_host = device_info()
+    graphs = exp.eval.audio_codec_graphs if a.codec_graphs is None else a.codec_graphs
     share, total_gib = None, res_host.get("gpu_memory_gib") or gpu_memory_gib()
     if total_gib:  # before the output folder: a refused plan leaves nothing behind
+        codec_gib = CODEC_GRAPHS_GIB if uses_graphs({"codec_graphs": graphs, "arms": arms}) else CODEC_GIB
         try:
-            graphs = any(x["codec_graphs"] for x in arms) or (
-                exp.eval.audio_codec_graphs if a.codec_graphs is None else a.codec_graphs)
-            share = engine_memory_share(a.memory, a.replicas, total_gib, CODEC_GRAPHS_GIB if graphs else CODEC_GIB)
+            share = engine_memory_share(a.memory, a.replicas, total_gib, codec_gib)
         except ValueError as err:
             raise SystemExit(f"gpu_audio: {err}") from None
     a.out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ def main() -> int:
                   "plan": {"first_chunk": e.audio_first_chunk_tokens},
                   "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
                   "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
-                  "codec_graphs": e.audio_codec_graphs if a.codec_graphs is None else a.codec_graphs}
+                  "codec_graphs": graphs}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if spec["device"] == "cuda":
             if share is None:

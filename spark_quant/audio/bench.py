@@ -115,19 +115,17 @@ def batched(codec, lengths: list[int], b: int, n: int, rng: random.Random) -> li
         ratio = paired_ratio(seq, bat, higher_is_better=True)
         rows.append({"tokens": length, "chunks": b, "one_by_one_audio_s_per_s": one, "batched_audio_s_per_s": many,
                      "ratio": ratio, "raw": {"one_by_one": seq, "batched": bat}})
-
-        def ci(d):
-            return (f"{d['median']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}]" if d["lo"] is not None
-                    else f"{d['median']:.1f} (n < 3)")
-
-        r = (f"{ratio['median']:.2f} [{ratio['lo']:.2f}, {ratio['hi']:.2f}] {ratio['verdict']}"
-             if ratio["lo"] is not None else f"{ratio['median']:.2f} ({ratio['verdict']})")
-        print(f"| {length} | {b} | {n} | {ci(one)} | {ci(many)} | {r} |")
+        print(f"| {length} | {b} | {n} | {_ci(one)} | {_ci(many)} | {_ratio(ratio)} |")
     return rows
 
 
 def _ci(d: dict) -> str:
     return f"{d['median']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}]" if d["lo"] is not None else f"{d['median']:.1f} (n < 3)"
+
+
+def _ratio(r: dict) -> str:
+    return (f"{r['median']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] {r['verdict']}" if r["lo"] is not None
+            else f"{r['median']:.2f} ({r['verdict']})")
 
 
 def graphs_vs_eager(codec, lengths: list[int], batches: list[int], n: int, rng: random.Random) -> list[dict]:
@@ -159,13 +157,10 @@ def graphs_vs_eager(codec, lengths: list[int], batches: list[int], n: int, rng: 
                     (graph if way == "graphs" else eager).append(audio / (time.perf_counter() - t0))
             codec.use_graphs(False)
             ratio = paired_ratio(eager, graph, higher_is_better=True)
-            rows.append({"tokens": length, "chunks": b, "eager_audio_s_per_s": median_ci(eager),
-                         "graphs_audio_s_per_s": median_ci(graph), "ratio": ratio, "max_abs_diff": diff,
-                         "peak": peak, "raw": {"eager": eager, "graphs": graph}})
-            r = (f"{ratio['median']:.2f} [{ratio['lo']:.2f}, {ratio['hi']:.2f}] {ratio['verdict']}"
-                 if ratio["lo"] is not None else f"{ratio['median']:.2f} ({ratio['verdict']})")
-            print(f"| {length} | {b} | {n} | {_ci(median_ci(eager))} | {_ci(median_ci(graph))} | {r} | "
-                  f"{diff:.2e} / {peak:.2f} |")
+            one, many = median_ci(eager), median_ci(graph)
+            rows.append({"tokens": length, "chunks": b, "eager_audio_s_per_s": one, "graphs_audio_s_per_s": many,
+                         "ratio": ratio, "max_abs_diff": diff, "peak": peak, "raw": {"eager": eager, "graphs": graph}})
+            print(f"| {length} | {b} | {n} | {_ci(one)} | {_ci(many)} | {_ratio(ratio)} | {diff:.2e} / {peak:.2f} |")
     return rows
 
 
@@ -177,8 +172,7 @@ def profile_pass(codec, length: int, b: int, rng: random.Random) -> dict:
     graphs = codec.graphs
     codec.use_graphs(False)
     codec.decode_batch(items)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if codec.device.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # main() refused a CPU codec
         t0 = time.perf_counter()
         codec.decode_batch(items)
         wall = time.perf_counter() - t0

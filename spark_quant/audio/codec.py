@@ -217,11 +217,11 @@ class Codec:
         for i, (_, s) in enumerate(items):
             groups.setdefault(len(s), []).append(i)
         out: list = [None] * len(items)
-        top = GRAPH_BATCHES[-1]
         with torch.inference_mode():
             for same_length in groups.values():
-                for at in range(0, len(same_length), top if self.graphs else len(same_length)):
-                    idx = same_length[at: at + top] if self.graphs else same_length
+                step = GRAPH_BATCHES[-1] if self.graphs else len(same_length)  # a graph holds at most 64 chunks
+                for at in range(0, len(same_length), step):
+                    idx = same_length[at: at + step]
                     sem = torch.tensor([items[i][1] for i in idx], dtype=torch.long, device=self.device)
                     glob = torch.tensor([[items[i][0]] for i in idx], dtype=torch.long, device=self.device)  # (B,1,32)
                     wav = (self._graphs.run(self._forward, sem, glob, self.device) if self.graphs

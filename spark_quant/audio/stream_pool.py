@@ -44,6 +44,11 @@ CODEC_GIB = 2.0
 CODEC_GRAPHS_GIB = 8.0
 
 
+def uses_graphs(stream: dict[str, Any]) -> bool:
+    """Whether a stream spec's codec captures CUDA graphs: its own ``codec_graphs`` or any arm's."""
+    return bool(stream.get("codec_graphs")) or any(a.get("codec_graphs") for a in stream.get("arms") or [])
+
+
 def most_engine_gib(replicas: int, total_gib: float, codec_gib: float = CODEC_GIB) -> float:
     """The most GPU memory each of ``replicas`` engines may take and still leave its codec session room."""
     return total_gib / replicas - ENGINE_EXTRA_GIB - codec_gib
@@ -65,7 +70,8 @@ def fitting_share(share: float, replicas: int, total_gib: float | None, codec_gi
 def engine_memory_share(text: str, replicas: int, total_gib: float, codec_gib: float = CODEC_GIB) -> float:
     """Each engine's ``gpu_memory_utilization`` from ``--memory``: ``0.28`` (a share of the GPU) or ``18GiB``
     (an amount, the same engine on any card). Refuses, with a one-line ValueError, a plan whose ``replicas``
-    engines leave their codec sessions less than they need (``ENGINE_EXTRA_GIB`` + ``codec_gib`` each: ``CODEC_GRAPHS_GIB`` where the codec captures CUDA graphs)."""
+    engines leave their codec sessions less than they need (``ENGINE_EXTRA_GIB`` + ``codec_gib`` each:
+    ``CODEC_GRAPHS_GIB`` where the codec captures CUDA graphs)."""
     t = text.strip()
     try:
         gib = float(t[:-3]) if t.lower().endswith("gib") else None

@@ -26,11 +26,12 @@ SPEC is a serving worker spec (``serving.client.worker_spec``) plus ``stream``:
 real model writes before its first semantic token (controllable: acoustic labels and the 32 global tokens,
 39 tokens; clone: ``<|start_semantic_token|>``), so first audio waits for them as it would.
 ``codec_batch``: the most chunks the codec thread decodes in one batched call (default 1: one per call).
-``codec_graphs`` (CUDA only): decode through CUDA graphs (``audio.graphs``; the plan's first chunk lengths are
-captured at the codec's loading, before any timing). ``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
+``codec_graphs`` (CUDA only): decode through CUDA graphs (``audio.graphs``; the plan's first chunk and full
+chunk lengths are captured at the codec's loading, before any timing).
+``codec_order``: ``fifo`` (default), ``deadline`` (the chunk whose playback is due first) or ``playing``
 (streams already playing first, then new streams' first chunks in arrival order; ``stream.CodecRunner``).
-A stream task may carry ``codec_order``, ``codec_batch`` and ``codec_graphs`` of its own: the codec thread uses them from that
-task on (``audio.stream_pool`` alternates such arms round by round).
+A stream task may carry ``codec_order``, ``codec_batch`` and ``codec_graphs`` of its own: the codec thread uses
+them from that task on (``audio.stream_pool`` alternates such arms round by round).
 
 The engine and the codec share the process and the device, as in a TTS server: the LLM streams tokens
 (vLLM's AsyncLLM, delta outputs) while one codec thread decodes the chunks (``stream.StreamingRequest``),
@@ -48,6 +49,7 @@ from typing import Any
 
 from spark_quant.audio.codec import codec_info, load_bicodec
 from spark_quant.audio.stream import ChunkPlan, CodecRunner, StreamingRequest
+from spark_quant.audio.stream_pool import uses_graphs
 from spark_quant.serving import session
 
 
@@ -63,7 +65,7 @@ class Streams:
         self.runner = CodecRunner(decode_batch=self.codec.decode_batch, max_batch=int(st.get("codec_batch", 1)),
                                   order=st.get("codec_order", "playing"))
         arms = st.get("arms") or []
-        if st.get("codec_graphs") or any(a.get("codec_graphs") for a in arms):  # captured now, before any timing
+        if uses_graphs(st):  # captured now, before any timing
             self.codec.use_graphs(True)
             sizes = self.plan.sizes()  # the first chunk alone, later full chunks with their context before them
             lengths = sorted({next(sizes)} | {next(sizes) + self.plan.context for _ in range(3)})

@@ -44,6 +44,7 @@ def gpu_memory_gib() -> float | None:
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
 
+
 class ReplicaError(RuntimeError):
     """A replica died, failed to start, or did not answer in time."""
 
