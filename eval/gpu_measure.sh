@@ -34,6 +34,8 @@
 #           gpu11      gpu10's arms fifo-16 / playing-16 on an H200 (issue 16's target device), 4 rounds
 #           gpu12      BiCodec through CUDA graphs: the codec alone (profiled, graphs vs eager), then codec arms with
 #                      and without graphs at c = 1024 on the trained full proxy; issue 15's SQ 0.8 sweep row
+#           gpu13      issue 15's recipe sweep (default, static, FP8) on the trained full proxy, with the paired
+#                      speed of BF16 and the three checkpoints from the same run (sweep --paired-speed); W4A16 last
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -307,6 +309,21 @@ job() {
       fidelity_job fidelity-proxy || true
       AUDIO_MEM=14GiB audio_arms playing:16,playing:16:graphs,fifo:16
       FID_EXPS=experiments/spark-tts_w8a8_int8_sq08.yaml fidelity_job fidelity-sweep || true ;;
+    gpu13)  # issue 15's recipe sweep at GPU scale, speed from the same run by issue 14's paired method: the trained
+            # full proxy, then the default W8A8, static activation scales, FP8 dynamic and W4A16 (each: fidelity on
+            # 115 texts x 2 modes x 8 outputs, paired over the same prompts and seeds) with BF16 and the first
+            # three checkpoints resident together after their evals, one engine each, cells b1 (200 tokens) and
+            # c256 (128 tokens), 20 alternated rounds (sweep --paired-speed; the comparison is written before the
+            # paired step too); W4A16's fidelity last, in its own comparison
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="experiments/spark-tts_w8a8_int8.yaml \
+experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.yaml" fidelity_job fidelity-sweep || true
+      # W4A16 last, in its own comparison folder (fidelity only): what is left of the 30 device minutes
+      FID_SWEEP=fidelity-gpu-w4a16 FID_EXPS=experiments/spark-tts_w4a16_int4.yaml fidelity_job fidelity-sweep || true
+      local r=eval/results pj=eval/sweeps/fidelity-gpu/paired.json  # all four rows in one table (same prompts, seeds)
+      $QUANT_PYTHON -m spark_quant compare $r/spark-tts_w8a8_int8 $r/spark-tts_w8a8_int8_static $r/spark-tts_fp8_dynamic \
+        $r/spark-tts_w4a16_int4 --out eval/sweeps/fidelity-gpu-all $([ -f $pj ] && echo --paired $pj) || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -405,7 +422,7 @@ fidelity_job() {
       fidelity_job fidelity-sweep ;;
     fidelity-sweep)  # the sweep of FID_EXPS on the trained proxy (made first by fidelity-proxy)
       t0=$SECONDS
-      make sweep EXPERIMENTS="$FID_EXPS" SWEEP=fidelity-gpu SET="$FID_SET" || true
+      make sweep EXPERIMENTS="$FID_EXPS" SWEEP=${FID_SWEEP:-fidelity-gpu} SET="$FID_SET" ${FID_PAIRED:+PAIRED_SPEED=$FID_PAIRED} || true
       echo "fidelity sweep wall $((SECONDS - t0))s" ;;
     fidelity-damaged)
       t0=$SECONDS
@@ -428,7 +445,16 @@ fidelity_job() {
     fidelity-collect)
       [ -n "${OUT:-}" ] || { echo "fidelity-collect: set OUT" >&2; return 2; }
       cp $FID_PROXY/PROXY.json "$OUT/PROXY.json" 2>/dev/null || true
-      cp eval/sweeps/fidelity-gpu/comparison.* eval/sweeps/fidelity-gpu/*.png "$OUT/" 2>/dev/null || true
+      cp eval/sweeps/fidelity-gpu/comparison.* eval/sweeps/fidelity-gpu/paired.* eval/sweeps/fidelity-gpu/*.png \
+        "$OUT/" 2>/dev/null || true
+      local sw pt
+      for sw in eval/sweeps/fidelity-gpu-*/; do  # another comparison folder (FID_SWEEP) beside it
+        [ -f $sw/comparison.md ] && mkdir -p "$OUT/$(basename $sw)" && cp $sw/comparison.* $sw/*.png "$OUT/$(basename $sw)/"
+      done 2>/dev/null || true
+      for pt in eval/sweeps/.fidelity-gpu-paired.tmp-*; do  # a paired step still running (or killed): what it wrote so far
+        [ -f $pt/paired.json ] && cp $pt/paired.json "$OUT/paired-partial.json" && cp $pt/paired.md "$OUT/paired-partial.md"
+        tail -n 20 $pt/logs/*.log > "$OUT/paired-logs.txt" 2>/dev/null || true
+      done
       for d in eval/results/spark-tts_* eval/results/full-trained-damaged-*; do
         [ -f $d/results.json ] || continue
         mkdir -p "$OUT/$(basename $d)"; cp $d/results.json $d/report.md "$OUT/$(basename $d)/"

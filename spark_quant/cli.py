@@ -96,11 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="one table + plot from several finished eval folders")
     p.add_argument("results", nargs="+", type=Path, help="eval folders (eval/results/<experiment>)")
     p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.json and the plot")
+    p.add_argument("--paired", type=Path, default=None, help="a paired speed run's paired.json to fold in")
     p = sub.add_parser("sweep", help="calibrate, quantize and eval several experiments, then compare them")
     p.add_argument("experiments", nargs="+", type=Path, help="experiment YAML files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field in every experiment (repeatable)")
     p.add_argument("--out", type=Path, default=Path("eval/sweeps/latest"), help="comparison folder")
+    p.add_argument("--paired-speed", default=None, metavar="CELLS",
+                   help="then time BF16 and every checkpoint paired, e.g. b1=1:200,c256=256:128")
+    p.add_argument("--paired-trials", type=int, default=20, help="alternated rounds per paired cell (default 20)")
 
     p = sub.add_parser("serving-profile", help="Spark serving profile of a model or quantized checkpoint folder")
     p.add_argument("--model", type=Path, required=True, help="Spark-TTS folder with LLM/ (model or checkpoint)")
@@ -187,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "compare":
             from spark_quant.stages.sweep import compare
 
-            compare(args.results, args.out)
+            compare(args.results, args.out, paired=args.paired)
         elif args.cmd == "sweep":
             from spark_quant.stages.sweep import sweep
 
-            sweep(args.experiments, args.overrides, args.out)
+            sweep(args.experiments, args.overrides, args.out, args.paired_speed, args.paired_trials)
         elif args.cmd == "serving-profile":
             from spark_quant.models.serving_profile import build_profile
 

@@ -107,6 +107,18 @@ def test_sweep_and_compare_write_one_table_and_a_plot(evaluated, tmp_path):
         assert r["verdict"] == "PASS" and 0 <= r["top1"] <= 1 and r["kl"] >= 0 and r["ms_sampled_ratio"] > 0
         assert r["weights_gb"] > 0 and r["quantize_s"] > 0
     assert (sweep / "fidelity_vs_speed.png").stat().st_size > 1000 and read_manifest(sweep)["stage"] == "compare"
+    # the paired speed step: BF16, a and b resident together, every cell's ratios with their CI and n
+    paired = json.loads((sweep / "paired.json").read_text())
+    assert paired["status"] == "done" and set(paired["variants"]) == {"bf16", "tiny-a", "tiny-b"}
+    for r in rows:
+        b1, c4 = r["paired"]["b1"], r["paired"]["c4"]
+        assert b1["metric"] == "ms_per_token" and c4["metric"] == "tokens_per_s"
+        assert b1["n"] == c4["n"] == 3 and b1["median"] > 0 and b1["lo"] <= b1["median"] <= b1["hi"]
+        assert c4["verdict"] in ("faster", "slower", "no difference")
+    md = (sweep / "comparison.md").read_text()
+    assert "paired b1: ms/tok q/b [95% CI]" in md and "paired c4: tok/s q/b [95% CI]" in md
+    assert "tiny-b / tiny-a" not in md and "**Paired speed**" in md and "Cell c4" in (sweep / "paired.md").read_text()
+    assert not list(sweep.parent.glob(".tiny-paired*")), "the paired step's temporary folder was left behind"
     # compare alone, with a folder that never ran: a row that says so
     res = evaluated["results"]
     proc = run_cli("compare", str(res / "tiny-a"), str(res / "tiny-b"), str(res / "never-ran"),

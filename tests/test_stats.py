@@ -174,3 +174,92 @@ def test_samples_per_prompt_gives_the_sampled_task_one_seed_per_sample_and_incon
     four = similarity_tasks(load_experiment(None, ["eval.samples_per_prompt=4"]), prompts, None)[1]
     assert four["seeds"] == [7, 8, 9, 10]
     assert Inconclusive.exit_code == 4 and StageFailed.exit_code == 3 and issubclass(Inconclusive, StageFailed)
+
+
+def _paired_res(seed: int = 5) -> dict:
+    """A paired run's result as stages/paired.py writes it: 20 alternated rounds of b1 (ms/token) and c8
+    (tokens/s) for BF16, the default recipe and a slower one; its stats computed by the stage's own code."""
+    from spark_quant.stages.paired import cell_stats
+
+    rng = random.Random(seed)
+    cells = {}
+    for name, conc, base in (("b1", 1, 2.0), ("c8", 8, 1000.0)):
+        key = "ms_per_token" if conc == 1 else "tokens_per_s"
+        slow = 1.2 if conc == 1 else 1 / 1.2
+        raw = []
+        for r in range(20):
+            drift = 1 + 0.05 * math.sin(r)  # moves every variant of a round together: pairing cancels it
+            v = {"bf16": base * drift * rng.gauss(1, 0.01), "spark-tts_w8a8_int8": base * drift * rng.gauss(1, 0.01),
+                 "slow": base * slow * drift * rng.gauss(1, 0.01)}
+            raw.append({"round": r, "trials": {lb: {key: x} for lb, x in v.items()}})
+        c = {"name": name, "concurrency": conc, "tokens": 50, "labels": ["bf16", "spark-tts_w8a8_int8", "slow"],
+             "raw": raw}
+        c["stats"] = cell_stats(c)
+        cells[name] = c
+    return {"host": {"gpu": "TEST GPU"}, "git_commit": "abcdef0", "status": "done", "trials": 20, "cells": cells,
+            "failed_variants": {"fp8": "needs compute capability 8.9"}}
+
+
+def test_paired_speed_ratios_become_comparison_columns_with_their_interval_and_verdict(tmp_path):
+    from spark_quant.reporting.compare import add_paired, paired_cells_text, render_table, row_from_results
+
+    rng = random.Random(3)
+    base = [min(1.0, max(0.0, rng.gauss(0.7, 0.2))) for _ in range(40)]
+    rows = [row_from_results(_res("spark-tts_w8a8_int8", base), None, tmp_path),
+            row_from_results(_res("slow", base), None, tmp_path)]
+    pres = _paired_res()
+    add_paired(rows, pres, "bf16")
+    default, slow = rows[0]["paired"], rows[1]["paired"]
+    assert slow["b1"]["verdict"] == "slower" and slow["b1"]["median"] == pytest.approx(1.2, rel=0.03)
+    assert slow["c8"]["verdict"] == "slower" and slow["c8"]["median"] == pytest.approx(1 / 1.2, rel=0.03)
+    assert default["b1"]["verdict"] == "no difference" and default["b1"]["lo"] < 1.0 < default["b1"]["hi"]
+    assert default["b1"]["n"] == 20
+    table = render_table(rows)
+    head = table.splitlines()[0]
+    assert "paired b1: ms/tok q/b [95% CI]" in head and "paired c8: tok/s q/b [95% CI]" in head
+    assert head.rstrip(" |").endswith("verdict")  # the paired columns sit before the verdict
+    line = {r.split(" | ")[0].strip("| "): r for r in table.splitlines() if r.startswith("| ")}
+    assert "n=20 slower" in line["slow"] and "n=20 no difference" in line["spark-tts_w8a8_int8"]
+    text = paired_cells_text(pres, "bf16")
+    # the recipes against the default, in the same rounds; the variant that did not start is named
+    assert "| b1 | slow / spark-tts_w8a8_int8 |" in text and "slower" in text.split("slow / spark-tts_w8a8_int8")[1]
+    assert "`fp8` did not start" in text and "TEST GPU" in text
+
+
+def test_sweep_paired_cells_and_arguments():
+    from pathlib import Path
+
+    from spark_quant.config import load_experiment
+    from spark_quant.errors import UserError
+    from spark_quant.stages.sweep import paired_args, parse_paired_cells
+
+    assert parse_paired_cells("b1=1:200, c256=256:128") == [("b1", 1, 200), ("c256", 256, 128)]
+    for bad in ("b1=1", "b1=x:200", "=1:200", "b1=0:200", "b1=1:1", "", "a=1:20,a=2:20"):
+        with pytest.raises(UserError, match="--paired-speed"):
+            parse_paired_cells(bad)
+    root = Path(__file__).resolve().parents[1]
+    paths = [root / "experiments/spark-tts_w8a8_int8.yaml", root / "experiments/spark-tts_w4a16_int4.yaml"]
+    exps = [load_experiment(p, ["proxy_size=full"]) for p in paths]
+    args = paired_args(exps, paths, ["proxy_size=full"], [("b1", 1, 200)], 20, Path("/tmp/x"))
+    variants = [args[i + 1] for i, a in enumerate(args) if a == "--variant"]
+    assert variants[0] == f"bf16={exps[0].resolved_model()[0] / 'LLM'}" + '::{"replicas": 1}'
+    assert variants[1:] == [f"{x.name}={x.checkpoint_dir / 'LLM'}" + '::{"replicas": 1}' for x in exps]
+    assert args[args.index("--cell") + 1] == "b1=1:200:bf16,spark-tts_w8a8_int8,spark-tts_w4a16_int4"
+    assert args[args.index("--set") + 1] == "proxy_size=full" and args[args.index("--trials") + 1] == "20"
+
+
+def test_compare_refuses_a_paired_file_that_is_not_a_paired_run_or_lies_in_its_output(tmp_path):
+    from spark_quant.errors import UserError
+    from spark_quant.stages.sweep import compare
+
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    for name, msg in (("bad.json", "has no 'cells'"), ("broken.json", "not a paired run's JSON"),
+                      ("missing.json", "no such file")):
+        with pytest.raises(UserError, match=msg):
+            compare([tmp_path / "res"], tmp_path / "cmp", paired=tmp_path / name)
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp/paired.json").write_text("{}")
+    with pytest.raises(UserError, match="an output can never be an input"):
+        compare([tmp_path / "res"], tmp_path / "cmp", paired=tmp_path / "cmp/paired.json")
+    assert (tmp_path / "cmp/paired.json").read_text() == "{}" and not (tmp_path / "cmp.json").exists()

@@ -6,6 +6,10 @@ difference, greedy prefix agreement and exact match, sampled valid-rate recovery
 histogram distance), speed ratios (quantized / baseline: ms per token at batch 1, sampled and
 greedy; output tokens/s at the highest concurrency measured), weight bytes as served and
 quantization time. A skipped eval (e.g. FP8 without an FP8 GPU) is a row that says why.
+
+With a paired speed run (``add_paired``: BF16 and every checkpoint resident together, rounds alternated), each
+of its cells is one more column: the recipe's ratio to BF16 as the median of per-round ratios with its paired
+95% CI, n and verdict. Those columns rank; the evals' own speed columns are one unpaired run each.
 """
 
 from __future__ import annotations
@@ -68,6 +72,63 @@ def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: P
     return row
 
 
+def add_paired(rows: list[dict[str, Any]], pres: dict[str, Any], baseline: str) -> None:
+    """Put each row's paired ratios to ``baseline`` (``paired.json``'s cells) in ``row["paired"]``."""
+    for r in rows:
+        r["paired"] = {}
+        for name, c in (pres.get("cells") or {}).items():
+            st = c.get("stats") or {}
+            hit = next((x for x in st.get("ratios", []) if x.get("to") == baseline and x.get("of") == r["experiment"]),
+                       None)
+            if hit is not None:
+                r["paired"][name] = {"metric": st.get("metric"), "concurrency": c.get("concurrency"),
+                                     "tokens": c.get("tokens"), **{k: hit.get(k) for k in
+                                                                   ("median", "lo", "hi", "n", "verdict")}}
+
+
+def _paired_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(cell name, metric) of every paired cell any row has, in the run's order."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        for name, v in (r.get("paired") or {}).items():
+            seen.setdefault(name, v.get("metric") or "")
+    return list(seen.items())
+
+
+def _ratio_text(v: dict[str, Any] | None) -> str:
+    if not v or v.get("median") is None:
+        return "–"
+    ci = f" [{v['lo']:.3f}, {v['hi']:.3f}]" if v.get("lo") is not None else ""
+    return f"{v['median']:.3f}{ci} n={v['n']} {v.get('verdict', '')}".rstrip()
+
+
+def paired_cells_text(pres: dict[str, Any], baseline: str) -> str:
+    """What the paired columns are (device, cells, trials, engines), the ratios between the quantized recipes
+    themselves (the default recipe's row against each other), and any variant that did not start."""
+    host = pres.get("host") or {}
+    cells = pres.get("cells") or {}
+    parts = [f"**Paired speed** ({host.get('gpu') or host.get('host_cpu') or '?'}, commit "
+             f"{str(pres.get('git_commit'))[:7]}, status {pres.get('status')}): {baseline} and every checkpoint "
+             f"resident together, one engine each, {pres.get('trials')} rounds per cell after an untimed one, the "
+             "order reversed every other round; a ratio is quantized / BF16, the median of per-round ratios with a "
+             "paired 95% bootstrap CI; 'no difference' when it contains 1.0. Cells: " + "; ".join(
+                 f"`{n}` = concurrency {c.get('concurrency')}, {c.get('tokens')} tokens, "
+                 f"{'ms/token (lower is better)' if (c.get('stats') or {}).get('metric') == 'ms_per_token' else 'output tokens/s (higher is better)'}"
+                 for n, c in cells.items()) + ". Raw rounds: paired.json; per-variant medians: paired.md."]
+    ref = DEFAULT_EXPERIMENT
+    between = []
+    for n, c in cells.items():
+        for x in (c.get("stats") or {}).get("ratios", []):
+            if ref in (x.get("to"), x.get("of")) and baseline not in (x.get("to"), x.get("of")):
+                between.append(f"| {n} | {x['of']} / {x['to']} | {_ratio_text(x)} |")
+    if between:
+        parts += ["", "Between the recipes (same rounds):", "", "| cell | ratio | median [95% CI] n verdict |",
+                  "|---|---|---|", *between]
+    for lb, err in (pres.get("failed_variants") or {}).items():
+        parts += ["", f"Not measured: `{lb}` did not start ({str(err)[:200]})."]
+    return "\n".join(parts)
+
+
 def _get(d: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(d, dict) or k not in d:
@@ -123,13 +184,17 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     """The comparison table with each fidelity number's 95% interval; ``*`` marks a difference from the
     reference row that is significant (its 95% interval excludes 0)."""
     label = {k: (METRICS[k].label if k in METRICS else k) for k in COLUMNS}
-    head = "| " + " | ".join(label[k] for k in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
+    pcells = _paired_cells(rows)
+    plabels = [f"paired {n}: {'ms/tok' if m == 'ms_per_token' else 'tok/s'} q/b [95% CI]" for n, m in pcells]
+    head = "| " + " | ".join([label[k] for k in COLUMNS[:-1]] + plabels + [label[COLUMNS[-1]]]) + " |"
+    sep = "|" + "---|" * (len(COLUMNS) + len(pcells))
     ref = reference_row(rows)
     body = []
     for r in rows:
         diffs = differences(r, ref) if ref is not None and r is not ref and r.get("ci") else None
-        body.append("| " + " | ".join(_cell(r, k, diffs) for k in COLUMNS) + " |")
+        cells = [_cell(r, k, diffs) for k in COLUMNS]
+        cells[-1:-1] = [_ratio_text((r.get("paired") or {}).get(n)) for n, _ in pcells]
+        body.append("| " + " | ".join(cells) + " |")
     notes = []
     if ref is not None:
         n = (ref.get("ci", {}).get("top1") or ref.get("ci", {}).get("greedy_prefix") or {}).get("n")
@@ -137,6 +202,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                  f"(Wilson). `*` = differs from `{ref['experiment']}` significantly (paired bootstrap over the same "
                  "prompts and seeds, 95% interval of the difference excludes 0; rows measured on other prompts: "
                  "non-overlapping intervals). Unmarked differences are within the noise at this n."]
+    if pcells:
+        notes.append("The `paired` columns come from one paired speed run and rank; the b1 / tok/s ratio columns "
+                     "before them are each eval's own unpaired run and rank nothing.")
     return "\n".join([head, sep, *body, *notes])
 
 
@@ -156,8 +224,17 @@ def significance_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    """Teacher-forced KL (lower is better) against batch-1 sampled speed ratio, one point per experiment."""
-    pts = [r for r in rows if r.get("kl") is not None and r.get("ms_sampled_ratio") is not None]
+    """Teacher-forced KL (lower is better) against batch-1 speed, one point per experiment: the paired batch-1
+    ratio with its 95% CI as an error bar where a paired run measured one, else the eval's own ratio."""
+    def b1(r: dict[str, Any]) -> dict[str, Any] | None:
+        v = next((v for v in (r.get("paired") or {}).values()
+                  if v.get("metric") == "ms_per_token" and v.get("median")), None)
+        if v is not None:
+            return {"x": 1.0 / v["median"], "lo": 1.0 / v["hi"] if v.get("hi") else None,
+                    "hi": 1.0 / v["lo"] if v.get("lo") else None, "paired": True}
+        return {"x": 1.0 / r["ms_sampled_ratio"], "paired": False} if r.get("ms_sampled_ratio") else None
+
+    pts = [(r, b1(r)) for r in rows if r.get("kl") is not None and b1(r) is not None]
     if not pts:
         return False
     import matplotlib
@@ -166,15 +243,20 @@ def render_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in pts:
-        ax.scatter(1.0 / r["ms_sampled_ratio"], max(r["kl"], 1e-7), s=40)
-        ax.annotate(r["experiment"], (1.0 / r["ms_sampled_ratio"], max(r["kl"], 1e-7)), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+    for r, b in pts:
+        y = max(r["kl"], 1e-7)
+        if b["paired"] and b.get("lo") is not None:
+            ax.errorbar(b["x"], y, xerr=[[b["x"] - b["lo"]], [b["hi"] - b["x"]]], fmt="o", ms=6, capsize=3)
+        else:
+            ax.scatter(b["x"], y, s=40)
+        ax.annotate(r["experiment"], (b["x"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_yscale("log")
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("batch-1 speed-up over BF16 (sampled ms/token, baseline / quantized)")
+    paired = any(b["paired"] for _, b in pts)
+    ax.set_xlabel("batch-1 speed-up over BF16 (ms/token, baseline / quantized" +
+                  ("; paired run, 95% CI)" if paired else "; one unpaired run each)"))
     ax.set_ylabel("teacher-forced KL(BF16 || quantized), log")
-    devices = sorted({str(r.get("gpu") or r.get("device")) for r in pts})
+    devices = sorted({str(r.get("gpu") or r.get("device")) for r, _ in pts})
     ax.set_title(f"fidelity vs speed ({', '.join(devices)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
