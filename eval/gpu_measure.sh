@@ -10,6 +10,7 @@
 #   bash eval/gpu_measure.sh start JOB [ARGS]     any job below in its own session; log /root/JOB.log
 #   bash eval/gpu_measure.sh wait JOB SECONDS     wait for it, print the log's end, its outputs to $OUT/JOB-results.tgz
 #   bash eval/gpu_measure.sh stash DIR            copy the bundle parts found in DIR to $PARTS (one part per call)
+#   bash eval/gpu_measure.sh resplit SRC DST [SIZE]  the parts re-cut to SIZE (40M) so that part + tree fit one call
 #     jobs: issue14    setup from $PARTS, proxy, W8A8 (128 samples), then the paired run (stages/paired.py):
 #                      BF16 / W8A8 / W8A8 with the fused norm+quant path (1 engine each), and each as 3 replicas
 #                      with the mp executor, all 12 engines resident; cells b1, c256, c1024 (20 trials), the
@@ -536,8 +537,17 @@ case $cmd in
     setsid nohup bash "$0" job "$@" > "/root/$1.log" 2>&1 < /dev/null &
     echo "$1 started (log: /root/$1.log)" ;;
   job) job "$@" || rc=$?; echo "job $1 done rc=${rc:-0}" ;;
+  resplit)  # the bundle's parts re-cut to SIZE (default 40M): the tree itself travels in every call too, and
+            # once it passed 16 MiB a 48 MiB part no longer fit the device tool's 64 MiB (gpu13: 5 parts of 40 MiB)
+    src=${1:?SRC_DIR}; dst=${2:?DST_DIR}
+    if [ -e "$dst" ] && [ -n "$(ls -A "$dst")" ]; then echo "resplit: $dst is not empty; name a new folder" >&2; exit 2; fi
+    mkdir -p "$dst"
+    cat "$src"/part* | split -b "${3:-40M}" -d -a 2 - "$dst/part"; cp "$src/install.sh" "$dst/"
+    cat "$dst"/part* | cmp - <(cat "$src"/part*) && ls -l "$dst" ;;
   wait)
     j=${1:?JOB}; limit=${2:?SECONDS}; t0=$SECONDS
+    # a machine with no log of JOB is a fresh one (the last went back): waiting would only spend device time
+    [ -f /root/$j.log ] || { echo "wait: /root/$j.log does not exist: this machine never ran $j (a fresh one?)" >&2; exit 3; }
     while ! grep -q "^job $j done" /root/$j.log 2>/dev/null && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
     grep -vE "it/s\]|is ignored|s/it\]" /root/$j.log | tail -60
     # the device tool brings back at most 8 files from $OUT: everything goes into one archive
