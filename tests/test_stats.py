@@ -263,3 +263,25 @@ def test_compare_refuses_a_paired_file_that_is_not_a_paired_run_or_lies_in_its_o
     with pytest.raises(UserError, match="an output can never be an input"):
         compare([tmp_path / "res"], tmp_path / "cmp", paired=tmp_path / "cmp/paired.json")
     assert (tmp_path / "cmp/paired.json").read_text() == "{}" and not (tmp_path / "cmp.json").exists()
+
+
+def test_a_paired_step_that_writes_nothing_leaves_no_folder_behind(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from spark_quant.config import load_experiment
+    from spark_quant.serving import client
+    from spark_quant.stages.sweep import _paired_run
+
+    root = Path(__file__).resolve().parents[1]
+    path = root / "experiments/spark-tts_w8a8_int8.yaml"
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(path, [])
+    (exp.checkpoint_dir / "LLM").mkdir(parents=True)
+    (exp.checkpoint_dir / "LLM/config.json").write_text("{}")
+    (tmp_path / "eval/sweeps").mkdir(parents=True)
+    monkeypatch.setattr(client, "stage_python", lambda env: "false")  # a paired run that dies before writing
+    assert _paired_run([exp], [path], [], [("b1", 1, 20)], 3, tmp_path / "eval/sweeps/s") is None
+    assert list((tmp_path / "eval/sweeps").iterdir()) == []
+    (exp.checkpoint_dir / "LLM/config.json").unlink()  # no checkpoint at all: nothing is started or made
+    assert _paired_run([exp], [path], [], [("b1", 1, 20)], 3, tmp_path / "eval/sweeps/s") is None
+    assert list((tmp_path / "eval/sweeps").iterdir()) == []

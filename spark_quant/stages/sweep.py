@@ -141,6 +141,7 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
     """Run the paired speed step into a temporary folder the sweep owns (``.<out>-paired.tmp-PID`` beside
     ``out``); its paired.json (None if the run wrote none), for compare to copy into the comparison."""
     import os
+    import shutil
     import subprocess
 
     from spark_quant.serving.client import stage_python
@@ -159,7 +160,10 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
     rc = subprocess.run([stage_python("serve"), "-m", "spark_quant.stages.paired", *args]).returncode
     if rc != 0:
         print(f"sweep: paired speed exited {rc}; what it measured is kept in the comparison", flush=True)
-    return tmp / "paired.json" if (tmp / "paired.json").is_file() else None
+    if (tmp / "paired.json").is_file():
+        return tmp / "paired.json"
+    shutil.rmtree(tmp, ignore_errors=True)  # nothing to keep: the comparison written before stands
+    return None
 
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed: str | None = None,
