@@ -255,3 +255,25 @@ def test_speed_matrix_rows_give_ratios_against_the_first_variant_and_name_failur
     assert lines[2] == "| bf16 | 0.95 | 2.000 | 2.000/2.100 | 1.800 | 400 | 40000 | 1.00 |"
     assert lines[3].endswith("| 400 | 30000 | 0.75 |")
     assert lines[4].startswith("| bad | failed: boom |")
+
+
+def test_batch1_ms_per_token_carries_an_interval_over_the_requests_of_every_repeat():
+    from spark_quant.reporting.metrics import _pooled_ci
+    from spark_quant.reporting.report import _b1_intervals
+
+    def task(step_ms: list[float]) -> dict:  # one request per step, 20 tokens each
+        return {"requests": [{"stamps": [[0.01 + i * s / 1000, i + 1] for i in range(20)], "mode": "clone"}
+                             for s in step_ms]}
+
+    reps = [latency_metrics(task([2.0, 2.1, 1.9, 2.0])), latency_metrics(task([2.2, 2.0, 2.1, 1.8]))]
+    assert reps[0]["ms_per_token_samples"] == pytest.approx([2.0, 2.1, 1.9, 2.0])
+    ci = _pooled_ci(reps)
+    assert ci["n"] == 8 and ci["median"] == pytest.approx(2.0) and ci["lo"] <= 2.0 <= ci["hi"] and ci["hi"] <= 2.2
+    one = _pooled_ci([latency_metrics(task([2.0, 2.1]))])
+    assert one["n"] == 2 and one["lo"] is None  # no interval under 3 requests, and the report says so
+    lines = _b1_intervals({"baseline": {"ms_per_token_sampled_ci": ci, "ms_per_token_greedy_ci": one},
+                           "quantized": {"ms_per_token_sampled_ci": ci}})
+    text = "\n".join(lines)
+    assert f"| ms/token, sampled | 2.000 [{ci['lo']:.3f}, {ci['hi']:.3f}], n = 8 |" in text
+    assert "| ms/token, greedy | 2.050 (no interval under 3 requests), n = 2 | – |" in text
+    assert "ranks nothing" in text and _b1_intervals({"baseline": {}, "quantized": {}}) == []

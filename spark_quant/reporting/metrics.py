@@ -38,6 +38,7 @@ def latency_metrics(task: dict[str, Any]) -> dict[str, Any]:
     return {
         "ttft_s": summary(ttft),
         "ms_per_token": {k: (v * 1000 if isinstance(v, float) else v) for k, v in summary(tpot).items()},
+        "ms_per_token_samples": [v * 1000 for v in tpot],  # one per request: the intervals are over these
         "itl_ms": {k: (v * 1000 if isinstance(v, float) else v) for k, v in summary(itl).items()},
         "rtf": summary(rtf),
         "time_to_first_audio_s": summary(first_audio),
@@ -173,6 +174,12 @@ def max_concurrency_under(rows: list[dict[str, Any]], target: float) -> int | No
     return max(ok) if ok else None
 
 
+def _pooled_ci(lat: list[dict[str, Any]]) -> dict[str, Any]:
+    from spark_quant.reporting.speed_stats import median_ci
+
+    return median_ci([x for m in lat for x in m.get("ms_per_token_samples") or []])
+
+
 def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, Any]:
     """Median over repeats of each timing metric."""
     lat = [latency_metrics(r["tasks"]["latency"]) for r in runs]
@@ -194,6 +201,9 @@ def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, An
         "ms_per_token_sampled": med([m["ms_per_token"]["p50"] for m in lat]),
         "ms_per_token_sampled_runs": [m["ms_per_token"]["p50"] for m in lat],
         "ms_per_token_greedy": med([m["ms_per_token"]["p50"] for m in latg]),
+        # the requests of every repeat pooled: median with its 95% bootstrap interval and n (requests)
+        "ms_per_token_sampled_ci": _pooled_ci(lat),
+        "ms_per_token_greedy_ci": _pooled_ci(latg),
         "ttft_s": med([m["ttft_s"]["p50"] for m in lat]),
         "itl_ms_p50": med([m["itl_ms"]["p50"] for m in lat]),
         "itl_ms_p90": med([m["itl_ms"]["p90"] for m in lat]),

@@ -108,6 +108,7 @@ def render_report(res: dict[str, Any]) -> str:
         runs_q = sp.get("quantized", {}).get("ms_per_token_sampled_runs", [])
         out += ["", f"Per-repeat ms/token (sampled): baseline {[_f(x, '.3f') for x in runs_b]}, "
                 f"quantized {[_f(x, '.3f') for x in runs_q]}.", ""]
+        out += _b1_intervals(sp)
         out += ["## Throughput by concurrency (fixed length, sampled)", "",
                 "| concurrency | baseline tok/s | quantized tok/s | ratio | audio s/s base / quant "
                 "| RTF p50 base / quant | RTF p99 base / quant | TTFT p99 base / quant (s) |",
@@ -364,3 +365,24 @@ def render_plots(res: dict[str, Any], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "agreement.png", dpi=110)
     plt.close(fig)
+
+
+def _b1_intervals(sp: dict[str, Any]) -> list[str]:
+    """Batch-1 ms/token of each side with its 95% bootstrap interval over requests (every repeat pooled)."""
+    def cell(c: dict[str, Any] | None) -> str:
+        if not c or c.get("median") is None:
+            return "–"
+        ci = f" [{c['lo']:.3f}, {c['hi']:.3f}]" if c.get("lo") is not None else " (no interval under 3 requests)"
+        return f"{c['median']:.3f}{ci}, n = {c['n']}"
+
+    rows = [(label, sp.get("baseline", {}).get(key), sp.get("quantized", {}).get(key))
+            for label, key in (("ms/token, sampled", "ms_per_token_sampled_ci"),
+                               ("ms/token, greedy", "ms_per_token_greedy_ci"))]
+    if not any(b or q for _, b, q in rows):
+        return []
+    out = ["Batch-1 ms/token with 95% intervals: the median over requests, every repeat pooled, bootstrap over "
+           "requests (n = requests). Each side is its own run, one after the other, so the ratio above is not "
+           "the paired method and ranks nothing; `make sweep ... PAIRED_SPEED=...` times the variants paired.", "",
+           "| | baseline median [95% CI], n | quantized median [95% CI], n |", "|---|---|---|"]
+    out += [f"| {label} | {cell(b)} | {cell(q)} |" for label, b, q in rows]
+    return out + [""]
