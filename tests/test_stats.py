@@ -285,3 +285,16 @@ def test_a_paired_step_that_writes_nothing_leaves_no_folder_behind(tmp_path, mon
     (exp.checkpoint_dir / "LLM/config.json").unlink()  # no checkpoint at all: nothing is started or made
     assert _paired_run([exp], [path], [], [("b1", 1, 20)], 3, tmp_path / "eval/sweeps/s") is None
     assert list((tmp_path / "eval/sweeps").iterdir()) == []
+
+
+def test_sweep_refuses_an_experiment_named_like_the_paired_baseline_before_any_work(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from spark_quant.errors import UserError
+    from spark_quant.stages.sweep import sweep
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="an experiment is named 'bf16'"):
+        sweep([root / "experiments/spark-tts_w8a8_int8.yaml"], ["name=bf16"], tmp_path / "eval/sweeps/s", "b1=1:20")
+    assert list(tmp_path.iterdir()) == []  # nothing calibrated, nothing written

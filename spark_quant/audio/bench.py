@@ -31,6 +31,7 @@ from pathlib import Path
 
 from spark_quant.audio.codec import codec_info, load_bicodec, resolve_codec_dir
 from spark_quant.config import REAL_MODEL_DIR
+from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.speed_stats import median_ci, paired_ratio
 from spark_quant.reporting.stats import bootstrap_ci
 
@@ -120,12 +121,11 @@ def batched(codec, lengths: list[int], b: int, n: int, rng: random.Random) -> li
 
 
 def _ci(d: dict) -> str:
-    return f"{d['median']:.1f} [{d['lo']:.1f}, {d['hi']:.1f}]" if d["lo"] is not None else f"{d['median']:.1f} (n < 3)"
+    return ci_text(d, ".1f", " (n < 3)")
 
 
 def _ratio(r: dict) -> str:
-    return (f"{r['median']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] {r['verdict']}" if r["lo"] is not None
-            else f"{r['median']:.2f} ({r['verdict']})")
+    return ci_text(r, ".2f", f" ({r['verdict']})") if r["lo"] is None else f"{ci_text(r, '.2f')} {r['verdict']}"
 
 
 def graphs_vs_eager(codec, lengths: list[int], batches: list[int], n: int, rng: random.Random) -> list[dict]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from spark_quant.reporting import stats
 from spark_quant.reporting.fmt import auto as _fmt
+from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, PAIRED_KEYS, format_ci
 
@@ -96,10 +97,8 @@ def _paired_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 def _ratio_text(v: dict[str, Any] | None) -> str:
-    if not v or v.get("median") is None:
-        return "–"
-    ci = f" [{v['lo']:.3f}, {v['hi']:.3f}]" if v.get("lo") is not None else ""
-    return f"{v['median']:.3f}{ci} n={v['n']} {v.get('verdict', '')}".rstrip()
+    text = ci_text(v)
+    return text if text == "–" else f"{text} n={v['n']} {v.get('verdict', '')}".rstrip()
 
 
 def paired_cells_text(pres: dict[str, Any], baseline: str) -> str:
@@ -234,7 +233,7 @@ def render_plot(rows: list[dict[str, Any]], path: Path) -> bool:
                     "hi": 1.0 / v["lo"] if v.get("lo") else None, "paired": True}
         return {"x": 1.0 / r["ms_sampled_ratio"], "paired": False} if r.get("ms_sampled_ratio") else None
 
-    pts = [(r, b1(r)) for r in rows if r.get("kl") is not None and b1(r) is not None]
+    pts = [(r, b) for r in rows if r.get("kl") is not None and (b := b1(r)) is not None]
     if not pts:
         return False
     import matplotlib

@@ -24,3 +24,13 @@ def auto(v: Any) -> str:
             return f"{v:.1e}"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def ci_text(s: dict[str, Any] | None, fmt: str = ".3f", no_interval: str = "") -> str:
+    """A median (or ratio) with its interval, as ``reporting.speed_stats`` returns them: ``m [lo, hi]``;
+    ``m`` + ``no_interval`` where there is none (under 3 trials); ``–`` where there is no median."""
+    if not s or s.get("median") is None:
+        return "–"
+    if s.get("lo") is None:
+        return f"{format(s['median'], fmt)}{no_interval}"
+    return f"{format(s['median'], fmt)} [{format(s['lo'], fmt)}, {format(s['hi'], fmt)}]"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spark_quant import spark
-from spark_quant.reporting import stats
+from spark_quant.reporting import speed_stats, stats
 from spark_quant.reporting.stats import median, pct, summary
 
 
@@ -175,9 +175,7 @@ def max_concurrency_under(rows: list[dict[str, Any]], target: float) -> int | No
 
 
 def _pooled_ci(lat: list[dict[str, Any]]) -> dict[str, Any]:
-    from spark_quant.reporting.speed_stats import median_ci
-
-    return median_ci([x for m in lat for x in m.get("ms_per_token_samples") or []])
+    return speed_stats.median_ci([x for m in lat for x in m.get("ms_per_token_samples") or []])
 
 
 def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spark_quant.reporting.fmt import ci_text
 
-def _ci(s: dict[str, Any] | None, fmt: str = "{:.3f}") -> str:
-    if not s or s.get("median") is None:
-        return "–"
-    ci = f" [{fmt.format(s['lo'])}, {fmt.format(s['hi'])}]" if s.get("lo") is not None else ""
-    return f"{fmt.format(s['median'])}{ci} (n={s['n']})"
+
+def _ci(s: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    text = ci_text(s, fmt)
+    return text if text == "–" else f"{text} (n={s['n']})"
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -40,7 +40,7 @@ def render_markdown(res: dict[str, Any]) -> str:
         head = (f"## Cell {name}: concurrency {c['concurrency']}, {c['tokens']} tokens, "
                 f"{'greedy' if c.get('greedy') else 'sampled'}; {unit}; {c.get('seconds')} s")
         lines += ["", head, "", "| variant | median [95% CI] (n) |", "|---|---|"]
-        fmt = "{:.3f}" if st.get("metric") == "ms_per_token" else "{:,.0f}"
+        fmt = ".3f" if st.get("metric") == "ms_per_token" else ",.0f"
         for lb, s in (st.get("variants") or {}).items():
             lines.append(f"| {lb} | {_ci(s, fmt)} |")
         lines += ["", "| ratio | median [95% CI] (n) | verdict |", "|---|---|---|"]
@@ -56,7 +56,7 @@ def render_markdown(res: dict[str, Any]) -> str:
             cells = []
             for lb in labels:
                 p = lv["rtf_p99"][lb]
-                cells += [_ci(lv["tokens_per_s"][lb], "{:,.0f}"), f"{p:.3f}" if p is not None else "–"]
+                cells += [_ci(lv["tokens_per_s"][lb], ",.0f"), f"{p:.3f}" if p is not None else "–"]
             lines.append(f"| {lv['concurrency']} | " + " | ".join(cells) + " |")
         lines += ["", "Streams (highest concurrency with p99 per-stream RTF < 1; 50 tokens = 1 s of audio):", ""]
         for lb, s in (curve.get("streams") or {}).items():
@@ -65,7 +65,7 @@ def render_markdown(res: dict[str, Any]) -> str:
             else:
                 lines.append(f"- {lb}: **{s['concurrency']} streams** (p99 RTF {s['rtf_p99']:.3f}, time to first audio "
                              f"p99 {s['first_audio_p99_s']:.3f} s, TTFT p99 {s['ttft_p99_s']:.3f} s, "
-                             f"{_ci(s['tokens_per_s'], '{:,.0f}')} tok/s; {s['requests']} requests)")
+                             f"{_ci(s['tokens_per_s'], ',.0f')} tok/s; {s['requests']} requests)")
     for eq in res.get("equivalence") or []:
         text = (f"Equivalence {eq['pair'][0]} vs {eq['pair'][1]} (greedy, {eq['tokens']} tokens, "
                 f"{eq['prompts']} prompts): {eq['identical_outputs']} identical, mean prefix agreement "

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant.reporting.audio import render_samples, render_stream
+from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.fmt import num as _f
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, direction, format_ci
@@ -370,10 +371,8 @@ def render_plots(res: dict[str, Any], folder: Path) -> None:
 def _b1_intervals(sp: dict[str, Any]) -> list[str]:
     """Batch-1 ms/token of each side with its 95% bootstrap interval over requests (every repeat pooled)."""
     def cell(c: dict[str, Any] | None) -> str:
-        if not c or c.get("median") is None:
-            return "–"
-        ci = f" [{c['lo']:.3f}, {c['hi']:.3f}]" if c.get("lo") is not None else " (no interval under 3 requests)"
-        return f"{c['median']:.3f}{ci}, n = {c['n']}"
+        text = ci_text(c, ".3f", " (no interval under 3 requests)")
+        return text if text == "–" else f"{text}, n = {c['n']}"
 
     rows = [(label, sp.get("baseline", {}).get(key), sp.get("quantized", {}).get(key))
             for label, key in (("ms/token, sampled", "ms_per_token_sampled_ci"),

@@ -122,9 +122,6 @@ def paired_args(exps: list[Any], paths: list[Path], overrides: list[str], cells:
     engine each, all resident together; each cell's rounds alternate between all of them."""
     base, _ = exps[0].resolved_model()
     labels = [BASELINE_LABEL] + [x.name for x in exps]
-    if BASELINE_LABEL in labels[1:]:
-        raise UserError(f"sweep --paired-speed: an experiment is named {BASELINE_LABEL!r}, the baseline's label; "
-                        "rename it")
     one = '::{"replicas": 1}'
     args = ["--out", str(out), "--experiment", str(paths[0]), "--trials", str(trials),
             *[a for o in overrides for a in ("--set", o)],
@@ -190,6 +187,9 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     cells = parse_paired_cells(paired_speed) if paired_speed is not None else None
     if cells is not None and paired_trials < 3:
         raise UserError(f"--paired-trials {paired_trials}: a paired interval needs at least 3 rounds (20 is the method's)")
+    if cells is not None and BASELINE_LABEL in [x.name for x in exps]:  # refused before any work, not after the evals
+        raise UserError(f"sweep --paired-speed: an experiment is named {BASELINE_LABEL!r}, the baseline's label; "
+                        "rename it")
     # the comparison folder is checked now, not after hours of runs: new, empty or a comparison it made
     check_not_a_source(Path(out), [Path(e) for e in experiments], "sweep")
     check_writable(Path(out), overwrite=True, stage="compare")
