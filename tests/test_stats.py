@@ -226,6 +226,37 @@ def test_paired_speed_ratios_become_comparison_columns_with_their_interval_and_v
     assert "`fp8` did not start" in text and "TEST GPU" in text
 
 
+def test_the_evals_own_batch1_ratio_is_paired_by_repeat_with_an_interval_from_three_repeats(tmp_path):
+    from spark_quant.reporting.compare import render_table, row_from_results
+    from spark_quant.reporting.metrics import ratio_by_repeat
+    from spark_quant.reporting.report import _by_repeat
+
+    # quantized run k right after baseline run k: drift moves both, the per-repeat ratio stays near 1.10
+    base = [2.0, 2.6, 2.2, 3.0, 2.4]
+    quant = [b * f for b, f in zip(base, (1.10, 1.12, 1.09, 1.11, 1.10))]
+    five = ratio_by_repeat(base, quant, higher_is_better=False)
+    assert five["n"] == 5 and five["median"] == pytest.approx(1.10) and five["verdict"] == "slower"
+    assert 1.0 < five["lo"] <= 1.10 <= five["hi"] <= 1.12
+    two = ratio_by_repeat(base[:2], quant[:2], higher_is_better=False)
+    assert two["n"] == 2 and two["lo"] is None and two["verdict"] == "too few trials"
+    assert ratio_by_repeat([2.0, None, 2.2], [2.2, 2.5, None], False)["n"] == 1  # a failed repeat drops its pair
+
+    text = "\n".join(_by_repeat({"by_repeat": {"ms_per_token_sampled": five, "ms_per_token_greedy": two}}))
+    assert f"sampled 1.100 [{five['lo']:.3f}, {five['hi']:.3f}], n = 5 repeats, slower" in text
+    assert "greedy 1.110 (no interval under 3 repeats), n = 2 repeats, too few trials" in text
+    assert _by_repeat({}) == []
+
+    rows = []
+    for name, by in (("spark-tts_w8a8_int8", five), ("two", two)):
+        res = _res(name, [0.9, 0.8, 1.0])
+        res["ratios"] = {"ms_per_token_sampled": by["median"], "by_repeat": {"ms_per_token_sampled": by}}
+        rows.append(row_from_results(res, None, tmp_path))
+    line = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in render_table(rows).splitlines() if r.startswith("| ")}
+    col = line["experiment"].index("b1 ms/tok sampled q/b")
+    assert line["spark-tts_w8a8_int8"][col] == f"1.100 [{five['lo']:.3f}, {five['hi']:.3f}] n=5 runs"
+    assert line["two"][col] == "1.110 (n=2 runs, no CI)"
+
+
 def test_sweep_paired_cells_and_arguments():
     from pathlib import Path
 

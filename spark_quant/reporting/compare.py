@@ -55,6 +55,9 @@ def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: P
     ratios = res.get("ratios") or {}
     row["ms_sampled_ratio"] = ratios.get("ms_per_token_sampled")
     row["ms_greedy_ratio"] = ratios.get("ms_per_token_greedy")
+    by_rep = ratios.get("by_repeat") or {}  # the same ratios paired by repeat: CI and n where repeats >= 3
+    row["speed_ci"] = {col: by_rep[k] for col, k in (("ms_sampled_ratio", "ms_per_token_sampled"),
+                                                      ("ms_greedy_ratio", "ms_per_token_greedy")) if by_rep.get(k)}
     tps = {int(k): v for k, v in (ratios.get("tokens_per_s") or {}).items() if v is not None}
     row["max_concurrency"] = max(tps) if tps else None
     row["tps_ratio_max_c"] = tps[max(tps)] if tps else None
@@ -170,8 +173,13 @@ def is_significant(d: dict[str, Any]) -> bool | None:
 def _cell(r: dict[str, Any], key: str, diffs: dict[str, dict[str, Any]] | None) -> str:
     m = METRICS.get(key)
     ci = (r.get("ci") or {}).get(key)
+    sp = (r.get("speed_ci") or {}).get(key)
     if m and ci and ci.get("value") is not None:
         text = format_ci(ci, m.fmt if abs(ci["value"]) >= 1e-3 or ci["value"] == 0 else ".1e", n=False)
+    elif sp and sp.get("lo") is not None and sp.get("median") is not None:  # the eval's repeats: paired CI
+        text = f"{ci_text(sp)} n={sp['n']} runs"
+    elif sp and r.get(key) is not None:  # under 3 repeats: the ratio, and why it has no interval
+        text = f"{_fmt(r.get(key))} (n={sp.get('n', 0)} runs, no CI)"
     else:
         text = _fmt(r.get(key))
     if diffs and key in diffs and is_significant(diffs[key]):
@@ -203,7 +211,12 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                  "non-overlapping intervals). Unmarked differences are within the noise at this n."]
     if pcells:
         notes.append("The `paired` columns come from one paired speed run and rank; the b1 / tok/s ratio columns "
-                     "before them are each eval's own unpaired run and rank nothing.")
+                     "before them are each eval's own runs and rank nothing.")
+    if any(r.get("speed_ci") for r in rows):
+        notes.append("The eval's own b1 ratios are paired by repeat (each quantized run right after its baseline "
+                     "run, one engine launch each): the median of per-repeat ratios with a 95% bootstrap CI over "
+                     "repeats where there are 3 or more, else the ratio of medians and no interval. Repeats are "
+                     "minutes apart, so they carry the drift between launches the paired columns cancel.")
     return "\n".join([head, sep, *body, *notes])
 
 

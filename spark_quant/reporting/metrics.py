@@ -199,6 +199,7 @@ def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, An
         "ms_per_token_sampled": med([m["ms_per_token"]["p50"] for m in lat]),
         "ms_per_token_sampled_runs": [m["ms_per_token"]["p50"] for m in lat],
         "ms_per_token_greedy": med([m["ms_per_token"]["p50"] for m in latg]),
+        "ms_per_token_greedy_runs": [m["ms_per_token"]["p50"] for m in latg],
         # the requests of every repeat pooled: median with its 95% bootstrap interval and n (requests)
         "ms_per_token_sampled_ci": _pooled_ci(lat),
         "ms_per_token_greedy_ci": _pooled_ci(latg),
@@ -215,6 +216,14 @@ def speed_summary(runs: list[dict[str, Any]], rtf_target: float) -> dict[str, An
 
 def ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def ratio_by_repeat(base_runs: list[float | None], quant_runs: list[float | None], higher_is_better: bool) -> dict[str, Any]:
+    """The eval's own quantized / baseline ratio, paired by repeat (each quantized run follows its baseline run:
+    A B A B): the median of per-repeat ratios with a 95% paired bootstrap CI, n = repeats, and a verdict; under 3
+    repeats there is no interval and the verdict says so."""
+    n = min(len(base_runs), len(quant_runs))
+    return speed_stats.paired_ratio(list(base_runs[:n]), list(quant_runs[:n]), higher_is_better)
 
 
 def roofline(res: dict[str, Any], model_cfg: dict[str, Any], context_tokens: float) -> dict[str, Any]:

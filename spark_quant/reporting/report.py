@@ -109,6 +109,7 @@ def render_report(res: dict[str, Any]) -> str:
         runs_q = sp.get("quantized", {}).get("ms_per_token_sampled_runs", [])
         out += ["", f"Per-repeat ms/token (sampled): baseline {[_f(x, '.3f') for x in runs_b]}, "
                 f"quantized {[_f(x, '.3f') for x in runs_q]}.", ""]
+        out += _by_repeat(res.get("ratios") or {})
         out += _b1_intervals(sp)
         out += ["## Throughput by concurrency (fixed length, sampled)", "",
                 "| concurrency | baseline tok/s | quantized tok/s | ratio | audio s/s base / quant "
@@ -366,6 +367,16 @@ def render_plots(res: dict[str, Any], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "agreement.png", dpi=110)
     plt.close(fig)
+
+
+def _by_repeat(ratios: dict[str, Any]) -> list[str]:
+    """The batch-1 ratios paired by repeat (quantized run k against baseline run k), with CI, n and verdict."""
+    by = ratios.get("by_repeat") or {}
+    parts = [f"{label} {ci_text(v, '.3f', ' (no interval under 3 repeats)')}, n = {v.get('n', 0)} repeats, "
+             f"{v.get('verdict')}" for label, k in (("sampled", "ms_per_token_sampled"), ("greedy", "ms_per_token_greedy"))
+             if (v := by.get(k)) and v.get("median") is not None]
+    return [f"Quantized / baseline ms/token paired by repeat (median of per-repeat ratios, 95% bootstrap CI over "
+            f"repeats): {'; '.join(parts)}.", ""] if parts else []
 
 
 def _b1_intervals(sp: dict[str, Any]) -> list[str]:

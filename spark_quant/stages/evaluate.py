@@ -31,6 +31,7 @@ from spark_quant.reporting.metrics import (
     greedy_similarity,
     hist_distance,
     ratio,
+    ratio_by_repeat,
     roofline,
     sampled_quality,
     speed_summary,
@@ -272,6 +273,9 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             "ms_per_token_greedy": ratio(sq_["ms_per_token_greedy"], sb_["ms_per_token_greedy"]),
             "tokens_per_s": {r["concurrency"]: ratio(r2["tokens_per_s"], r["tokens_per_s"])
                              for r, r2 in zip(sb_["throughput"], sq_["throughput"])},
+            # the same batch-1 ratios paired by repeat, with their 95% CI and n (none under 3 repeats)
+            "by_repeat": {k: ratio_by_repeat(sb_.get(f"{k}_runs") or [], sq_.get(f"{k}_runs") or [], False)
+                          for k in ("ms_per_token_sampled", "ms_per_token_greedy")},
         }
         res["roofline"] = roofline(res, model_cfg, prompt_mean + exp.eval.max_new_tokens / 2)
     res["verdict"] = verdict(gates, failures)
