@@ -179,7 +179,8 @@ def _cell(r: dict[str, Any], key: str, diffs: dict[str, dict[str, Any]] | None) 
     elif sp and sp.get("lo") is not None and sp.get("median") is not None:  # the eval's repeats: paired CI
         text = f"{ci_text(sp)} n={sp['n']} runs"
     elif sp and r.get(key) is not None:  # under 3 repeats: the ratio, and why it has no interval
-        text = f"{_fmt(r.get(key))} (n={sp.get('n', 0)} runs, no CI)"
+        k = sp.get("n", 0)
+        text = f"{_fmt(r.get(key))} (n={k} run{'' if k == 1 else 's'}, no CI)"
     else:
         text = _fmt(r.get(key))
     if diffs and key in diffs and is_significant(diffs[key]):
