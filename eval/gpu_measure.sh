@@ -311,16 +311,18 @@ job() {
       AUDIO_MEM=14GiB audio_arms playing:16,playing:16:graphs,fifo:16
       FID_EXPS=experiments/spark-tts_w8a8_int8_sq08.yaml fidelity_job fidelity-sweep || true ;;
     gpu13)  # issue 15's recipe sweep at GPU scale, speed from the same run by issue 14's paired method: the trained
-            # full proxy, then the default W8A8, static activation scales, FP8 dynamic and W4A16 (each: fidelity on
-            # 115 texts x 2 modes x 8 outputs, paired over the same prompts and seeds) with BF16 and the first
-            # three checkpoints resident together after their evals, one engine each, cells b1 (200 tokens) and
-            # c256 (128 tokens), 20 alternated rounds (sweep --paired-speed; the comparison is written before the
-            # paired step too); W4A16's fidelity last, in its own comparison
+            # full proxy; the default W8A8, static activation scales and FP8 dynamic quantized; BF16 and the three
+            # checkpoints resident together, one engine each, cells b1 (200 tokens) and c256 (128 tokens), 20
+            # alternated rounds (sweep --paired-speed --paired-first); then each one's fidelity (115 texts x 2 modes
+            # x FID_SAMPLES outputs, paired over the same prompts and seeds); W4A16's fidelity last, in its own
+            # comparison. About 25 minutes of one H100 after the parts are stashed (the paired step ends near 12)
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       # GPU13_EXPS: the recipes timed paired (a shorter list when the session's device time is short);
       # GPU13_W4A16=0 skips W4A16's own fidelity run
-      FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="${GPU13_EXPS:-experiments/spark-tts_w8a8_int8.yaml \
+      # paired first (FID_PAIRED_FIRST=, empty, for evals first): the tenth GPU run measured the default's and
+      # static's fidelity and then ran out of device time as the paired step started
+      FID_PAIRED_FIRST=${FID_PAIRED_FIRST-1} FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="${GPU13_EXPS:-experiments/spark-tts_w8a8_int8.yaml \
 experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.yaml}" fidelity_job fidelity-sweep || true
       # W4A16 last, in its own comparison folder (fidelity only): what is left of the 30 device minutes
       [ "${GPU13_W4A16:-1}" = 0 ] ||
@@ -430,7 +432,8 @@ fidelity_job() {
       fidelity_job fidelity-sweep ;;
     fidelity-sweep)  # the sweep of FID_EXPS on the trained proxy (made first by fidelity-proxy)
       t0=$SECONDS
-      make sweep EXPERIMENTS="$FID_EXPS" SWEEP=${FID_SWEEP:-fidelity-gpu} SET="$FID_SET" ${FID_PAIRED:+PAIRED_SPEED=$FID_PAIRED} || true
+      make sweep EXPERIMENTS="$FID_EXPS" SWEEP=${FID_SWEEP:-fidelity-gpu} SET="$FID_SET" ${FID_PAIRED:+PAIRED_SPEED=$FID_PAIRED} \
+        ${FID_PAIRED:+${FID_PAIRED_FIRST:+PAIRED_FIRST=1}} || true
       echo "fidelity sweep wall $((SECONDS - t0))s" ;;
     fidelity-damaged)
       t0=$SECONDS

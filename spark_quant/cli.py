@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paired-speed", default=None, metavar="CELLS",
                    help="then time BF16 and every checkpoint paired, e.g. b1=1:200,c256=256:128")
     p.add_argument("--paired-trials", type=int, default=20, help="alternated rounds per paired cell (default 20)")
+    p.add_argument("--paired-first", action="store_true",
+                   help="time them paired right after quantizing, before the evals (short device time: speed first)")
 
     p = sub.add_parser("serving-profile", help="Spark serving profile of a model or quantized checkpoint folder")
     p.add_argument("--model", type=Path, required=True, help="Spark-TTS folder with LLM/ (model or checkpoint)")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "sweep":
             from spark_quant.stages.sweep import sweep
 
-            sweep(args.experiments, args.overrides, args.out, args.paired_speed, args.paired_trials)
+            sweep(args.experiments, args.overrides, args.out, args.paired_speed, args.paired_trials, args.paired_first)
         elif args.cmd == "serving-profile":
             from spark_quant.models.serving_profile import build_profile
 

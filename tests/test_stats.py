@@ -329,3 +329,71 @@ def test_sweep_refuses_an_experiment_named_like_the_paired_baseline_before_any_w
     with pytest.raises(UserError, match="an experiment is named 'bf16'"):
         sweep([root / "experiments/spark-tts_w8a8_int8.yaml"], ["name=bf16"], tmp_path / "eval/sweeps/s", "b1=1:20")
     assert list(tmp_path.iterdir()) == []  # nothing calibrated, nothing written
+
+
+def test_sweep_paired_first_times_the_checkpoints_before_the_evals_and_writes_speed_then_fidelity(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import types
+    from pathlib import Path
+
+    from spark_quant.errors import UserError
+    from spark_quant.stages import sweep as sw
+
+    root = Path(__file__).resolve().parents[1]
+    exps = [root / "experiments/spark-tts_w8a8_int8.yaml", root / "experiments/spark-tts_w8a8_int8_static.yaml"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--paired-first: name the cells"):
+        sw.sweep(exps, [], tmp_path / "eval/sweeps/s", None, paired_first=True)
+    assert list(tmp_path.iterdir()) == []  # refused before any work
+
+    calls: list[str] = []
+
+    def fake_stage(cmd, *a, **k):  # the stage subprocesses: the static recipe's quantize fails
+        stage, exp = cmd[3], Path(cmd[5]).stem
+        calls.append(f"{stage} {exp}")
+        return types.SimpleNamespace(returncode=1 if (stage, exp) == ("quantize", "spark-tts_w8a8_int8_static") else 0)
+
+    pj = tmp_path / ".s-paired.tmp-1" / "paired.json"
+    pj.parent.mkdir()
+    pj.write_text(json.dumps(_paired_res()))
+
+    def fake_paired(exps_, *a):
+        calls.append("paired " + ",".join(x.name for x in exps_))
+        return pj
+
+    def fake_compare(dirs, out, paired=None):
+        calls.append(f"compare paired={paired is not None}")
+        return Path(out)
+
+    monkeypatch.setattr(subprocess, "run", fake_stage)
+    monkeypatch.setattr(sw, "_paired_run", fake_paired)
+    monkeypatch.setattr(sw, "compare", fake_compare)
+    sw.sweep(exps, [], tmp_path / "eval/sweeps/s", "b1=1:20", paired_first=True)
+    assert calls == ["calibrate spark-tts_w8a8_int8", "quantize spark-tts_w8a8_int8",
+                     "calibrate spark-tts_w8a8_int8_static", "quantize spark-tts_w8a8_int8_static",
+                     "paired spark-tts_w8a8_int8,spark-tts_w8a8_int8_static", "compare paired=True",
+                     "eval spark-tts_w8a8_int8", "compare paired=True"]  # no eval for the failed quantize
+    assert not pj.parent.exists()  # the paired step's temporary folder is gone once the comparison holds it
+    calls.clear()
+    sw.sweep(exps[:1], [], tmp_path / "eval/sweeps/s", "b1=1:20")  # the default order: evals, then paired
+    assert calls == ["calibrate spark-tts_w8a8_int8", "quantize spark-tts_w8a8_int8", "eval spark-tts_w8a8_int8",
+                     "compare paired=False", "paired spark-tts_w8a8_int8", "compare paired=True"]
+
+
+def test_compare_with_a_paired_run_and_no_eval_yet_shows_the_speed_columns(tmp_path):
+    import json
+
+    from spark_quant.errors import UserError
+    from spark_quant.stages.sweep import compare
+
+    pj = tmp_path / "paired.json"
+    pj.write_text(json.dumps(_paired_res()))
+    dirs = [tmp_path / "eval/results/spark-tts_w8a8_int8", tmp_path / "eval/results/slow"]
+    out = compare(dirs, tmp_path / "cmp", paired=pj)
+    md = (out / "comparison.md").read_text()
+    rows = {r.split(" | ")[0].strip("| "): r for r in md.splitlines() if r.startswith("| ")}
+    assert "missing: not evaluated" in rows["slow"] and "n=20 slower" in rows["slow"]
+    assert "n=20 no difference" in rows["spark-tts_w8a8_int8"] and (out / "paired.json").is_file()
+    with pytest.raises(UserError, match="none of .* is a finished eval folder"):  # without a paired run: refused
+        compare(dirs, tmp_path / "cmp2")

@@ -65,7 +65,7 @@ def compare(result_dirs: list[Path], out: Path, overwrite: bool = True, paired: 
     rows = [_row_or_missing(Path(d)) for d in result_dirs]
     if pres is not None:
         add_paired(rows, pres, BASELINE_LABEL)
-    if all(r["verdict"].startswith("missing") for r in rows):
+    if all(r["verdict"].startswith("missing") for r in rows) and not any(r.get("paired") for r in rows):
         raise UserError(f"compare: none of {', '.join(map(str, result_dirs))} is a finished eval folder; "
                         "run `make eval EXPERIMENT=...` first")
     started = time.time()
@@ -164,7 +164,7 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
 
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed: str | None = None,
-          paired_trials: int = 20) -> Path:
+          paired_trials: int = 20, paired_first: bool = False) -> Path:
     """calibrate, quantize and eval each experiment (each in its environment), then compare them all.
 
     Every stage skips itself when its inputs did not change, reuses a sibling folder made from the
@@ -174,6 +174,9 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
 
     ``paired_speed`` (cells ``NAME=CONCURRENCY:TOKENS,...``): then the paired speed step (module docstring);
     the comparison is written once before it, so a paired run that dies costs nothing already measured.
+    ``paired_first``: the paired step right after every checkpoint is quantized, before the evals, and the
+    comparison written after it (speed columns, rows "not evaluated") and again after the evals: where device
+    time is short, the speed ranking comes first and each eval adds its fidelity row to it.
     """
     import shutil
     import subprocess
@@ -185,6 +188,8 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
         raise UserError("sweep: name at least one experiment YAML (EXPERIMENTS=\"a.yaml b.yaml\")")
     exps = [load_experiment(Path(e), overrides) for e in experiments]  # validate them all before any work
     cells = parse_paired_cells(paired_speed) if paired_speed is not None else None
+    if paired_first and cells is None:
+        raise UserError("sweep --paired-first: name the cells to time with --paired-speed (e.g. b1=1:200)")
     if cells is not None and paired_trials < 3:
         raise UserError(f"--paired-trials {paired_trials}: a paired interval needs at least 3 rounds (20 is the method's)")
     if cells is not None and BASELINE_LABEL in [x.name for x in exps]:  # refused before any work, not after the evals
@@ -198,24 +203,39 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     if dup:
         raise UserError(f"sweep: experiments share the name(s) {dup}; their outputs would collide (rename one)")
     sets = [a for o in overrides for a in ("--set", o)]
-    failed: list[str] = []
-    for path, exp in zip(experiments, exps):
-        for stage, py in (("calibrate", "quant"), ("quantize", "quant"), ("eval", "serve")):
-            print(f"sweep: {exp.name}: {stage}", flush=True)
-            rc = subprocess.run([stage_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
-            if rc != 0:
-                failed.append(f"{exp.name} ({stage}, exit {rc})")
-                break
-    result = compare([x.results_dir for x in exps], out)
-    if cells is not None:
-        pj = None
-        try:
+    failed: dict[str, str] = {}  # experiment -> the stage that failed
+
+    def run(stages: tuple[str, ...]) -> None:
+        for path, exp in zip(experiments, exps):
+            for stage in stages:
+                if exp.name in failed:
+                    break
+                print(f"sweep: {exp.name}: {stage}", flush=True)
+                py = "serve" if stage == "eval" else "quant"
+                rc = subprocess.run([stage_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
+                if rc != 0:
+                    failed[exp.name] = f"{exp.name} ({stage}, exit {rc})"
+
+    dirs = [x.results_dir for x in exps]
+    pj = None
+    try:
+        if paired_first:
+            run(("calibrate", "quantize"))
             pj = _paired_run(exps, list(experiments), overrides, cells, paired_trials, Path(out))
-            if pj is not None:
-                result = compare([x.results_dir for x in exps], out, paired=pj)
-        finally:
-            if pj is not None:
-                shutil.rmtree(pj.parent, ignore_errors=True)
+            if pj is not None:  # the speed columns now; the evals fill in the rows
+                result = compare(dirs, out, paired=pj)
+            run(("eval",))
+            result = compare(dirs, out, paired=pj)
+        else:
+            run(("calibrate", "quantize", "eval"))
+            result = compare(dirs, out)
+            if cells is not None:
+                pj = _paired_run(exps, list(experiments), overrides, cells, paired_trials, Path(out))
+                if pj is not None:
+                    result = compare(dirs, out, paired=pj)
+    finally:
+        if pj is not None:
+            shutil.rmtree(pj.parent, ignore_errors=True)
     if failed:
-        print(f"sweep: not passed: {', '.join(failed)}")
+        print(f"sweep: not passed: {', '.join(failed.values())}")
     return result
