@@ -277,3 +277,42 @@ def test_batch1_ms_per_token_carries_an_interval_over_the_requests_of_every_repe
     assert f"| ms/token, sampled | 2.000 [{ci['lo']:.3f}, {ci['hi']:.3f}], n = 8 |" in text
     assert "| ms/token, greedy | 2.050 (no interval under 3 requests), n = 2 | – |" in text
     assert "ranks nothing" in text and _b1_intervals({"baseline": {}, "quantized": {}}) == []
+
+
+def test_three_repeats_give_the_evals_own_ratios_a_paired_interval_in_results_report_and_comparison(tmp_path):
+    from test_publish import _worker_run  # one worker result in serve_worker's shape
+
+    from spark_quant.reporting.compare import render_table, row_from_results
+    from spark_quant.reporting.report import render_report
+
+    good = [spark.global_id(i) for i in range(32)] + [spark.semantic_id(i) for i in range(40)] + [spark.EOS_ID]
+
+    def run(wall_scale: float, kernels: list[str]) -> dict:
+        r = _worker_run(kernels, [good, good])
+        for row in r["tasks"]["throughput"]["rows"]:
+            row["wall_s"] *= wall_scale
+        return r
+
+    drift = (1.0, 1.3, 0.9)  # moves both runs of a repeat together; the quantized run takes 0.78-0.82 of the time
+    runs = {"baseline": [run(d, []) for d in drift],
+            "quantized": [run(d * f, ["K"]) for d, f in zip(drift, (0.80, 0.82, 0.78))]}
+    qman = {"check": {"format": "int-quantized", "weights": {"total_bytes": 1000, "embedding_and_head_bytes": 100}},
+            "inputs": {"recipe_path": "recipes/w8a8_int8_sq_gptq.yaml"}}
+    cfg = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "vocab_size": spark.VOCAB_SIZE,
+           "num_attention_heads": 4, "num_key_value_heads": 2}
+    prompts = [{"mode": "controllable", "text": "a", "ids": [1, 2, 3]}, {"mode": "clone", "text": "b", "ids": [4, 5]}]
+    res = build_results(load_experiment(None), prompts, runs, qman, "cpu", cfg)
+    c4 = res["ratios"]["by_repeat"]["tokens_per_s"][4]
+    assert c4["n"] == 3 and c4["median"] == pytest.approx(1 / 0.80) and c4["verdict"] == "faster"
+    assert 1 / 0.82 - 1e-9 <= c4["lo"] <= c4["median"] <= c4["hi"] <= 1 / 0.78 + 1e-9
+    line = next(x for x in render_report(res).splitlines() if x.startswith("| 4 |"))
+    assert f"| {c4['median']:.3f} [{c4['lo']:.3f}, {c4['hi']:.3f}] (n = 3 repeats) |" in line
+    res["experiment"] = "spark-tts_w8a8_int8"
+    table = render_table([row_from_results(res, None, tmp_path)])
+    row = next(x for x in table.splitlines() if x.startswith("| spark-tts_w8a8_int8 |"))
+    assert f"{c4['median']:.3f} [{c4['lo']:.3f}, {c4['hi']:.3f}] n=3 runs" in row
+
+    one = build_results(load_experiment(None), prompts, {k: v[:1] for k, v in runs.items()}, qman, "cpu", cfg)
+    assert one["ratios"]["by_repeat"]["tokens_per_s"][4]["lo"] is None  # one repeat: the plain ratio, no interval
+    line = next(x for x in render_report(one).splitlines() if x.startswith("| 4 |"))
+    assert "| 1.25 |" in line and "repeats" not in line

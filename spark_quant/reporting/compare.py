@@ -54,13 +54,16 @@ def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: P
     row["semantic_tv"] = _get(sim, "sampled", "semantic_distribution_tv")
     ratios = res.get("ratios") or {}
     row["ms_sampled_ratio"] = ratios.get("ms_per_token_sampled")
-    row["ms_greedy_ratio"] = ratios.get("ms_per_token_greedy")
     by_rep = ratios.get("by_repeat") or {}  # the same ratios paired by repeat: CI and n where repeats >= 3
     row["speed_ci"] = {col: by_rep[k] for col, k in (("ms_sampled_ratio", "ms_per_token_sampled"),
                                                       ("ms_greedy_ratio", "ms_per_token_greedy")) if by_rep.get(k)}
+    row["ms_greedy_ratio"] = ratios.get("ms_per_token_greedy")
     tps = {int(k): v for k, v in (ratios.get("tokens_per_s") or {}).items() if v is not None}
     row["max_concurrency"] = max(tps) if tps else None
     row["tps_ratio_max_c"] = tps[max(tps)] if tps else None
+    tps_rep = {int(k): v for k, v in (by_rep.get("tokens_per_s") or {}).items()}
+    if tps and tps_rep.get(max(tps)):
+        row["speed_ci"]["tps_ratio_max_c"] = tps_rep[max(tps)]
     row["ms_per_token_sampled"] = _get(res, "speed", "quantized", "ms_per_token_sampled")
     row["ms_per_token_sampled_baseline"] = _get(res, "speed", "baseline", "ms_per_token_sampled")
     fid = res.get("fidelity") or {}
@@ -214,8 +217,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         notes.append("The `paired` columns come from one paired speed run and rank; the b1 / tok/s ratio columns "
                      "before them are each eval's own runs and rank nothing.")
     if any(r.get("speed_ci") for r in rows):
-        notes.append("The eval's own b1 ratios are paired by repeat (each quantized run right after its baseline "
-                     "run, one engine launch each): the median of per-repeat ratios with a 95% bootstrap CI over "
+        notes.append("The eval's own ratios (b1 ms/token, tok/s at the highest concurrency) are paired by repeat "
+                     "(each quantized run right after its baseline run, one engine launch each): the median of per-repeat ratios with a 95% bootstrap CI over "
                      "repeats where there are 3 or more, else the ratio of medians and no interval. Repeats are "
                      "minutes apart, so they carry the drift between launches the paired columns cancel.")
     return "\n".join([head, sep, *body, *notes])

@@ -112,14 +112,18 @@ def render_report(res: dict[str, Any]) -> str:
         out += _by_repeat(res.get("ratios") or {})
         out += _b1_intervals(sp)
         out += ["## Throughput by concurrency (fixed length, sampled)", "",
-                "| concurrency | baseline tok/s | quantized tok/s | ratio | audio s/s base / quant "
+                "| concurrency | baseline tok/s | quantized tok/s | ratio (3+ repeats: per-repeat median [95% CI]) | audio s/s base / quant "
                 "| RTF p50 base / quant | RTF p99 base / quant | TTFT p99 base / quant (s) |",
                 "|---|---|---|---|---|---|---|---|"]
         bt = sp.get("baseline", {}).get("throughput", [])
         qt = sp.get("quantized", {}).get("throughput", [])
+        by_c = {int(k): v for k, v in ((res.get("ratios") or {}).get("by_repeat", {}).get("tokens_per_s") or {}).items()}
         for b, q in zip(bt, qt):
+            rc = by_c.get(b["concurrency"]) or {}
+            ratio_text = (f"{ci_text(rc)} (n = {rc['n']} repeats)" if rc.get("lo") is not None
+                          else _f(q['tokens_per_s'] / b['tokens_per_s']))
             out.append(f"| {b['concurrency']} | {_f(b['tokens_per_s'], '.0f')} | {_f(q['tokens_per_s'], '.0f')} | "
-                       f"{_f(q['tokens_per_s'] / b['tokens_per_s'])} | {_f(b['audio_s_per_s'], '.1f')} / "
+                       f"{ratio_text} | {_f(b['audio_s_per_s'], '.1f')} / "
                        f"{_f(q['audio_s_per_s'], '.1f')} | {_f(b['rtf_p50'], '.3f')} / {_f(q['rtf_p50'], '.3f')} | "
                        f"{_f(b['rtf_p99'], '.3f')} / {_f(q['rtf_p99'], '.3f')} | "
                        f"{_f(b['ttft_p99_s'], '.3f')} / {_f(q['ttft_p99_s'], '.3f')} |")

@@ -274,8 +274,11 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             "tokens_per_s": {r["concurrency"]: ratio(r2["tokens_per_s"], r["tokens_per_s"])
                              for r, r2 in zip(sb_["throughput"], sq_["throughput"])},
             # the same batch-1 ratios paired by repeat, with their 95% CI and n (none under 3 repeats)
-            "by_repeat": {k: ratio_by_repeat(sb_.get(f"{k}_runs") or [], sq_.get(f"{k}_runs") or [], False)
-                          for k in ("ms_per_token_sampled", "ms_per_token_greedy")},
+            "by_repeat": {**{k: ratio_by_repeat(sb_.get(f"{k}_runs") or [], sq_.get(f"{k}_runs") or [], False)
+                             for k in ("ms_per_token_sampled", "ms_per_token_greedy")},
+                          "tokens_per_s": {r["concurrency"]: ratio_by_repeat(r.get("tokens_per_s_runs") or [],
+                                                                             r2.get("tokens_per_s_runs") or [], True)
+                                           for r, r2 in zip(sb_["throughput"], sq_["throughput"])}},
         }
         res["roofline"] = roofline(res, model_cfg, prompt_mean + exp.eval.max_new_tokens / 2)
     res["verdict"] = verdict(gates, failures)
