@@ -259,7 +259,7 @@ def test_speed_matrix_rows_give_ratios_against_the_first_variant_and_name_failur
 
 def test_batch1_ms_per_token_carries_an_interval_over_the_requests_of_every_repeat():
     from spark_quant.reporting.metrics import _pooled_ci
-    from spark_quant.reporting.report import _b1_intervals
+    from spark_quant.reporting.speed_text import b1_interval_lines as _b1_intervals
 
     def task(step_ms: list[float]) -> dict:  # one request per step, 20 tokens each
         return {"requests": [{"stamps": [[0.01 + i * s / 1000, i + 1] for i in range(20)], "mode": "clone"}

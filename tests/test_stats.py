@@ -229,7 +229,7 @@ def test_paired_speed_ratios_become_comparison_columns_with_their_interval_and_v
 def test_the_evals_own_batch1_ratio_is_paired_by_repeat_with_an_interval_from_three_repeats(tmp_path):
     from spark_quant.reporting.compare import render_table, row_from_results
     from spark_quant.reporting.metrics import ratio_by_repeat
-    from spark_quant.reporting.report import _by_repeat
+    from spark_quant.reporting.speed_text import by_repeat_lines as _by_repeat
 
     # quantized run k right after baseline run k: drift moves both, the per-repeat ratio stays near 1.10
     base = [2.0, 2.6, 2.2, 3.0, 2.4]

@@ -10,6 +10,7 @@ from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.fmt import num as _f
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, direction, format_ci
+from spark_quant.reporting.speed_text import b1_interval_lines, by_repeat_lines
 
 
 def summary_table(res: dict[str, Any]) -> str:
@@ -109,8 +110,8 @@ def render_report(res: dict[str, Any]) -> str:
         runs_q = sp.get("quantized", {}).get("ms_per_token_sampled_runs", [])
         out += ["", f"Per-repeat ms/token (sampled): baseline {[_f(x, '.3f') for x in runs_b]}, "
                 f"quantized {[_f(x, '.3f') for x in runs_q]}.", ""]
-        out += _by_repeat(res.get("ratios") or {})
-        out += _b1_intervals(sp)
+        out += by_repeat_lines(res.get("ratios") or {})
+        out += b1_interval_lines(sp)
         out += ["## Throughput by concurrency (fixed length, sampled)", "",
                 "| concurrency | baseline tok/s | quantized tok/s | ratio (3+ repeats: per-repeat median [95% CI]) | audio s/s base / quant "
                 "| RTF p50 base / quant | RTF p99 base / quant | TTFT p99 base / quant (s) |",
@@ -371,32 +372,3 @@ def render_plots(res: dict[str, Any], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "agreement.png", dpi=110)
     plt.close(fig)
-
-
-def _by_repeat(ratios: dict[str, Any]) -> list[str]:
-    """The batch-1 ratios paired by repeat (quantized run k against baseline run k), with CI, n and verdict."""
-    by = ratios.get("by_repeat") or {}
-    parts = [f"{label} {ci_text(v, '.3f', ' (no interval under 3 repeats)')}, n = {v.get('n', 0)} repeats, "
-             f"{v.get('verdict')}" for label, k in (("sampled", "ms_per_token_sampled"), ("greedy", "ms_per_token_greedy"))
-             if (v := by.get(k)) and v.get("median") is not None]
-    return [f"Quantized / baseline ms/token paired by repeat (median of per-repeat ratios, 95% bootstrap CI over "
-            f"repeats): {'; '.join(parts)}.", ""] if parts else []
-
-
-def _b1_intervals(sp: dict[str, Any]) -> list[str]:
-    """Batch-1 ms/token of each side with its 95% bootstrap interval over requests (every repeat pooled)."""
-    def cell(c: dict[str, Any] | None) -> str:
-        text = ci_text(c, ".3f", " (no interval under 3 requests)")
-        return text if text == "–" else f"{text}, n = {c['n']}"
-
-    rows = [(label, sp.get("baseline", {}).get(key), sp.get("quantized", {}).get(key))
-            for label, key in (("ms/token, sampled", "ms_per_token_sampled_ci"),
-                               ("ms/token, greedy", "ms_per_token_greedy_ci"))]
-    if not any(b or q for _, b, q in rows):
-        return []
-    out = ["Batch-1 ms/token with 95% intervals: the median over requests, every repeat pooled, bootstrap over "
-           "requests (n = requests). Each side is its own run, one after the other, so the ratio above is not "
-           "the paired method and ranks nothing; `make sweep ... PAIRED_SPEED=...` times the variants paired.", "",
-           "| | baseline median [95% CI], n | quantized median [95% CI], n |", "|---|---|---|"]
-    out += [f"| {label} | {cell(b)} | {cell(q)} |" for label, b, q in rows]
-    return out + [""]
