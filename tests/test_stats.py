@@ -372,12 +372,15 @@ def test_sweep_paired_first_times_the_checkpoints_before_the_evals_and_writes_sp
     sw.sweep(exps, [], tmp_path / "eval/sweeps/s", "b1=1:20", paired_first=True)
     assert calls == ["calibrate spark-tts_w8a8_int8", "quantize spark-tts_w8a8_int8",
                      "calibrate spark-tts_w8a8_int8_static", "quantize spark-tts_w8a8_int8_static",
-                     "paired spark-tts_w8a8_int8,spark-tts_w8a8_int8_static", "compare paired=True",
-                     "eval spark-tts_w8a8_int8", "compare paired=True"]  # no eval for the failed quantize
+                     "paired spark-tts_w8a8_int8", "compare paired=True",
+                     "eval spark-tts_w8a8_int8", "compare paired=True"]  # the failed quantize: neither timed nor evaluated
     assert not pj.parent.exists()  # the paired step's temporary folder is gone once the comparison holds it
     calls.clear()
-    sw.sweep(exps[:1], [], tmp_path / "eval/sweeps/s", "b1=1:20")  # the default order: evals, then paired
+    pj.parent.mkdir()
+    pj.write_text(json.dumps(_paired_res()))
+    sw.sweep(exps, [], tmp_path / "eval/sweeps/s", "b1=1:20")  # evals first: the failed quantize is not timed
     assert calls == ["calibrate spark-tts_w8a8_int8", "quantize spark-tts_w8a8_int8", "eval spark-tts_w8a8_int8",
+                     "calibrate spark-tts_w8a8_int8_static", "quantize spark-tts_w8a8_int8_static",
                      "compare paired=False", "paired spark-tts_w8a8_int8", "compare paired=True"]
 
 

@@ -203,7 +203,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     if dup:
         raise UserError(f"sweep: experiments share the name(s) {dup}; their outputs would collide (rename one)")
     sets = [a for o in overrides for a in ("--set", o)]
-    failed: dict[str, str] = {}  # experiment -> the stage that failed
+    failed: dict[str, tuple[str, int]] = {}  # experiment -> the stage that failed and its exit status
 
     def run(stages: tuple[str, ...]) -> None:
         for path, exp in zip(experiments, exps):
@@ -214,14 +214,18 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
                 py = "serve" if stage == "eval" else "quant"
                 rc = subprocess.run([stage_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
                 if rc != 0:
-                    failed[exp.name] = f"{exp.name} ({stage}, exit {rc})"
+                    failed[exp.name] = (stage, rc)
+
+    def timed() -> tuple[list[Any], list[Path]]:  # a checkpoint whose calibrate or quantize failed now is not timed
+        keep = [(x, p) for x, p in zip(exps, experiments) if failed.get(x.name, ("eval",))[0] == "eval"]
+        return [x for x, _ in keep], [Path(p) for _, p in keep]
 
     dirs = [x.results_dir for x in exps]
     pj = None
     try:
         if paired_first:
             run(("calibrate", "quantize"))
-            pj = _paired_run(exps, list(experiments), overrides, cells, paired_trials, Path(out))
+            pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out))
             if pj is not None:  # the speed columns now; the evals fill in the rows
                 result = compare(dirs, out, paired=pj)
             run(("eval",))
@@ -230,12 +234,12 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
             run(("calibrate", "quantize", "eval"))
             result = compare(dirs, out)
             if cells is not None:
-                pj = _paired_run(exps, list(experiments), overrides, cells, paired_trials, Path(out))
+                pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out))
                 if pj is not None:
                     result = compare(dirs, out, paired=pj)
     finally:
         if pj is not None:
             shutil.rmtree(pj.parent, ignore_errors=True)
     if failed:
-        print(f"sweep: not passed: {', '.join(failed.values())}")
+        print(f"sweep: not passed: {', '.join(f'{n} ({st}, exit {rc})' for n, (st, rc) in failed.items())}")
     return result
