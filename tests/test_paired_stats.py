@@ -142,13 +142,14 @@ def test_variant_topology_beats_the_experiments(tmp_path):
 
 def test_the_committed_h200_run_recomputes_from_its_raw_trials():
     """docs/results/h200-paired: every cell's statistics follow from its raw trials (seeded bootstrap)."""
+    import gzip
     import json
 
     from conftest import ROOT
 
     from spark_quant.reporting.paired import render_markdown
 
-    res = json.loads((ROOT / "docs/results/h200-paired/paired.json").read_text())
+    res = json.loads(gzip.decompress((ROOT / "docs/results/h200-paired/paired.json.gz").read_bytes()))
     for cell in res["cells"].values():
         assert len(cell["raw"]) == 20
         assert cell_stats(cell) == cell["stats"]
