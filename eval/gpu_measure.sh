@@ -37,6 +37,8 @@
 #                      and without graphs at c = 1024 on the trained full proxy; issue 15's SQ 0.8 sweep row
 #           gpu13      issue 15's recipe sweep (default, static, FP8) on the trained full proxy, with the paired
 #                      speed of BF16 and the three checkpoints from the same run (sweep --paired-speed); W4A16 last
+#           gpu14      an H200 session: issue 16's c = 1024 underrun (playing-16), then issue 15's sweep paired
+#                      first (BF16, FP8, W4A16, default W8A8, static scales), then their fidelity as time allows
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -330,6 +332,18 @@ experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.ya
       local r=eval/results pj=eval/sweeps/fidelity-gpu/paired.json  # all four rows in one table (same prompts, seeds)
       $QUANT_PYTHON -m spark_quant compare $r/spark-tts_w8a8_int8 $r/spark-tts_w8a8_int8_static $r/spark-tts_fp8_dynamic \
         $r/spark-tts_w4a16_int4 --out eval/sweeps/fidelity-gpu-all $([ -f $pj ] && echo --paired $pj) || true ;;
+    gpu14)  # one H200 session (30 device minutes): issue 16's c = 1024 underrun target on the card it names (the
+            # BF16 trained full proxy on 3 engine + codec sessions, playing-16, c = 1 with 40 requests and c = 1024
+            # over 4 rounds; gpu10 / gpu12 ran it on H100s), then issue 15's sweep paired first: BF16, FP8 dynamic,
+            # W4A16, the default W8A8 and static scales resident together (one engine each, b1 and c256, 20
+            # alternated rounds), then their fidelity evals in that order (FID_SAMPLES outputs per prompt) as far
+            # as the session's device time goes
+      setup "$PARTS"
+      fidelity_job fidelity-proxy || true
+      audio_arms playing:16
+      FID_PAIRED_FIRST=1 FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="${GPU14_EXPS:-experiments/spark-tts_fp8_dynamic.yaml \
+experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_static.yaml}" \
+        fidelity_job fidelity-sweep || true ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -544,8 +558,14 @@ case $cmd in
   setup) setup "$@" ;;
   stash) mkdir -p "$PARTS"; cp "${1:?DIR}"/part* "$PARTS"/; [ -f "$1/install.sh" ] && cp "$1/install.sh" "$PARTS"/; ls -l "$PARTS" ;;
   start)
-    setsid nohup bash "$0" job "$@" > "/root/$1.log" 2>&1 < /dev/null &
-    echo "$1 started (log: /root/$1.log)" ;;
+    # the job runs in its own copy of the tree (/root/tree-JOB): every later device call lays the newest working
+    # tree over the repo root, and a job that starts a new process per stage would otherwise run a mix of both
+    jt=/root/tree-$1
+    rm -rf "$jt"; mkdir -p "$jt"
+    tar cf - --exclude=./.gpu --exclude=./eval/results --exclude=./eval/sweeps --exclude=./checkpoints \
+      --exclude=./calibration/runs --exclude=./build --exclude=./.venv . | tar xf - -C "$jt"
+    (cd "$jt" && setsid nohup bash eval/gpu_measure.sh job "$@" > "/root/$1.log" 2>&1 < /dev/null &)
+    echo "$1 started in $jt (log: /root/$1.log)" ;;
   job) job "$@" || rc=$?; echo "job $1 done rc=${rc:-0}" ;;
   resplit)  # the bundle's parts re-cut to SIZE (default 40M): the tree itself travels in every call too, and
             # once it passed 16 MiB a 48 MiB part no longer fit the device tool's 64 MiB (gpu13: 5 parts of 40 MiB)
@@ -558,6 +578,7 @@ case $cmd in
     j=${1:?JOB}; limit=${2:?SECONDS}; t0=$SECONDS
     # a machine with no log of JOB is a fresh one (the last went back): waiting would only spend device time
     [ -f /root/$j.log ] || { echo "wait: /root/$j.log does not exist: this machine never ran $j (a fresh one?)" >&2; exit 3; }
+    [ -d /root/tree-$j ] && cd /root/tree-$j  # where start ran it: its outputs are there
     while ! grep -q "^job $j done" /root/$j.log 2>/dev/null && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; done
     grep -vE "it/s\]|is ignored|s/it\]" /root/$j.log | tail -60
     # the device tool brings back at most 8 files from $OUT: everything goes into one archive
