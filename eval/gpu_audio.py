@@ -3,6 +3,7 @@
     python eval/gpu_audio.py --out DIR --model LABEL=PATH [--model ...] [--concurrency 1,256,1024]
         [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--replicas 1] [--codec-batch N] [--timeout 600]
         [--arms fifo:16,playing:16,playing:64 --rounds 4]
+    python eval/gpu_audio.py --from docs/results/h100-gpu10/audio-cb-arms/audio.json.gz   (a saved run's tables)
         [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml]
 
 Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets
@@ -14,7 +15,8 @@ the embedded random-weight codec. ``--fixed-tokens N`` (for a random-weight LLM,
 request, EOS ignored, every token after the mode's header (controllable 39, clone 1; see stream_session)
 decoded as a semantic token. With ``--replicas N`` (``--memory`` each) the requests of a level are split
 over the N sessions (``spark_quant.audio.stream_pool``). Writes audio.json (every request's chunk timings)
-and audio.md.
+and audio.md. The tail table's playback margin is each stream's closest call: the least time by which a
+later chunk was ready before playback reached it (negative = an underrun; streams of one chunk cannot underrun).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
-from spark_quant.audio.stream import CODEC_ORDERS
+from spark_quant.audio.stream import CODEC_ORDERS, request_margin
 from spark_quant.audio.stream_pool import (CODEC_GIB, CODEC_GRAPHS_GIB, engine_memory_share, parse_arms,
                                            stream_over_replicas, uses_graphs)
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
@@ -44,25 +46,28 @@ HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before
 def load_rows(models: dict[str, dict]) -> list[str]:
     """Per model and concurrency: tail figures over every request (p99 RTF, first audio p99, underruns)."""
     lines = [("| model | c | n | first audio p99 ms | RTF p99 (LLM+codec) | requests with underrun | "
-              "underrun max ms | codec wait p50 ms | wall s |"), "|---|---|---|---|---|---|---|---|---|"]
+              "underrun max ms | requests of 2+ chunks | playback margin min / p1 ms | codec wait p50 ms | wall s |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in models.items():
         for row in m.get("rows", []):
             rs = [r for r in row["requests"] if "skipped" not in r]
             if not rs:
                 continue
+            margins = [x for x in map(request_margin, rs) if x is not None]
+            margin = (f"{min(margins) * 1000:.0f} / {percentile(margins, 0.01) * 1000:.0f}" if margins else "–")
             lines.append(
                 f"| {name} | {level_label(row)} | {len(rs)} | "
                 f"{percentile([r['first_audio_s'] for r in rs], 0.99) * 1000:.0f} | "
                 f"{percentile([r['rtf'] for r in rs], 0.99):.3f} | {sum(1 for r in rs if r['underruns'])}/{len(rs)} | "
-                f"{max(r['underrun_s'] for r in rs) * 1000:.0f} | "
+                f"{max(r['underrun_s'] for r in rs) * 1000:.0f} | {len(margins)} | {margin} | "
                 f"{percentile([r['codec_wait_s'] for r in rs], 0.5) * 1000:.0f} | {row['wall_s']:.1f} |")
     return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", action="append", required=True, help="LABEL=PATH (an LLM/ folder)")
+    ap.add_argument("--out", type=Path, help="the output folder (required unless --from)")
+    ap.add_argument("--model", action="append", help="LABEL=PATH (an LLM/ folder; required unless --from)")
     ap.add_argument("--experiment", type=Path, default=Path("experiments/spark-tts-full_w8a8_int8_gpu.yaml"))
     ap.add_argument("--concurrency", default="1,256,1024")
     ap.add_argument("--requests", type=int, default=20, help="requests at concurrency 1")
@@ -88,7 +93,19 @@ def main() -> int:
                     "on the same engines and prompts, "
                     "rotated by one each round; the first arm is the reference")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
+    ap.add_argument("--from", dest="saved", type=Path, help="print the tables of a saved run's audio.json "
+                    "(or .json.gz) and stop: nothing is run or written")
     a = ap.parse_args()
+    if a.saved is not None:
+        import gzip
+
+        raw = a.saved.read_bytes()
+        saved = json.loads(gzip.decompress(raw) if a.saved.suffix == ".gz" else raw)
+        print("\n".join(["Tail figures over every request of a level:", "", *load_rows(saved["models"]), "",
+                         *arm_table(saved["models"])]))
+        return 0
+    if a.out is None or not a.model:
+        ap.error("--out and --model are required (or --from a saved audio.json)")
     try:
         arms = parse_arms(a.arms) if a.arms else []
     except ValueError as err:

@@ -316,6 +316,21 @@ def test_playback_counts_stalls_when_a_chunk_is_late():
     assert n == 2 and stall == pytest.approx(1.0)
 
 
+def test_playback_margin_is_the_closest_call_and_negative_for_an_underrun():
+    from spark_quant.audio.stream import playback, playback_margin, request_margin
+
+    assert playback_margin([0.5, 1.2, 3.0], [1.0, 2.0, 1.0]) == pytest.approx(0.3)  # due 1.5 and 3.5: 0.3, 0.5 early
+    assert playback_margin([0.5, 2.0, 3.0], [1.0, 0.5, 1.0]) == pytest.approx(-0.5)  # both 0.5 late
+    assert playback_margin([0.5], [1.0]) is None  # one chunk cannot underrun
+    # the sign agrees with playback's stall count on the same chunks
+    for ready in ([0.0, 0.99, 1.5], [0.0, 1.01, 1.5], [0.0, 0.5, 2.2]):
+        assert (playback_margin(ready, [1.0, 1.0, 1.0]) < 0) == (playback(ready, [1.0, 1.0, 1.0])[1] > 0)
+    # a streamed request's record: chunk lengths in semantic tokens (50 per second of audio)
+    req = {"chunks": [{"start": 0, "end": 50, "ready_s": 1.185}, {"start": 50, "end": 108, "ready_s": 2.197}]}
+    assert request_margin(req) == pytest.approx(-0.012)
+    assert request_margin({**req, "skipped": "no semantic tokens"}) is None
+
+
 def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7, header=0,
             max_batch=1):
     """Feed saved outputs into StreamingRequests `delta` tokens at a time, concurrently, one codec thread."""
@@ -743,3 +758,20 @@ def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
     play = t0 + rec["chunks"][0]["ready_s"]
     assert asked[1] == pytest.approx(play + 50 / spark.SEMANTIC_PER_SECOND, abs=1e-9)
     assert asked[2] == pytest.approx(play + 150 / spark.SEMANTIC_PER_SECOND, abs=1e-9)
+
+
+def test_gpu_audio_reprints_a_saved_runs_tail_table_with_its_playback_margins():
+    """eval/gpu_audio.py --from: the H100 run gpu10's one underrun (playing-16, round 4, 12 ms) is its round's
+    negative margin; nothing is run or written."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    saved = ROOT / "docs/results/h100-gpu10/audio-cb-arms/audio.json.gz"
+    out = subprocess.run([sys.executable, "eval/gpu_audio.py", "--from", str(saved)], cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout
+    row = next(x for x in out.splitlines() if "(playing-16, round 4)" in x)
+    assert "| 1/1024 | 12 | 320 | -12 / 144 |" in row
+    fifo = next(x for x in out.splitlines() if "(fifo-16, round 1)" in x)
+    assert "| 173/1024 |" in fifo and "| -1482 / -1254 |" in fifo

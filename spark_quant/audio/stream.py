@@ -65,6 +65,28 @@ def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
     return stall, stalls
 
 
+def playback_margin(ready: list[float], seconds: list[float]) -> float | None:
+    """The closest call of a played stream: the least time by which a later chunk was ready before playback
+    reached it (s; negative = that chunk underran), playing back to back from the first chunk's ready time as
+    ``playback`` does. None for a stream of one chunk, which cannot underrun."""
+    if len(ready) < 2:
+        return None
+    cursor, worst = ready[0] + seconds[0], float("inf")
+    for r, s in zip(ready[1:], seconds[1:]):
+        worst = min(worst, cursor - r)
+        cursor = max(cursor, r) + s
+    return worst
+
+
+def request_margin(req: dict[str, Any]) -> float | None:
+    """``playback_margin`` of a streamed request's record (its chunks' ready times and lengths)."""
+    ch = req.get("chunks") or []
+    if "skipped" in req or any("ready_s" not in c for c in ch):
+        return None
+    return playback_margin([c["ready_s"] for c in ch],
+                           [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in ch])
+
+
 CODEC_ORDERS = ("fifo", "deadline", "playing")
 
 
