@@ -22,6 +22,7 @@ from spark_quant.reporting.fmt import auto as _fmt
 from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, PAIRED_KEYS, format_ci
+from spark_quant.reporting.speed_stats import by_concurrency
 
 DEFAULT_EXPERIMENT = "spark-tts_w8a8_int8"
 
@@ -58,10 +59,10 @@ def row_from_results(res: dict[str, Any], qman: dict[str, Any] | None, folder: P
     row["speed_ci"] = {col: by_rep[k] for col, k in (("ms_sampled_ratio", "ms_per_token_sampled"),
                                                       ("ms_greedy_ratio", "ms_per_token_greedy")) if by_rep.get(k)}
     row["ms_greedy_ratio"] = ratios.get("ms_per_token_greedy")
-    tps = {int(k): v for k, v in (ratios.get("tokens_per_s") or {}).items() if v is not None}
+    tps = {k: v for k, v in by_concurrency(ratios.get("tokens_per_s")).items() if v is not None}
     row["max_concurrency"] = max(tps) if tps else None
     row["tps_ratio_max_c"] = tps[max(tps)] if tps else None
-    tps_rep = {int(k): v for k, v in (by_rep.get("tokens_per_s") or {}).items()}
+    tps_rep = by_concurrency(by_rep.get("tokens_per_s"))
     if tps and tps_rep.get(max(tps)):
         row["speed_ci"]["tps_ratio_max_c"] = tps_rep[max(tps)]
     row["ms_per_token_sampled"] = _get(res, "speed", "quantized", "ms_per_token_sampled")

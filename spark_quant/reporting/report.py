@@ -11,6 +11,7 @@ from spark_quant.reporting.fmt import num as _f
 from spark_quant.reporting.gates import verdict_line
 from spark_quant.reporting.metrics import METRICS, direction, format_ci
 from spark_quant.reporting.speed_text import b1_interval_lines, by_repeat_lines
+from spark_quant.reporting.speed_stats import by_concurrency
 
 
 def summary_table(res: dict[str, Any]) -> str:
@@ -118,7 +119,7 @@ def render_report(res: dict[str, Any]) -> str:
                 "|---|---|---|---|---|---|---|---|"]
         bt = sp.get("baseline", {}).get("throughput", [])
         qt = sp.get("quantized", {}).get("throughput", [])
-        by_c = {int(k): v for k, v in ((res.get("ratios") or {}).get("by_repeat", {}).get("tokens_per_s") or {}).items()}
+        by_c = by_concurrency((res.get("ratios") or {}).get("by_repeat", {}).get("tokens_per_s"))
         for b, q in zip(bt, qt):
             rc = by_c.get(b["concurrency"]) or {}
             ratio_text = (f"{ci_text(rc)} (n = {rc['n']} repeats)" if rc.get("lo") is not None

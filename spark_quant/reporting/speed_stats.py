@@ -78,3 +78,8 @@ def intervals_agree(a: dict[str, Any], b: dict[str, Any], within: float = 0.05) 
     inside = a["lo"] <= b["median"] <= a["hi"] and b["lo"] <= a["median"] <= b["hi"]
     rel = abs(a["median"] - b["median"]) / a["median"]
     return {"inside_each_other": bool(inside), "relative_difference": rel, "within": bool(rel <= within)}
+
+
+def by_concurrency(d: dict[Any, Any] | None) -> dict[int, Any]:
+    """A per-concurrency dict of results.json (JSON keys are strings) keyed by int concurrency again."""
+    return {int(k): v for k, v in (d or {}).items()}

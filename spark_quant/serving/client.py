@@ -21,6 +21,7 @@ from spark_quant.artifacts import fingerprint
 from spark_quant.config import Experiment
 from spark_quant.envinfo import REPO_ROOT, device_info, versions
 from spark_quant.errors import UserError
+from spark_quant.serving.cpu_int8_static import checkpoint_quant_groups
 from spark_quant.serving.procenv import serving_env
 
 KERNEL_RE = re.compile(r"Selected (\w+) for (\w+)")
@@ -193,13 +194,8 @@ def worker_spec(exp: Experiment, llm: Path, dtype: str) -> dict[str, Any]:
 
 def _is_int8_w8a8(llm: Path) -> bool:
     """A compressed-tensors checkpoint whose weights and input activations are 8-bit integers."""
-    try:
-        q = json.loads((Path(llm) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
-        return False
-    groups = (q.get("config_groups") or {}).values()
     return any((g.get("weights") or {}).get("num_bits") == 8 and (g.get("weights") or {}).get("type") == "int"
-               and (g.get("input_activations") or {}).get("type") == "int" for g in groups)
+               and (g.get("input_activations") or {}).get("type") == "int" for g in checkpoint_quant_groups(llm))
 
 
 def has_cuda_device() -> bool:

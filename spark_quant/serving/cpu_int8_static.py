@@ -42,14 +42,19 @@ def patch() -> bool:
     return True
 
 
-def has_static_input_scales(model: str | os.PathLike) -> bool:
-    """Whether the checkpoint at ``model`` (its config.json) quantizes some activations with static scales."""
+def checkpoint_quant_groups(model: str | os.PathLike) -> list[dict]:
+    """The compressed-tensors ``config_groups`` of the checkpoint at ``model`` (its config.json), as a list;
+    empty for an unquantized or unreadable checkpoint. The one reader of them in the serving layer."""
     import json
     from pathlib import Path
 
     try:
         q = json.loads((Path(model) / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
-        return False
-    return any((g.get("input_activations") or {}).get("dynamic") is False
-               for g in (q.get("config_groups") or {}).values() if isinstance(g, dict))
+        return []
+    return [g for g in (q.get("config_groups") or {}).values() if isinstance(g, dict)]
+
+
+def has_static_input_scales(model: str | os.PathLike) -> bool:
+    """Whether the checkpoint at ``model`` (its config.json) quantizes some activations with static scales."""
+    return any((g.get("input_activations") or {}).get("dynamic") is False for g in checkpoint_quant_groups(model))

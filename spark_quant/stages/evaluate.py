@@ -268,17 +268,19 @@ def build_results(exp: Experiment, prompts: list[dict], runs: dict[str, list[dic
             failures.append("float16 baseline produced no valid Spark output (known FP16 breakage); use bfloat16")
     if "baseline" in res["speed"] and "quantized" in res["speed"]:
         sb_, sq_ = res["speed"]["baseline"], res["speed"]["quantized"]
+        tps, tps_rep = {}, {}  # tok/s ratio per concurrency: of the medians, and paired by repeat
+        for b, q in zip(sb_["throughput"], sq_["throughput"]):
+            tps[b["concurrency"]] = ratio(q["tokens_per_s"], b["tokens_per_s"])
+            tps_rep[b["concurrency"]] = ratio_by_repeat(b.get("tokens_per_s_runs") or [],
+                                                        q.get("tokens_per_s_runs") or [], True)
         res["ratios"] = {
             "ms_per_token_sampled": ratio(sq_["ms_per_token_sampled"], sb_["ms_per_token_sampled"]),
             "ms_per_token_greedy": ratio(sq_["ms_per_token_greedy"], sb_["ms_per_token_greedy"]),
-            "tokens_per_s": {r["concurrency"]: ratio(r2["tokens_per_s"], r["tokens_per_s"])
-                             for r, r2 in zip(sb_["throughput"], sq_["throughput"])},
-            # the same batch-1 ratios paired by repeat, with their 95% CI and n (none under 3 repeats)
+            "tokens_per_s": tps,
+            # the same ratios paired by repeat, with their 95% CI and n (none under 3 repeats)
             "by_repeat": {**{k: ratio_by_repeat(sb_.get(f"{k}_runs") or [], sq_.get(f"{k}_runs") or [], False)
                              for k in ("ms_per_token_sampled", "ms_per_token_greedy")},
-                          "tokens_per_s": {r["concurrency"]: ratio_by_repeat(r.get("tokens_per_s_runs") or [],
-                                                                             r2.get("tokens_per_s_runs") or [], True)
-                                           for r, r2 in zip(sb_["throughput"], sq_["throughput"])}},
+                          "tokens_per_s": tps_rep},
         }
         res["roofline"] = roofline(res, model_cfg, prompt_mean + exp.eval.max_new_tokens / 2)
     res["verdict"] = verdict(gates, failures)
