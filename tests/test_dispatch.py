@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from spark_quant.errors import UserError
 from spark_quant.serving.dispatch import Pool, ReplicaError, log_facts, split_counts
 
 FAKE = "tests.fixtures.fake_session"
@@ -60,6 +61,49 @@ def test_a_dead_replica_is_an_error_not_a_hang(tmp_path):
         pool.stop()
 
 
+def test_parallel_start_launches_every_pool_before_any_is_ready_and_restarts_a_failed_one_alone(tmp_path):
+    from spark_quant.serving.dispatch import start_pools
+
+    trace = str(tmp_path / "trace")
+    spec = {"model": "m", "fake_trace": trace, "fake_start_s": 0.3}
+    pools = {lb: Pool(lb, {**spec, **extra}, n, tmp_path, sys.executable, module=FAKE, timeout_s=30)
+             for lb, n, extra in (("a", 2, {}), ("b", 1, {"fake_fail_unless_again": True}), ("c", 1, {}))}
+    said = []
+    try:
+        out = start_pools(pools, parallel=True, log=said.append)
+        events = [ln.split() for ln in (tmp_path / "trace").read_text().splitlines()]
+        launches = [e[1] for e in events if e[0] == "launch"]
+        first_ready = next(i for i, e in enumerate(events) if e[0] == "ready")
+        # all four first sessions launched before any was ready; b's restart came after the others were up
+        assert set(launches[:4]) == {"a-r0", "a-r1", "b-r0", "c-r0"} and first_ready >= 4
+        assert launches[4:] == ["b-again-r0"]
+        assert [e[1] for e in events if e[0] == "ready"][-1] == "b-again-r0"
+        assert [len(out[lb]) for lb in "abc"] == [2, 1, 1] and pools["b"].replicas[0].tag == "b-again-r0"
+        assert all(e["start_s"] >= 0.3 for e in out["a"])
+        assert len(said) == 1 and said[0].startswith("b: did not start beside the others")
+        assert "CUDA out of memory" in said[0]
+        assert (tmp_path / "b-r0.log").exists()  # the failed attempt's log is kept
+    finally:
+        for pool in pools.values():
+            pool.stop()
+
+
+def test_sequential_start_reports_a_pool_that_cannot_start_and_stops_it(tmp_path):
+    from spark_quant.serving.dispatch import start_pools
+
+    spec = {"model": "m", "fake_trace": str(tmp_path / "trace")}
+    pools = {"ok": Pool("ok", spec, 1, tmp_path, sys.executable, module=FAKE, timeout_s=30),
+             "bad": Pool("bad", {**spec, "fake_fail_unless_again": True}, 1, tmp_path, sys.executable, module=FAKE,
+                         timeout_s=30)}
+    try:
+        out = start_pools(pools, parallel=False)
+        assert len(out["ok"]) == 1 and isinstance(out["bad"], ReplicaError) and "did not start" in str(out["bad"])
+        assert not pools["bad"].replicas[0].alive() and pools["ok"].replicas[0].alive()
+    finally:
+        for pool in pools.values():
+            pool.stop()
+
+
 def test_log_facts():
     text = "x Model loading took 0.95 GiB and 2.1 seconds\nAvailable KV cache memory: 12.5 GiB\n" \
            "GPU KV cache size: 1,091,584 tokens\n"
@@ -68,6 +112,9 @@ def test_log_facts():
     assert log_facts(cpu) == {"kv_cache_gib": 4.2, "kv_cache_tokens_logged": 2202112.0}
     fixed = "Explicitly set (0.25/16.21) GiB for KV cache on node 0."  # kv_cache_memory_bytes given
     assert log_facts(fixed) == {"kv_cache_gib": 0.25}
+    gpu_fixed = ("Initial free memory 130.12 GiB, reserved 8.00 GiB memory for KV Cache as specified by "
+                 "kv_cache_memory_bytes config and skipped memory profiling.")  # vLLM 0.26's gpu_worker.py
+    assert log_facts(gpu_fixed) == {"kv_cache_gib": 8.0}
 
 
 def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):
@@ -101,6 +148,30 @@ def test_paired_driver_end_to_end_on_stand_in_sessions(tmp_path, tiny_proxy):
     md = (out / "paired.md").read_text()
     assert "slow / fast" in md and "Saturation curve" in md
     assert (out / "saturation.png").stat().st_size > 1000
+    assert res["start"] == "one engine after another"
+
+
+def test_paired_driver_starts_every_engine_at_once_with_a_fixed_kv_cache(tmp_path, tiny_proxy):
+    from spark_quant.stages import paired
+
+    out, llm = tmp_path / "run", tiny_proxy / "LLM"
+    rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
+                      "--variant", f'a={llm}::{{"replicas": 2, "fake_start_s": 0.3}}',
+                      "--variant", f'b={llm}::{{"fake_start_s": 0.3, "kv_cache_memory_bytes": 1073741824}}',
+                      "--cell", "b1=1:20:a,b", "--trials", "3", "--parallel-start", "2.5",
+                      "--session-module", FAKE, "--python", sys.executable])
+    assert rc == 0
+    res = json.loads((out / "paired.json").read_text())
+    assert res["start"] == "parallel, KV cache 2.5 GiB per engine"
+    a, b = res["variants"]["a"], res["variants"]["b"]
+    assert a["engine_args"]["kv_cache_memory_bytes"] == int(2.5 * 2**30)
+    assert b["engine_args"]["kv_cache_memory_bytes"] == 2**30  # a variant's own setting wins
+    assert [e["kv_cache_gib"] for e in a["engines"]] == [2.5, 2.5] and b["engines"][0]["kv_cache_gib"] == 1.0
+    # three sessions launched together: the run's engines were up in about one start, not three
+    assert res["engines_started_s"] < 3 * 0.3 + 2.0
+    assert "streams_at_budget" not in a["memory"]  # the share says nothing of "other" memory with a fixed KV cache
+    with pytest.raises(UserError, match="--parallel-start 0.0: the KV cache of each engine in GiB must be > 0"):
+        paired.main(["--out", str(out), "--variant", f"a={llm}", "--parallel-start", "0"])
 
 
 def test_serving_processes_keep_nvlink_multicast_off_whatever_the_spec_says(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ vLLM 0.26 cannot place several engines on one GPU by itself: its data parallelis
 ``device_ids`` (``vllm/engine/arg_utils.py``, ``_resolve_device_ids``). So a GPU is filled with several
 *sessions* (``spark_quant.serving.session``: one long-lived engine process each), started one after another
 (each only after the previous one reported ready: vLLM's start-up memory profiling fails when a neighbour
-allocates at the same time), each with its share of the GPU's memory. Across GPUs, ``data_parallel_size``
+allocates at the same time), each with its share of the GPU's memory; or all at once (``start_pools``) when
+each engine's KV cache has a fixed size, for which vLLM skips that profiling. Across GPUs, ``data_parallel_size``
 in the engine settings is vLLM's own way and goes to the session unchanged.
 
 A request batch of ``concurrency`` requests is split round robin over the replicas, all shares are sent at
@@ -30,7 +31,8 @@ from spark_quant.serving.procenv import serving_env
 SESSION_MODULE = "spark_quant.serving.session"
 _LOG_FACTS = {
     "weights_gib": r"Model loading took ([\d.]+) GiB",
-    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB|(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache",
+    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB|(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache"
+                    r"|reserved ([\d.]+) GiB memory for KV Cache",  # the last: vLLM 0.26, kv_cache_memory_bytes set
     "kv_cache_tokens_logged": r"[GC]PU KV cache size: ([\d,]+) tokens",
 }
 
@@ -164,7 +166,15 @@ class Pool:
         if replicas < 1:
             raise UserError(f"{label}: replicas is {replicas}; it must be at least 1")
         self.label, self.timeout_s = label, timeout_s
+        self._args = (spec, replicas, workdir, python, module)
         self.replicas = [Replica(spec, workdir, f"{label}-r{i}", python, module) for i in range(replicas)]
+
+    def again(self) -> Pool:
+        """A new pool of the same sessions, not started, whose logs are named ``<label>-again-r<i>``."""
+        spec, replicas, workdir, python, module = self._args
+        pool = Pool(self.label, spec, replicas, workdir, python, module, self.timeout_s)
+        pool.replicas = [Replica(spec, workdir, f"{self.label}-again-r{i}", python, module) for i in range(replicas)]
+        return pool
 
     def start(self) -> list[dict[str, Any]]:
         """Start each replica after the previous one is ready; the engine facts of each, with start times."""
@@ -175,6 +185,17 @@ class Pool:
             e = r.wait_ready(self.timeout_s)
             facts.append({**e, "start_s": round(time.perf_counter() - t0, 2)})
         return facts
+
+    def launch(self) -> None:
+        """Launch every replica's process at once, without waiting (``start_pools(parallel=True)``)."""
+        self._t0 = time.perf_counter()
+        for r in self.replicas:
+            r.launch()
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """After ``launch``: the engine facts of each replica once ready, ``start_s`` counted from the launch."""
+        return [{**r.wait_ready(self.timeout_s), "start_s": round(time.perf_counter() - self._t0, 2)}
+                for r in self.replicas]
 
     def check_alive(self) -> None:
         dead = [r.tag for r in self.replicas if not r.alive()]
@@ -213,3 +234,39 @@ class Pool:
     def stop(self) -> None:
         for r in self.replicas:
             r.stop()
+
+
+def start_pools(pools: dict[str, Pool], parallel: bool = False, log=print) -> dict[str, list | ReplicaError]:
+    """Start every pool: one engine after another (vLLM's memory profiling needs its neighbours still), or,
+    ``parallel``, every pool's processes launched at once, which is safe only when each engine's KV cache is a
+    fixed size (``kv_cache_memory_bytes``: vLLM then skips the profiling). A pool that fails to start in parallel
+    is stopped and started again on its own once the others are up, so a failure that came from starting
+    together costs only time. Returns each pool's engine facts, or the ReplicaError of one that did not start
+    (that pool is stopped)."""
+    out: dict[str, list | ReplicaError] = {}
+
+    def one(label: str, pool: Pool) -> None:
+        try:
+            out[label] = pool.start()
+        except ReplicaError as e:
+            pool.stop()
+            out[label] = e
+
+    if not parallel:
+        for label, pool in pools.items():
+            one(label, pool)
+        return out
+    for pool in pools.values():
+        pool.launch()
+    retry = []
+    for label, pool in pools.items():
+        try:
+            out[label] = pool.wait_ready()
+        except ReplicaError as e:
+            log(f"{label}: did not start beside the others ({e}); it starts again on its own")
+            pool.stop()
+            retry.append(label)
+    for label in retry:  # new processes with their own logs: the failed attempt's logs stay
+        pools[label] = pools[label].again()
+        one(label, pools[label])
+    return out

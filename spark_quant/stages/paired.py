@@ -4,13 +4,14 @@
         --cell NAME=CONCURRENCY:TOKENS:LABEL,LABEL[,...][:greedy] [--cell ...] [--trials 20]
         [--curve LABEL,LABEL --curve-concurrency 1,64,256,512,1024 --curve-trials 3 --curve-tokens 200]
         [--equivalence LABEL,LABEL] [--experiment EXP.yaml] [--gpu-share F] [--memory-budget-gib 20]
+        [--parallel-start GIB]
 
 Runs in the serving environment. Every variant is a ``Pool`` (``dispatch.py``): ``replicas`` long-lived
 engine sessions of one checkpoint (``PATH`` is its ``LLM/`` folder). JSON sets the variant's topology and
 engine: ``replicas``, ``executor`` (vLLM's ``distributed_executor_backend``, e.g. ``"mp"``),
 ``data_parallel_size``, ``max_num_seqs``, ``memory`` (GPU share of each engine), ``env`` (the sessions'
 environment) and any other vLLM engine argument. Engines start one at a time, each after the previous one is
-ready, and all stay resident until the end.
+ready, or with ``--parallel-start GIB`` all at once, each with a fixed KV cache; all stay resident until the end.
 
 A *cell* times ``CONCURRENCY`` requests of ``TOKENS`` new tokens (ignore EOS; sampled T/top-k/top-p from the
 experiment unless ``greedy``) on each of its variants. One untimed round warms every shape; then each round
@@ -40,7 +41,7 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.reporting import speed_stats as stats
-from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, gpu_memory_gib
+from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, gpu_memory_gib, start_pools
 
 TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
 KV_BLOCK = 16
@@ -252,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-module", default=SESSION_MODULE)
     ap.add_argument("--python", default=None, help="the sessions' interpreter (default: SERVE_PYTHON)")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--parallel-start", type=float, default=None, metavar="GIB",
+                    help="start every engine at once, each with a KV cache of GIB (vLLM's kv_cache_memory_bytes)")
     a = ap.parse_args(argv)
+    if a.parallel_start is not None and a.parallel_start <= 0:
+        raise UserError(f"--parallel-start {a.parallel_start}: the KV cache of each engine in GiB must be > 0")
 
     variants = {v["label"]: v for v in a.variant}
     if len(variants) != len(a.variant):
@@ -282,32 +287,35 @@ def main(argv: list[str] | None = None) -> int:
                "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "variants": {}, "cells": {},
                "status": "starting engines"}
     python = a.python or serve_python()
+    # --parallel-start GIB: every engine's KV cache fixed at GIB (vLLM skips its memory profiling), all launched at once
+    kv = {"kv_cache_memory_bytes": int(a.parallel_start * 2**30)} if a.parallel_start else {}
+    specs = {lb: variant_spec(exp, {**v, "engine": {**kv, **v["engine"]}}, share) for lb, v in variants.items()}
+    run.res["start"] = f"parallel, KV cache {a.parallel_start} GiB per engine" if kv else "one engine after another"
     t_start = time.time()
     try:
         for lb, v in variants.items():
-            spec = variant_spec(exp, v, share)
             replicas = int(v["topology"].get("replicas", exp.eval.replicas))
-            pool = Pool(lb, spec, replicas, a.out / "logs", python, a.session_module, a.timeout)
-            run.pools[lb] = pool
-            print(f"paired: starting {lb} ({replicas} replica(s), share {spec['gpu_memory_utilization']:.3f})",
+            run.pools[lb] = Pool(lb, specs[lb], replicas, a.out / "logs", python, a.session_module, a.timeout)
+            print(f"paired: starting {lb} ({replicas} replica(s), share {specs[lb]['gpu_memory_utilization']:.3f})",
                   flush=True)
-            try:
-                engines = pool.start()
-            except ReplicaError as e:  # one variant that cannot start does not cost the others their run
-                print(f"paired: {lb} FAILED to start: {e}", file=sys.stderr, flush=True)
-                run.res.setdefault("failed_variants", {})[lb] = str(e)
-                pool.stop()
+        started = start_pools(run.pools, parallel=bool(kv), log=lambda m: print(f"paired: {m}", flush=True))
+        for lb, v in variants.items():
+            engines, spec = started[lb], specs[lb]
+            if isinstance(engines, ReplicaError):  # one variant that cannot start does not cost the others their run
+                print(f"paired: {lb} FAILED to start: {engines}", file=sys.stderr, flush=True)
+                run.res.setdefault("failed_variants", {})[lb] = str(engines)
                 del run.pools[lb]
                 continue
-            run.res["variants"][lb] = {"path": v["path"], "topology": {"replicas": replicas, **v["topology"]},
+            run.res["variants"][lb] = {"path": v["path"], "topology": {"replicas": len(engines), **v["topology"]},
                                        "engine_args": spec["engine_overrides"], "max_num_seqs": spec["max_num_seqs"],
                                        "gpu_memory_utilization": spec["gpu_memory_utilization"], "engines": engines}
-            print(f"paired: {lb} ready in {sum(e['start_s'] for e in engines):.0f} s "
+            took = ", ".join(f"{e['start_s']:.0f}" for e in engines)
+            print(f"paired: {lb} ready, start {took} s "
                   f"(weights {engines[0].get('weights_gib')} GiB, KV {engines[0].get('kv_cache_gib')} GiB)", flush=True)
         run.res["engines_started_s"] = round(time.time() - t_start, 1)
         stream_tokens = a.stream_tokens or exp.eval.max_new_tokens
         for lb, v in run.res["variants"].items():
-            v["memory"] = memory_row(v["engines"], v["gpu_memory_utilization"], run.res["gpu_memory_gib"],
+            v["memory"] = memory_row(v["engines"], None if kv else v["gpu_memory_utilization"], run.res["gpu_memory_gib"],
                                      a.memory_budget_gib, int(run.res["prompt_tokens_mean"]) + stream_tokens)
         up = set(run.pools)
         eq_pairs = [p for p in eq_pairs if set(p) <= up]
