@@ -99,12 +99,12 @@ publish: $(QUANT_ENV)
 	    $(call flag,DRY_RUN,--dry-run) $(call flag,FORCE,--force) $(call flag,PRIVATE,--private) \
 	    $(if $(REVISION),--revision $(call q,$(REVISION))) $(call flag,OVERWRITE,--overwrite)
 
-## Run several experiments and compare them: one table + plot (EXPERIMENTS="a.yaml b.yaml", SWEEP=name, PAIRED_SPEED=b1=1:200 times them paired, PAIRED_FIRST=1 before the evals)
+## Run several experiments and compare them: one table + plot (EXPERIMENTS="a.yaml b.yaml", SWEEP=name, PAIRED_SPEED=b1=1:200 times them paired, PAIRED_FIRST=1 before the evals, PAIRED_PARALLEL=GIB starts its engines at once)
 sweep: $(QUANT_ENV) $(SERVE_ENV)
 	$(if $(or $(findstring /,$(SWEEP)),$(filter . ..,$(SWEEP)),$(word 2,$(SWEEP)),$(if $(SWEEP),,empty)),\
 	    $(error SWEEP='$(SWEEP)': must be one folder name, the comparison goes to eval/sweeps/NAME))$(QUANT_PYTHON) -m spark_quant sweep $(EXPERIMENTS) --out eval/sweeps/$(SWEEP) $(set_args) \
 	    $(if $(PAIRED_SPEED),--paired-speed $(call q,$(PAIRED_SPEED))) $(if $(PAIRED_TRIALS),--paired-trials $(call q,$(PAIRED_TRIALS))) \
-	    $(call flag,PAIRED_FIRST,--paired-first)
+	    $(call flag,PAIRED_FIRST,--paired-first) $(if $(PAIRED_PARALLEL),--paired-parallel-start $(call q,$(PAIRED_PARALLEL)))
 
 ## Check experiment and recipe YAML files without loading a model
 validate: $(QUANT_ENV)

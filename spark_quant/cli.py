@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paired-speed", default=None, metavar="CELLS",
                    help="then time BF16 and every checkpoint paired, e.g. b1=1:200,c256=256:128")
     p.add_argument("--paired-trials", type=int, default=20, help="alternated rounds per paired cell (default 20)")
+    p.add_argument("--paired-parallel-start", type=float, default=None, metavar="GIB",
+                   help="start the paired step's engines all at once, each with a KV cache of GIB")
     p.add_argument("--paired-first", action="store_true",
                    help="time them paired right after quantizing, before the evals (short device time: speed first)")
 
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "sweep":
             from spark_quant.stages.sweep import sweep
 
-            sweep(args.experiments, args.overrides, args.out, args.paired_speed, args.paired_trials, args.paired_first)
+            sweep(args.experiments, args.overrides, args.out, args.paired_speed, args.paired_trials, args.paired_first,
+                  args.paired_parallel_start)
         elif args.cmd == "serving-profile":
             from spark_quant.models.serving_profile import build_profile
 

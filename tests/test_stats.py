@@ -277,6 +277,22 @@ def test_sweep_paired_cells_and_arguments():
     assert variants[1:] == [f"{x.name}={x.checkpoint_dir / 'LLM'}" + '::{"replicas": 1}' for x in exps]
     assert args[args.index("--cell") + 1] == "b1=1:200:bf16,spark-tts_w8a8_int8,spark-tts_w4a16_int4"
     assert args[args.index("--set") + 1] == "proxy_size=full" and args[args.index("--trials") + 1] == "20"
+    assert "--parallel-start" not in args
+    par = paired_args(exps, paths, [], [("b1", 1, 200)], 20, Path("/tmp/x"), parallel_start=8.0)
+    assert par[par.index("--parallel-start") + 1] == "8.0"
+
+
+def test_sweep_refuses_a_parallel_start_without_paired_cells_before_any_work(tmp_path):
+    from pathlib import Path
+
+    from spark_quant.errors import UserError
+    from spark_quant.stages.sweep import sweep
+
+    exp = Path(__file__).resolve().parents[1] / "experiments/spark-tts_w8a8_int8.yaml"
+    for cells, gib in ((None, 8.0), ("b1=1:200", 0.0), ("b1=1:200", -1.0)):
+        with pytest.raises(UserError, match="--paired-parallel-start"):
+            sweep([exp], [], tmp_path / "cmp", paired_speed=cells, paired_parallel_start=gib)
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_compare_refuses_a_paired_file_that_is_not_a_paired_run_or_lies_in_its_output(tmp_path):

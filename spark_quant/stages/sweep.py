@@ -117,7 +117,7 @@ def parse_paired_cells(text: str) -> list[tuple[str, int, int]]:
 
 
 def paired_args(exps: list[Any], paths: list[Path], overrides: list[str], cells: list[tuple[str, int, int]],
-                trials: int, out: Path) -> list[str]:
+                trials: int, out: Path, parallel_start: float | None = None) -> list[str]:
     """The paired run of a sweep: the first experiment's BF16 model and every experiment's checkpoint, one
     engine each, all resident together; each cell's rounds alternate between all of them."""
     base, _ = exps[0].resolved_model()
@@ -130,11 +130,13 @@ def paired_args(exps: list[Any], paths: list[Path], overrides: list[str], cells:
         args += ["--variant", f"{x.name}={Path(x.checkpoint_dir) / 'LLM'}{one}"]
     for name, conc, tokens in cells:
         args += ["--cell", f"{name}={conc}:{tokens}:{','.join(labels)}"]
+    if parallel_start:
+        args += ["--parallel-start", str(parallel_start)]
     return args
 
 
 def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells: list[tuple[str, int, int]],
-                trials: int, out: Path) -> Path | None:
+                trials: int, out: Path, parallel_start: float | None = None) -> Path | None:
     """Run the paired speed step into a temporary folder the sweep owns (``.<out>-paired.tmp-PID`` beside
     ``out``); its paired.json (None if the run wrote none), for compare to copy into the comparison."""
     import os
@@ -151,7 +153,7 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
     remove_dead_temporaries(pseudo)
     tmp = pseudo.parent / f".{pseudo.name}{TMP_TAG}{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=False)
-    args = paired_args([x for _, x in done], [p for p, _ in done], overrides, cells, trials, tmp)
+    args = paired_args([x for _, x in done], [p for p, _ in done], overrides, cells, trials, tmp, parallel_start)
     print(f"sweep: paired speed of {BASELINE_LABEL} and {len(done)} checkpoint(s), {trials} alternated rounds "
           f"per cell", flush=True)
     rc = subprocess.run([stage_python("serve"), "-m", "spark_quant.stages.paired", *args]).returncode
@@ -164,7 +166,7 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
 
 
 def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed: str | None = None,
-          paired_trials: int = 20, paired_first: bool = False) -> Path:
+          paired_trials: int = 20, paired_first: bool = False, paired_parallel_start: float | None = None) -> Path:
     """calibrate, quantize and eval each experiment (each in its environment), then compare them all.
 
     Every stage skips itself when its inputs did not change, reuses a sibling folder made from the
@@ -177,6 +179,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     ``paired_first``: the paired step right after every checkpoint is quantized, before the evals, and the
     comparison written after it (speed columns, rows "not evaluated") and again after the evals: where device
     time is short, the speed ranking comes first and each eval adds its fidelity row to it.
+    ``paired_parallel_start`` (GiB): the paired step's engines start all at once, each with that KV cache.
     """
     import shutil
     import subprocess
@@ -190,6 +193,9 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     cells = parse_paired_cells(paired_speed) if paired_speed is not None else None
     if paired_first and cells is None:
         raise UserError("sweep --paired-first: name the cells to time with --paired-speed (e.g. b1=1:200)")
+    if paired_parallel_start is not None and (cells is None or paired_parallel_start <= 0):
+        raise UserError(f"sweep --paired-parallel-start {paired_parallel_start}: a KV cache in GiB (> 0) for the "
+                        "engines of --paired-speed")
     if cells is not None and paired_trials < 3:
         raise UserError(f"--paired-trials {paired_trials}: a paired interval needs at least 3 rounds (20 is the method's)")
     if cells is not None and BASELINE_LABEL in [x.name for x in exps]:  # refused before any work, not after the evals
@@ -225,7 +231,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
     try:
         if paired_first:
             run(("calibrate", "quantize"))
-            pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out))
+            pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out), paired_parallel_start)
             if pj is not None:  # the speed columns now; the evals fill in the rows
                 result = compare(dirs, out, paired=pj)
             run(("eval",))
@@ -234,7 +240,7 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
             run(("calibrate", "quantize", "eval"))
             result = compare(dirs, out)
             if cells is not None:
-                pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out))
+                pj = _paired_run(*timed(), overrides, cells, paired_trials, Path(out), paired_parallel_start)
                 if pj is not None:
                     result = compare(dirs, out, paired=pj)
     finally:
