@@ -341,6 +341,8 @@ experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.ya
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       audio_arms playing:16
+      # the paired step's five engines start at once with a 6 GiB KV cache each (PAIRED_PARALLEL; first time on a GPU)
+      FID_PAIRED_PARALLEL=${FID_PAIRED_PARALLEL-6} \
       FID_PAIRED_FIRST=1 FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="${GPU14_EXPS:-experiments/spark-tts_fp8_dynamic.yaml \
 experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_static.yaml}" \
         fidelity_job fidelity-sweep || true ;;
@@ -447,7 +449,7 @@ fidelity_job() {
     fidelity-sweep)  # the sweep of FID_EXPS on the trained proxy (made first by fidelity-proxy)
       t0=$SECONDS
       make sweep EXPERIMENTS="$FID_EXPS" SWEEP=${FID_SWEEP:-fidelity-gpu} SET="$FID_SET" ${FID_PAIRED:+PAIRED_SPEED=$FID_PAIRED} \
-        ${FID_PAIRED:+${FID_PAIRED_FIRST:+PAIRED_FIRST=1}} || true
+        ${FID_PAIRED:+${FID_PAIRED_FIRST:+PAIRED_FIRST=1}} ${FID_PAIRED:+${FID_PAIRED_PARALLEL:+PAIRED_PARALLEL=$FID_PAIRED_PARALLEL}} || true
       echo "fidelity sweep wall $((SECONDS - t0))s" ;;
     fidelity-damaged)
       t0=$SECONDS

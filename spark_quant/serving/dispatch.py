@@ -192,10 +192,12 @@ class Pool:
         for r in self.replicas:
             r.launch()
 
-    def wait_ready(self) -> list[dict[str, Any]]:
-        """After ``launch``: the engine facts of each replica once ready, ``start_s`` counted from the launch."""
-        return [{**r.wait_ready(self.timeout_s), "start_s": round(time.perf_counter() - self._t0, 2)}
-                for r in self.replicas]
+    def wait_ready(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """After ``launch``: the engine facts of each replica once ready, ``start_s`` counted from the launch;
+        a replica not ready ``timeout_s`` (default: the pool's) after the launch is a ReplicaError."""
+        limit = self._t0 + (timeout_s or self.timeout_s)
+        return [{**r.wait_ready(max(1.0, limit - time.perf_counter())),
+                 "start_s": round(time.perf_counter() - self._t0, 2)} for r in self.replicas]
 
     def check_alive(self) -> None:
         dead = [r.tag for r in self.replicas if not r.alive()]
@@ -236,6 +238,9 @@ class Pool:
             r.stop()
 
 
+PARALLEL_START_S = 600  # the longest a parallel start waits for one pool (GPU engines took 40-118 s one by one)
+
+
 def start_pools(pools: dict[str, Pool], parallel: bool = False, log=print) -> dict[str, list | ReplicaError]:
     """Start every pool: one engine after another (vLLM's memory profiling needs its neighbours still), or,
     ``parallel``, every pool's processes launched at once, which is safe only when each engine's KV cache is a
@@ -260,8 +265,8 @@ def start_pools(pools: dict[str, Pool], parallel: bool = False, log=print) -> di
         pool.launch()
     retry = []
     for label, pool in pools.items():
-        try:
-            out[label] = pool.wait_ready()
+        try:  # a start that hangs beside the others costs at most PARALLEL_START_S before the restart alone
+            out[label] = pool.wait_ready(min(pool.timeout_s, PARALLEL_START_S))
         except ReplicaError as e:
             log(f"{label}: did not start beside the others ({e}); it starts again on its own")
             pool.stop()
