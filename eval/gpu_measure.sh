@@ -39,6 +39,8 @@
 #                      speed of BF16 and the three checkpoints from the same run (sweep --paired-speed); W4A16 last
 #           gpu14      an H200 session: issue 16's c = 1024 underrun (playing-16), then issue 15's sweep paired
 #                      first (BF16, FP8, W4A16, default W8A8, static scales), then their fidelity as time allows
+#           gpu15      issue 14's 8-bit options at saturation (BF16, W8A8, static, FP8, FP8 fused passes; 3 x mp each),
+#                      paired, b1 / c1024, the 15 engines started at once (--parallel-start)
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -346,6 +348,25 @@ experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.ya
       FID_PAIRED_FIRST=1 FID_PAIRED=${FID_PAIRED:-b1=1:200,c256=256:128} FID_EXPS="${GPU14_EXPS:-experiments/spark-tts_fp8_dynamic.yaml \
 experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml experiments/spark-tts_w8a8_int8_static.yaml}" \
         fidelity_job fidelity-sweep || true ;;
+    gpu15)  # issue 14's 8-bit options at saturation, in the best topology (3 x mp replicas each), paired: BF16, stock
+            # W8A8, static activation scales, FP8 dynamic, and FP8 with vLLM's norm+quant and act+quant fusion passes
+            # (its fusion patterns are FP8-only in 0.26: INT8 has the project's own fused path, eval.int8_fused);
+            # 15 engines started at once with a fixed KV cache of KV15 GiB each (--parallel-start); cells b1 and
+            # c1024, 20 alternated rounds. The random full proxy: speed does not depend on the weights' values
+      prepare
+      local st=checkpoints/full-w8a8-static t0=$SECONDS
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB name=full-w8a8-static" \
+        RECIPE=recipes/w8a8_int8_static_sq_gptq.yaml
+      make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB name=full-fp8_dynamic" RECIPE=recipes/fp8_dynamic.yaml
+      echo "static + fp8 quantize wall $((SECONDS - t0))s"
+      local fx='"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}'
+      local all=bf16-x3mp,w8a8-x3mp,w8a8s-x3mp,fp8-x3mp,fp8f-x3mp
+      t0=$SECONDS
+      $PAIRED --out eval/results/paired15 --gpu-share 0.06 --trials 20 --parallel-start ${KV15:-2} \
+        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" --variant "w8a8s-x3mp=$st/LLM$X3MP" \
+        --variant "fp8-x3mp=$FP8/LLM$X3MP" --variant "fp8f-x3mp=$FP8/LLM::{\"replicas\": 3, \"executor\": \"mp\", $fx}" \
+        --cell b1=1:200:$all --cell c1024=1024:100:$all || true
+      echo "paired wall $((SECONDS - t0))s" ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -547,8 +568,9 @@ collect_job() {
     tar czf "$OUT/static14-results.tgz" $d/paired.json $d/logs/*.spec.json checkpoints/full-w8a8-static/manifest.json \
       2>/dev/null || true
   fi
-  case $1 in issue14|check14)
+  case $1 in issue14|check14|gpu15)
     local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
+    [ "$1" = gpu15 ] && d=eval/results/paired15
     cp $d/paired.md $d/saturation.png "$OUT/" 2>/dev/null
     grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $d/logs/*.log > "$OUT/engines.txt" 2>/dev/null
     tar czf "$OUT/$1-results.tgz" $d/paired.json $d/logs/*.spec.json $CK/manifest.json 2>/dev/null ;;
