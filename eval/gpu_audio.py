@@ -28,7 +28,7 @@ from pathlib import Path
 
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
-from spark_quant.audio.stream import CODEC_ORDERS, request_margin
+from spark_quant.audio.stream import CODEC_ORDERS, request_margin, request_underrun
 from spark_quant.audio.stream_pool import (CODEC_GIB, CODEC_GRAPHS_GIB, engine_memory_share, parse_arms,
                                            stream_over_replicas, uses_graphs)
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
@@ -43,8 +43,9 @@ from spark_quant.serving.dispatch import gpu_memory_gib
 HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
 
 
-def load_rows(models: dict[str, dict]) -> list[str]:
-    """Per model and concurrency: tail figures over every request (p99 RTF, first audio p99, underruns)."""
+def load_rows(models: dict[str, dict], prebuffer: float | None = None) -> list[str]:
+    """Per model and concurrency: tail figures over every request (p99 RTF, first audio p99, underruns), the
+    underruns and margins of playback with each request's own prebuffer or ``prebuffer`` (s)."""
     lines = [("| model | c | n | first audio p99 ms | RTF p99 (LLM+codec) | requests with underrun | "
               "underrun max ms | requests of 2+ chunks | playback margin min / p1 ms | codec wait p50 ms | wall s |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -53,13 +54,14 @@ def load_rows(models: dict[str, dict]) -> list[str]:
             rs = [r for r in row["requests"] if "skipped" not in r]
             if not rs:
                 continue
-            margins = [x for x in map(request_margin, rs) if x is not None]
+            margins = [x for x in (request_margin(r, prebuffer) for r in rs) if x is not None]
             margin = (f"{min(margins) * 1000:.0f} / {percentile(margins, 0.01) * 1000:.0f}" if margins else "–")
+            under = [u for u in (request_underrun(r, prebuffer) for r in rs) if u is not None]
             lines.append(
                 f"| {name} | {level_label(row)} | {len(rs)} | "
                 f"{percentile([r['first_audio_s'] for r in rs], 0.99) * 1000:.0f} | "
-                f"{percentile([r['rtf'] for r in rs], 0.99):.3f} | {sum(1 for r in rs if r['underruns'])}/{len(rs)} | "
-                f"{max(r['underrun_s'] for r in rs) * 1000:.0f} | {len(margins)} | {margin} | "
+                f"{percentile([r['rtf'] for r in rs], 0.99):.3f} | {sum(1 for _, n in under if n)}/{len(rs)} | "
+                f"{max((st for st, _ in under), default=0) * 1000:.0f} | {len(margins)} | {margin} | "
                 f"{percentile([r['codec_wait_s'] for r in rs], 0.5) * 1000:.0f} | {row['wall_s']:.1f} |")
     return lines
 
@@ -93,6 +95,9 @@ def main() -> int:
                     "on the same engines and prompts, "
                     "rotated by one each round; the first arm is the reference")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
+    ap.add_argument("--prebuffer-ms", type=int, default=None, help="the listener's playback starts this long after "
+                    "the first chunk (default: the experiment's eval.audio_prebuffer_ms); with --from, the saved "
+                    "chunks replayed with it")
     ap.add_argument("--from", dest="saved", type=Path, help="print the tables of a saved run's audio.json "
                     "(or .json.gz) and stop: nothing is run or written")
     a = ap.parse_args()
@@ -101,8 +106,11 @@ def main() -> int:
 
         raw = a.saved.read_bytes()
         saved = json.loads(gzip.decompress(raw) if a.saved.suffix == ".gz" else raw)
-        print("\n".join(["Tail figures over every request of a level:", "", *load_rows(saved["models"]), "",
-                         *arm_table(saved["models"])]))
+        pb = None if a.prebuffer_ms is None else a.prebuffer_ms / 1000
+        head = ("Tail figures over every request of a level" + ("" if pb is None else
+                f", the saved chunks played with a {a.prebuffer_ms} ms prebuffer") + ":")
+        print("\n".join([head, "", *load_rows(saved["models"], pb), "",
+                         *(arm_table(saved["models"]) if pb is None else [])]))  # the arms as run: no prebuffer
         return 0
     if a.out is None or not a.model:
         ap.error("--out and --model are required (or --from a saved audio.json)")
@@ -141,7 +149,8 @@ def main() -> int:
                   "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
                   "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
                   "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
-                  "plan": {"first_chunk": e.audio_first_chunk_tokens},
+                  "plan": {"first_chunk": e.audio_first_chunk_tokens,
+                           "prebuffer_s": (e.audio_prebuffer_ms if a.prebuffer_ms is None else a.prebuffer_ms) / 1000},
                   "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
                   "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
                   "codec_graphs": graphs}

@@ -137,6 +137,12 @@ class EvalConfig(_Section):
     )
     audio_stream_requests: int = Field(4, gt=0, description="sequential streamed requests at concurrency 1")
     audio_first_chunk_tokens: int = Field(50, gt=0, description="semantic tokens in the first streamed chunk (50 = 1 s)")
+    audio_prebuffer_ms: int = Field(
+        0, ge=0, le=5000, description="streamed TTS: the listener starts playing this long after the first chunk "
+        "arrives (a jitter buffer); underrun is counted against that playback, and the codec's deadlines move with "
+        "it. Time to first audio is the first chunk's arrival, without it. On two H100 runs' c = 1,024 bursts, 100 "
+        "ms would have left every stream at least 88 ms of margin (docs/benchmarks.md)"
+    )
     audio_codec_batch: int = Field(
         1, ge=1, description="streamed TTS: the most queued chunks the one codec thread decodes in one batched "
         "BiCodec call (1 = one chunk per call; on the 2-core CPU batching 4 was no faster, docs/benchmarks.md)"

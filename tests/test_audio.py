@@ -317,7 +317,7 @@ def test_playback_counts_stalls_when_a_chunk_is_late():
 
 
 def test_playback_margin_is_the_closest_call_and_negative_for_an_underrun():
-    from spark_quant.audio.stream import playback, playback_margin, request_margin
+    from spark_quant.audio.stream import playback, playback_margin, request_margin, request_underrun
 
     assert playback_margin([0.5, 1.2, 3.0], [1.0, 2.0, 1.0]) == pytest.approx(0.3)  # due 1.5 and 3.5: 0.3, 0.5 early
     assert playback_margin([0.5, 2.0, 3.0], [1.0, 0.5, 1.0]) == pytest.approx(-0.5)  # both 0.5 late
@@ -329,6 +329,12 @@ def test_playback_margin_is_the_closest_call_and_negative_for_an_underrun():
     req = {"chunks": [{"start": 0, "end": 50, "ready_s": 1.185}, {"start": 50, "end": 108, "ready_s": 2.197}]}
     assert request_margin(req) == pytest.approx(-0.012)
     assert request_margin({**req, "skipped": "no semantic tokens"}) is None
+    # a client that waits 100 ms before it plays: the same chunks, no underrun, 88 ms to spare
+    assert request_margin(req, 0.1) == pytest.approx(0.088) and request_underrun(req, 0.1) == (0.0, 0)
+    assert request_underrun(req)[1] == 1 and request_underrun(req)[0] == pytest.approx(0.012)
+    assert request_margin({**req, "prebuffer_s": 0.1}) == pytest.approx(0.088)  # the request's own prebuffer
+    assert playback([0.5, 1.6], [1.0, 1.0], prebuffer=0.2) == (0.0, 0)
+    assert playback_margin([0.5, 1.6], [1.0, 1.0], prebuffer=0.2) == pytest.approx(0.1)
 
 
 def _replay(outputs: list[tuple[str, list[int]]], decode, plan, all_semantic=False, delta=7, header=0,
@@ -575,6 +581,9 @@ def test_stream_table_has_a_row_per_model_concurrency_and_mode():
     assert "| INT8 | – | – | – | failed: vLLM worker failed: boom |" in md and "random weights" in md
     assert "one batched call (at most 16)" in md
     assert "batched call" not in "\n".join(render_stream({**res, "codec_batch": 1}))
+    assert "prebuffer" not in md
+    pre = "\n".join(render_stream({**res, "plan": {"first_chunk": 50, "prebuffer_s": 0.1}}))
+    assert "playback starts 100 ms after the first chunk: the listener's prebuffer, not counted in first audio" in pre
 
 
 # --- one engine: streamed TTS on the trained proxy ------------------------------------------------
@@ -720,7 +729,8 @@ def test_codec_runner_configure_changes_order_and_batch_and_refuses_bad_values()
         runner.close()
 
 
-def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
+@pytest.mark.parametrize("prebuffer", [0.0, 0.1])
+def test_a_playing_streams_chunks_are_due_when_playback_reaches_them(prebuffer):
     import time
 
     import numpy as np
@@ -737,7 +747,8 @@ def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
     async def main():
         runner = Recording(lambda g, s: np.zeros(320 * len(s), np.float32), order="deadline", first_slack_s=0.25)
         t0 = time.perf_counter()
-        req = StreamingRequest(mode="clone", plan=ChunkPlan(), runner=runner, t0=t0, prompt_globals=GLOBALS)
+        req = StreamingRequest(mode="clone", plan=ChunkPlan(prebuffer_s=prebuffer), runner=runner, t0=t0,
+                               prompt_globals=GLOBALS)
         toks = clone_output(180)
         try:
             before = time.perf_counter()
@@ -754,10 +765,12 @@ def test_a_playing_streams_chunks_are_due_when_playback_reaches_them():
     rec, t0, before, after = asyncio.run(main())
     assert [c["end"] for c in rec["chunks"]] == [50, 150, 180] and len(asked) == 3
     assert before + 0.25 <= asked[0] <= after + 0.25  # a first chunk: due its slack after submission
-    # later chunks: due when playback, started at the first chunk's ready time, reaches their first code
-    play = t0 + rec["chunks"][0]["ready_s"]
+    # later chunks: due when playback, started at the first chunk's ready time (+ the prebuffer), reaches their
+    # first code; first audio is the first chunk's arrival, without the prebuffer
+    play = t0 + rec["chunks"][0]["ready_s"] + prebuffer
     assert asked[1] == pytest.approx(play + 50 / spark.SEMANTIC_PER_SECOND, abs=1e-9)
     assert asked[2] == pytest.approx(play + 150 / spark.SEMANTIC_PER_SECOND, abs=1e-9)
+    assert rec["first_audio_s"] == rec["chunks"][0]["ready_s"] and rec.get("prebuffer_s", 0.0) == prebuffer
 
 
 def test_gpu_audio_reprints_a_saved_runs_tail_table_with_its_playback_margins():
@@ -775,3 +788,8 @@ def test_gpu_audio_reprints_a_saved_runs_tail_table_with_its_playback_margins():
     assert "| 1/1024 | 12 | 320 | -12 / 144 |" in row
     fifo = next(x for x in out.splitlines() if "(fifo-16, round 1)" in x)
     assert "| 173/1024 |" in fifo and "| -1482 / -1254 |" in fifo
+    # the same chunks played by a client with a 100 ms prebuffer: that round's one underrun is gone
+    out = subprocess.run([sys.executable, "eval/gpu_audio.py", "--from", str(saved), "--prebuffer-ms", "100"], cwd=ROOT,
+                         text=True, capture_output=True, check=True).stdout
+    assert "100 ms prebuffer" in out
+    assert "| 0/1024 | 0 | 320 | 88 / 244 |" in next(x for x in out.splitlines() if "(playing-16, round 4)" in x)

@@ -14,8 +14,9 @@ Per request (times from the moment the request is sent):
 - ``first_audio_s``: the first chunk decoded (LLM + codec): time to first audio packet;
 - ``codec_s``: codec time spent on its chunks; ``codec_wait_s``: time its chunks queued;
 - ``rtf``: time until the last chunk is decoded / audio seconds (LLM + codec);
-- underrun: playback starts when the first chunk is ready and plays chunks back to back;
-  a chunk ready after its predecessor ends stalls playback (``underrun_s``, ``underruns``).
+- underrun: playback starts when the first chunk is ready (plus the plan's ``prebuffer_s``, a client's jitter
+  buffer; 0 by default) and plays chunks back to back; a chunk ready after its predecessor ends stalls playback
+  (``underrun_s``, ``underruns``). Time to first audio is the first chunk's ready time, without the prebuffer.
 
 ``StreamingRequest`` holds the logic and is fed token ids by whoever generates them: the vLLM
 engine in ``stream_session``, or saved tokens with their arrival times in tests.
@@ -41,6 +42,7 @@ class ChunkPlan:
     growth: float = 2.0
     max_chunk: int = 200
     context: int = 10
+    prebuffer_s: float = 0.0  # the listener's playback starts this long after the first chunk is ready
 
     def sizes(self):
         """Chunk sizes in semantic tokens: first_chunk, then growing by ``growth`` up to ``max_chunk``."""
@@ -50,11 +52,12 @@ class ChunkPlan:
             n = min(self.max_chunk, max(n + 1, int(round(n * self.growth))))
 
 
-def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
-    """(total stall in s, number of stalls) of playing chunks back to back from the first one's ready time."""
+def playback(ready: list[float], seconds: list[float], prebuffer: float = 0.0) -> tuple[float, int]:
+    """(total stall in s, number of stalls) of playing chunks back to back from the first one's ready time
+    (plus ``prebuffer``: a client that waits that long before it starts playing)."""
     if not ready:
         return 0.0, 0
-    cursor = ready[0] + seconds[0]
+    cursor = ready[0] + prebuffer + seconds[0]
     stall, stalls = 0.0, 0
     for r, s in zip(ready[1:], seconds[1:]):
         if r > cursor + 1e-9:
@@ -65,26 +68,41 @@ def playback(ready: list[float], seconds: list[float]) -> tuple[float, int]:
     return stall, stalls
 
 
-def playback_margin(ready: list[float], seconds: list[float]) -> float | None:
+def playback_margin(ready: list[float], seconds: list[float], prebuffer: float = 0.0) -> float | None:
     """The closest call of a played stream: the least time by which a later chunk was ready before playback
     reached it (s; negative = that chunk underran), playing back to back from the first chunk's ready time as
     ``playback`` does. None for a stream of one chunk, which cannot underrun."""
     if len(ready) < 2:
         return None
-    cursor, worst = ready[0] + seconds[0], float("inf")
+    cursor, worst = ready[0] + prebuffer + seconds[0], float("inf")
     for r, s in zip(ready[1:], seconds[1:]):
         worst = min(worst, cursor - r)
         cursor = max(cursor, r) + s
     return worst
 
 
-def request_margin(req: dict[str, Any]) -> float | None:
-    """``playback_margin`` of a streamed request's record (its chunks' ready times and lengths)."""
+def _played(req: dict[str, Any]) -> tuple[list[float], list[float]] | None:
     ch = req.get("chunks") or []
-    if "skipped" in req or any("ready_s" not in c for c in ch):
+    if "skipped" in req or not ch or any("ready_s" not in c for c in ch):
         return None
-    return playback_margin([c["ready_s"] for c in ch],
-                           [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in ch])
+    return [c["ready_s"] for c in ch], [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in ch]
+
+
+def request_margin(req: dict[str, Any], prebuffer: float | None = None) -> float | None:
+    """``playback_margin`` of a streamed request's record (its chunks' ready times and lengths), with its own
+    prebuffer or the one given."""
+    played = _played(req)
+    pb = req.get("prebuffer_s", 0.0) if prebuffer is None else prebuffer
+    return None if played is None else playback_margin(*played, pb)
+
+
+def request_underrun(req: dict[str, Any], prebuffer: float | None = None) -> tuple[float, int] | None:
+    """``playback`` of a streamed request's record, with its own prebuffer or the one given: what a client with
+    another prebuffer would have heard of the same chunks (exact where the codec's order did not depend on the
+    deadlines that the prebuffer moves: ``fifo``, and ``playing``, which moves every playing stream alike)."""
+    played = _played(req)
+    pb = req.get("prebuffer_s", 0.0) if prebuffer is None else prebuffer
+    return None if played is None else playback(*played, pb)
 
 
 CODEC_ORDERS = ("fifo", "deadline", "playing")
@@ -314,7 +332,7 @@ class StreamingRequest:
             return self._first_due
         first = self.chunks[0]
         t = self.t0 + first["ready_s"] if "ready_s" in first else self._first_due
-        return t + (start - first["start"]) / spark.SEMANTIC_PER_SECOND
+        return t + self.plan.prebuffer_s + (start - first["start"]) / spark.SEMANTIC_PER_SECOND
 
     async def done(self) -> dict[str, Any]:
         await asyncio.gather(*self.tasks)
@@ -329,13 +347,15 @@ class StreamingRequest:
             return rec
         ready = [c["ready_s"] for c in self.chunks]
         secs = [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in self.chunks]
-        stall, stalls = playback(ready, secs)
+        stall, stalls = playback(ready, secs, self.plan.prebuffer_s)
         audio_s = n_sem / spark.SEMANTIC_PER_SECOND
         rec.update(first_audio_s=ready[0], first_chunk_tokens_s=self.chunks[0]["tokens_ready_s"],
                    first_chunk_codec_s=self.chunks[0]["codec_s"], last_audio_s=max(ready), audio_s=audio_s,
                    codec_s=sum(c["codec_s"] for c in self.chunks),
                    codec_wait_s=sum(c["codec_wait_s"] for c in self.chunks),
                    rtf=max(ready) / audio_s, underrun_s=stall, underruns=stalls)
+        if self.plan.prebuffer_s:
+            rec["prebuffer_s"] = self.plan.prebuffer_s
         return rec
 
 

@@ -180,7 +180,9 @@ def render_stream(res: dict[str, Any]) -> list[str]:
               + {"deadline": ", taking the chunk whose playback is due first (deadline order)",
                  "playing": ", taking chunks of streams already playing first (playing order)"}.get(
                   res.get("codec_order"), "") + ". First audio = request sent to first "
-              "chunk decoded (LLM + codec). Underrun: playback from the first chunk on stalls for a later one. "
+              "chunk decoded (LLM + codec). Underrun: playback from the first chunk on stalls for a later one"
+              + (f" (playback starts {plan['prebuffer_s'] * 1000:.0f} ms after the first chunk: the listener's "
+                 "prebuffer, not counted in first audio)" if plan.get("prebuffer_s") else "") + ". "
               f"{res['requests_at_c1']} sequential requests at c=1; c requests at once above.", ""]
     if codec:
         lines += [f"Codec: {codec['implementation']} on {codec['device']}"
