@@ -41,6 +41,7 @@ from typing import Any
 from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.reporting import speed_stats as stats
+from spark_quant.reporting.fmt import ci_text
 from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, gpu_memory_gib, start_pools
 
 TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             run.res["cells"][cell["name"]] = c
             run.write()
             print(f"paired: cell {cell['name']} done in {c['seconds']} s: "
-                  + "; ".join(f"{r['of']}/{r['to']} {r['median']:.3f} [{r['lo']}, {r['hi']}] {r['verdict']}"
+                  + "; ".join(f"{r['of']}/{r['to']} {ci_text(r)} {r['verdict']}"
                               for r in c["stats"]["ratios"] if r["median"] is not None), flush=True)
         if curve_labels:
             levels = []
