@@ -95,6 +95,9 @@ def main() -> int:
                     "on the same engines and prompts, "
                     "rotated by one each round; the first arm is the reference")
     ap.add_argument("--rounds", type=int, default=4, help="rounds of the --arms comparison")
+    ap.add_argument("--parallel-start", type=float, default=None, metavar="GIB", help="start each model's "
+                    "--replicas sessions at once, each engine with a fixed KV cache of GIB (vLLM's "
+                    "kv_cache_memory_bytes; one after another otherwise)")
     ap.add_argument("--prebuffer-ms", type=int, default=None, help="the listener's playback starts this long after "
                     "the first chunk (default: the experiment's eval.audio_prebuffer_ms); with --from, the saved "
                     "chunks replayed with it")
@@ -114,6 +117,8 @@ def main() -> int:
         return 0
     if a.out is None or not a.model:
         ap.error("--out and --model are required (or --from a saved audio.json)")
+    if a.parallel_start is not None and a.parallel_start <= 0:
+        ap.error(f"--parallel-start {a.parallel_start}: the KV cache of each engine in GiB must be > 0")
     try:
         arms = parse_arms(a.arms) if a.arms else []
     except ValueError as err:
@@ -155,13 +160,16 @@ def main() -> int:
                   "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
                   "codec_graphs": graphs}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
+        if a.parallel_start:
+            spec["engine_overrides"] = {**spec["engine_overrides"], "kv_cache_memory_bytes": int(a.parallel_start * 2**30)}
         if spec["device"] == "cuda":
             if share is None:
                 raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "
                                  "check that nvidia-smi runs")
             spec["gpu_memory_utilization"] = share
         t0 = time.time()
-        r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout)
+        r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout,
+                                 parallel=bool(a.parallel_start))
         r["seconds"] = round(time.time() - t0, 1)
         res["models"][label] = r
         (a.out / "audio.json").write_text(json.dumps(res) + "\n")

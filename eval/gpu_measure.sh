@@ -163,7 +163,8 @@ audio_arms() {  # ARMS: the BF16 trained full proxy on 3 engine + codec sessions
                 # and c = 1024 with the codec arms ARMS (ORDER:BATCH,...) paired over 4 rounds
   local t0=$SECONDS
   $SERVE_PYTHON eval/gpu_audio.py --out eval/results/audio-cb-arms --model bf16=$FID_PROXY/LLM --replicas 3 \
-    --memory $AUDIO_MEM --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 --arms "$1" --rounds 4 || true
+    --memory $AUDIO_MEM --concurrency 1,1024 --requests 40 --fixed-tokens 0 --timeout 300 --arms "$1" --rounds 4 \
+    ${AUDIO_PARALLEL:+--parallel-start $AUDIO_PARALLEL} || true
   echo "audio arms wall $((SECONDS - t0))s"
 }
 
@@ -345,7 +346,9 @@ experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.ya
       setup "$PARTS"
       fidelity_job fidelity-proxy || true
       # issue 16's target names an H200; two H100 runs of this arm exist (gpu10, gpu12): on an H100, go on to the sweep
-      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then audio_arms playing:16
+      # the three engine + codec sessions start at once, 8 GiB of KV cache each (gpu14's H100 run: 108 + 70 + 47 s
+      # one after another)
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then AUDIO_PARALLEL=8 audio_arms playing:16
       else echo "gpu14: not an H200, the audio arm is left out"; fi
       # the paired step's five engines start at once with a 6 GiB KV cache each (PAIRED_PARALLEL; first time on a GPU)
       FID_PAIRED_PARALLEL=${FID_PAIRED_PARALLEL-6} \

@@ -218,6 +218,23 @@ def test_streams_over_replicas_split_each_level_and_summarize_every_request(tmp_
     assert ready == ["v-r0", "v-r1"]  # started one after another
 
 
+def test_stream_sessions_can_start_at_once_and_one_that_fails_beside_them_starts_alone(tmp_path):
+    from spark_quant.audio.stream_pool import stream_over_replicas
+
+    spec = _stream_spec(tmp_path, fake_start_s=0.3, fake_fail_unless_again=True)
+    res = stream_over_replicas(spec, 2, tmp_path, sys.executable, "v", 30, module=FAKE, parallel=True)
+    events = [ln.split()[:2] for ln in (tmp_path / "trace").read_text().splitlines()]
+    # both first sessions launched together (and failed: the stand-in fails unless restarted), then started again
+    launched = [e[1] for e in events if e[0] == "launch"]
+    assert set(launched[:2]) == {"v-r0", "v-r1"} and launched[2:] == ["v-again-r0", "v-again-r1"]
+    assert res["ok"] and len(res["engines"]) == 2 and [r["concurrency"] for r in res["rows"]] == [1, 5]
+    again = stream_over_replicas(_stream_spec(tmp_path, fake_start_s=0.3), 2, tmp_path, sys.executable, "w", 30,
+                                 module=FAKE, parallel=True)
+    assert again["ok"] and all(e["start_s"] >= 0.3 for e in again["engines"])
+    launches = [ln.split() for ln in (tmp_path / "trace").read_text().splitlines() if " w-" in ln]
+    assert [e[0] for e in launches][:2] == ["launch", "launch"]  # the second launched before the first was ready
+
+
 def test_warm_levels_runs_an_untimed_round_at_each_load_before_the_timed_one(tmp_path):
     """With ``warm_levels`` every replica gets the c=5 share twice; only the second is the row's."""
     from spark_quant.audio.stream_pool import stream_over_replicas

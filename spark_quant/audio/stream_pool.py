@@ -29,7 +29,7 @@ from typing import Any
 
 from spark_quant.audio.stream import CODEC_ORDERS
 from spark_quant.reporting.audio import summarize
-from spark_quant.serving.dispatch import Pool, ReplicaError
+from spark_quant.serving.dispatch import Pool, ReplicaError, start_pools
 
 MODULE = "spark_quant.audio.stream_session"
 
@@ -119,18 +119,25 @@ def parse_arms(text: str) -> list[dict]:
 
 
 def stream_over_replicas(spec: dict[str, Any], replicas: int, workdir: Path, python: str, tag: str,
-                         timeout_s: float, module: str = MODULE) -> dict[str, Any]:
+                         timeout_s: float, module: str = MODULE, parallel: bool = False) -> dict[str, Any]:
     """The stream measurement of ``spec`` (a stream worker spec) on ``replicas`` sessions; never raises for a
-    replica that fails: the result says ``ok: False`` with the error and keeps the levels already done."""
+    replica that fails: the result says ``ok: False`` with the error and keeps the levels already done.
+    ``parallel``: the sessions start at once (``dispatch.start_pools``; the spec's engine needs a fixed KV cache,
+    ``kv_cache_memory_bytes``)."""
     st = spec["stream"]
-    pool = Pool(tag, spec, replicas, Path(workdir), python, module=module, timeout_s=timeout_s)
+    pools = {tag: Pool(tag, spec, replicas, Path(workdir), python, module=module, timeout_s=timeout_s)}
+    pool = pools[tag]
     res: dict[str, Any] = {"ok": False, "replicas": replicas, "rows": []}
     arms = [dict(a) for a in st.get("arms") or []]
     rounds = int(st.get("rounds", 1)) if arms else 1
     arms = arms or [None]
     partial = Path(st["partial_path"]) if st.get("partial_path") else None
     try:
-        res["engines"] = pool.start()
+        got = start_pools(pools, parallel, log=lambda m: print(f"stream: {m}", flush=True))[tag]
+        pool = pools[tag]  # a pool that failed beside its neighbours was started again on its own
+        if isinstance(got, ReplicaError):
+            raise got
+        res["engines"] = got
         res["engine"] = res["engines"][0]
         warm = pool.broadcast([{"name": "warm", "kind": "stream", "concurrency": 1, "requests": 1}])
         res.update({k: v for k, v in warm[0]["warm"].items()
