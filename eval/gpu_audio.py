@@ -2,9 +2,9 @@
 
     python eval/gpu_audio.py --out DIR --model LABEL=PATH [--model ...] [--concurrency 1,256,1024]
         [--requests 20] [--fixed-tokens 250] [--memory 0.35] [--replicas 1] [--codec-batch N] [--timeout 600]
-        [--arms fifo:16,playing:16,playing:64 --rounds 4]
-    python eval/gpu_audio.py --from docs/results/h100-gpu10/audio-cb-arms/audio.json.gz   (a saved run's tables)
+        [--arms fifo:16,playing:16,playing:64 --rounds 4] [--parallel-start GIB] [--prebuffer-ms MS]
         [--experiment experiments/spark-tts-full_w8a8_int8_gpu.yaml]
+    python eval/gpu_audio.py --from docs/results/h100-gpu10/audio-cb-arms/audio.json.gz [--prebuffer-ms MS]
 
 Runs in the serving environment (``$SERVE_PYTHON``). PATH is a model's ``LLM/`` folder. Each model gets
 ``--replicas`` ``spark_quant.audio.stream_session`` processes (each one vLLM engine with the experiment's
@@ -161,7 +161,8 @@ def main() -> int:
                   "codec_graphs": graphs}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if a.parallel_start:
-            spec["engine_overrides"] = {**spec["engine_overrides"], "kv_cache_memory_bytes": int(a.parallel_start * 2**30)}
+            kv = int(a.parallel_start * 2**30)
+            spec["engine_overrides"] = {**spec["engine_overrides"], "kv_cache_memory_bytes": kv}
         if spec["device"] == "cuda":
             if share is None:
                 raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "

