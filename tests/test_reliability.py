@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,10 @@ def test_experiments_with_the_same_calibration_share_one_run(tiny_sweep, tmp_pat
     assert "calibrate: calibration/runs/tiny-a is up to date" in out and "quantize: checkpoints/tiny-a is up to date" in out
     assert "calibrate: calibration/runs/tiny-b reuses calibration/runs/tiny-a" in out
     assert "quantize: checkpoints/tiny-b reuses checkpoints/tiny-a" in out
+    # every stage and the paired step say how long they took (a GPU job's log times its steps with them)
+    for line in ("sweep: tiny-a: calibrate took", "sweep: tiny-b: quantize took", "sweep: tiny-b: eval took",
+                 "sweep: paired speed took"):
+        assert re.search(re.escape(line) + r" \d+ s \(exit 0\)", out), line
     for stage, a, b in (("calibrate", "calibration/runs/tiny-a", "calibration/runs/tiny-b"),
                         ("quantize", "checkpoints/tiny-a", "checkpoints/tiny-b")):
         a, b = w / a, w / b

@@ -156,7 +156,9 @@ def _paired_run(exps: list[Any], paths: list[Path], overrides: list[str], cells:
     args = paired_args([x for _, x in done], [p for p, _ in done], overrides, cells, trials, tmp, parallel_start)
     print(f"sweep: paired speed of {BASELINE_LABEL} and {len(done)} checkpoint(s), {trials} alternated rounds "
           f"per cell", flush=True)
+    t0 = time.perf_counter()
     rc = subprocess.run([stage_python("serve"), "-m", "spark_quant.stages.paired", *args]).returncode
+    print(f"sweep: paired speed took {time.perf_counter() - t0:.0f} s (exit {rc})", flush=True)
     if rc != 0:
         print(f"sweep: paired speed exited {rc}; what it measured is kept in the comparison", flush=True)
     if (tmp / "paired.json").is_file():
@@ -218,7 +220,9 @@ def sweep(experiments: list[Path], overrides: list[str], out: Path, paired_speed
                     break
                 print(f"sweep: {exp.name}: {stage}", flush=True)
                 py = "serve" if stage == "eval" else "quant"
+                t0 = time.perf_counter()
                 rc = subprocess.run([stage_python(py), "-m", "spark_quant", stage, "-e", str(path), *sets]).returncode
+                print(f"sweep: {exp.name}: {stage} took {time.perf_counter() - t0:.0f} s (exit {rc})", flush=True)
                 if rc != 0:
                     failed[exp.name] = (stage, rc)
 
