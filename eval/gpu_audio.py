@@ -38,7 +38,7 @@ from spark_quant.reporting.audio import level_label, arm_table, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
 from spark_quant.stages.evaluate import eval_prompts
-from spark_quant.serving.dispatch import gpu_memory_gib
+from spark_quant.serving.dispatch import fixed_kv_cache, gpu_memory_gib
 
 HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
 
@@ -161,8 +161,7 @@ def main() -> int:
                   "codec_graphs": graphs}
         spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
         if a.parallel_start:
-            kv = int(a.parallel_start * 2**30)
-            spec["engine_overrides"] = {**spec["engine_overrides"], "kv_cache_memory_bytes": kv}
+            spec["engine_overrides"] = {**spec["engine_overrides"], **fixed_kv_cache(a.parallel_start)}
         if spec["device"] == "cuda":
             if share is None:
                 raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "

@@ -163,19 +163,16 @@ class Pool:
     """``replicas`` sessions of one checkpoint (same spec), started one after another."""
 
     def __init__(self, label: str, spec: dict[str, Any], replicas: int, workdir: Path, python: str,
-                 module: str = SESSION_MODULE, timeout_s: float = 900):
+                 module: str = SESSION_MODULE, timeout_s: float = 900, tag: str | None = None):
         if replicas < 1:
             raise UserError(f"{label}: replicas is {replicas}; it must be at least 1")
         self.label, self.timeout_s = label, timeout_s
         self._args = (spec, replicas, workdir, python, module)
-        self.replicas = [Replica(spec, workdir, f"{label}-r{i}", python, module) for i in range(replicas)]
+        self.replicas = [Replica(spec, workdir, f"{tag or label}-r{i}", python, module) for i in range(replicas)]
 
     def again(self) -> Pool:
         """A new pool of the same sessions, not started, whose logs are named ``<label>-again-r<i>``."""
-        spec, replicas, workdir, python, module = self._args
-        pool = Pool(self.label, spec, replicas, workdir, python, module, self.timeout_s)
-        pool.replicas = [Replica(spec, workdir, f"{self.label}-again-r{i}", python, module) for i in range(replicas)]
-        return pool
+        return Pool(self.label, *self._args, self.timeout_s, tag=f"{self.label}-again")
 
     def start(self) -> list[dict[str, Any]]:
         """Start each replica after the previous one is ready; the engine facts of each, with start times."""
@@ -237,6 +234,11 @@ class Pool:
     def stop(self) -> None:
         for r in self.replicas:
             r.stop()
+
+
+def fixed_kv_cache(gib: float) -> dict[str, int]:
+    """The engine argument that fixes an engine's KV cache at ``gib`` GiB, which parallel starts need."""
+    return {"kv_cache_memory_bytes": int(gib * 2**30)}
 
 
 PARALLEL_START_S = 600  # the longest a parallel start waits for one pool (GPU engines took 40-118 s one by one)

@@ -42,7 +42,8 @@ from spark_quant import spark
 from spark_quant.errors import UserError
 from spark_quant.reporting import speed_stats as stats
 from spark_quant.reporting.fmt import ci_text
-from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, gpu_memory_gib, start_pools
+from spark_quant.serving.dispatch import (SESSION_MODULE, Pool, ReplicaError, fixed_kv_cache, gpu_memory_gib,
+                                         start_pools)
 
 TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
 KV_BLOCK = 16
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                "status": "starting engines"}
     python = a.python or serve_python()
     # --parallel-start GIB: every engine's KV cache fixed at GIB (vLLM skips its memory profiling), all launched at once
-    kv = {"kv_cache_memory_bytes": int(a.parallel_start * 2**30)} if a.parallel_start else {}
+    kv = fixed_kv_cache(a.parallel_start) if a.parallel_start else {}
     specs = {lb: variant_spec(exp, {**v, "engine": {**kv, **v["engine"]}}, share) for lb, v in variants.items()}
     run.res["start"] = f"parallel, KV cache {a.parallel_start} GiB per engine" if kv else "one engine after another"
     t_start = time.time()
