@@ -23,22 +23,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from spark_quant.audio.codec import resolve_codec_dir
 from spark_quant.audio.evalstep import stream_prompts
 from spark_quant.audio.stream import CODEC_ORDERS, request_margin, request_underrun
-from spark_quant.audio.stream_pool import (CODEC_GIB, CODEC_GRAPHS_GIB, engine_memory_share, parse_arms,
-                                           stream_over_replicas, uses_graphs)
+from spark_quant.audio.stream_pool import (
+    CODEC_GIB,
+    CODEC_GRAPHS_GIB,
+    engine_memory_share,
+    parse_arms,
+    stream_over_replicas,
+    uses_graphs,
+)
 from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
+from spark_quant.errors import UserError
 from spark_quant.models.folder import load_tokenizer
-from spark_quant.reporting.audio import level_label, arm_table, stream_table
+from spark_quant.outputs import check_writable, live_folder
+from spark_quant.reporting.audio import arm_table, level_label, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
-from spark_quant.stages.evaluate import eval_prompts
 from spark_quant.serving.dispatch import fixed_kv_cache, gpu_memory_gib
+from spark_quant.stages.evaluate import eval_prompts
 
 HEADER = {"controllable": 39, "clone": 1}  # tokens the real model writes before its first semantic token
 
@@ -81,6 +90,7 @@ def main() -> int:
     ap.add_argument("--replicas", type=int, default=1, help="engine + codec sessions per model, the requests "
                     "split over them (spark_quant.audio.stream_pool)")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--overwrite", action="store_true", help="replace a finished gpu_audio folder at --out")
     ap.add_argument("--no-warm-levels", dest="warm_levels", action="store_false",
                     help="skip the untimed round at each concurrency > 1 (2026-12-02's H200 run had none: every "
                          "replica JIT-compiled vLLM's top-k/top-p kernel inside the timed c = 1024 round)")
@@ -117,6 +127,10 @@ def main() -> int:
         return 0
     if a.out is None or not a.model:
         ap.error("--out and --model are required (or --from a saved audio.json)")
+    try:
+        check_writable(a.out, a.overwrite, "gpu_audio")  # before any work; live_folder checks again as it claims it
+    except UserError as err:
+        raise SystemExit(f"gpu_audio: {err}") from None
     if a.parallel_start is not None and a.parallel_start <= 0:
         ap.error(f"--parallel-start {a.parallel_start}: the KV cache of each engine in GiB must be > 0")
     try:
@@ -138,58 +152,61 @@ def main() -> int:
             share = engine_memory_share(a.memory, a.replicas, total_gib, codec_gib)
         except ValueError as err:
             raise SystemExit(f"gpu_audio: {err}") from None
-    a.out.mkdir(parents=True, exist_ok=True)
-    logs = a.out / "logs"
-    logs.mkdir(exist_ok=True)
-    e = exp.eval
-    res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
-           "versions": versions(), "host": res_host, "engine_memory_share": share, "codec_random_weights": random_codec,
-           "fixed_tokens": fixed, "header_tokens": HEADER if fixed else {}, "concurrency": conc,
-           "requests_at_c1": a.requests, "models": {}}
-    for label, path in models:
-        partial = logs / f"{label}-stream.partial.json"
-        partial.unlink(missing_ok=True)
-        stream = {"codec_dir": str(codec_dir.resolve()), "prompts": stream_prompts(prompts, bool(fixed)),
-                  "concurrency": conc, "requests": a.requests, "max_tokens": fixed or a.max_tokens,
-                  "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
-                  "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
-                  "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
-                  "plan": {"first_chunk": e.audio_first_chunk_tokens,
-                           "prebuffer_s": (e.audio_prebuffer_ms if a.prebuffer_ms is None else a.prebuffer_ms) / 1000},
-                  "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
-                  "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
-                  "codec_graphs": graphs}
-        spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
-        if a.parallel_start:
-            spec["engine_overrides"] = {**spec["engine_overrides"], **fixed_kv_cache(a.parallel_start)}
-        if spec["device"] == "cuda":
-            if share is None:
-                raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "
-                                 "check that nvidia-smi runs")
-            spec["gpu_memory_utilization"] = share
-        t0 = time.time()
-        r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout,
-                                 parallel=bool(a.parallel_start))
-        r["seconds"] = round(time.time() - t0, 1)
-        res["models"][label] = r
-        (a.out / "audio.json").write_text(json.dumps(res) + "\n")
-        print(f"gpu_audio: {label} done in {r['seconds']} s (ok={r.get('ok')}, error={r.get('error')})", flush=True)
-    src = (f"{fixed} tokens per request, EOS ignored, every token after the mode's header (controllable 39, "
-           f"clone 1) decoded as a semantic token" if fixed else "sampled until <|im_end|>")
-    md = [f"# Streamed audio on the GPU ({res['host']})", "",
-          f"Commit {res['git_commit']}; {json.dumps(res['versions'])}", "",
-          f"Tokens: {src}. Codec: {codec_dir}" + (" (RANDOM weights: noise, real compute)" if random_codec else ""),
-          "", *stream_table(res["models"]), "", "Tail figures over every request of a level:", "",
-          *load_rows(res["models"]), ""]
-    if arms:
-        md += [f"Codec arms, paired: {a.rounds} rounds at each concurrency > 1, every arm once per round on the same "
-               "engines and prompts, rotated by one each round. Intervals: Wilson for the underrun share; bootstrap "
-               "over requests for first audio and for the paired differences from the first arm (requests of one "
-               "round share the codec queue, so the per-round counts show the spread between rounds).", "",
-               *arm_table(res["models"]), ""]
-    (a.out / "audio.md").write_text("\n".join(md))
-    print("\n".join(md))
-    return 0 if all(m.get("ok") for m in res["models"].values()) else 1
+    if share is None and worker_spec(exp, models[0][1], "bfloat16")["device"] == "cuda":
+        raise SystemExit("gpu_audio: cannot read the GPU's memory (torch, nvidia-smi) to size --memory; "
+                         "check that nvidia-smi runs")
+    with live_folder(a.out, "gpu_audio", a.overwrite, {"argv": sys.argv[1:]}):  # measured rows kept if cut off
+        logs = a.out / "logs"
+        logs.mkdir()
+        e = exp.eval
+        prebuffer_ms = e.audio_prebuffer_ms if a.prebuffer_ms is None else a.prebuffer_ms
+        res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+               "versions": versions(), "host": res_host, "engine_memory_share": share,
+               "codec_random_weights": random_codec, "fixed_tokens": fixed, "header_tokens": HEADER if fixed else {},
+               "concurrency": conc, "requests_at_c1": a.requests, "models": {}}
+        for label, path in models:
+            partial = logs / f"{label}-stream.partial.json"
+            partial.unlink(missing_ok=True)
+            stream = {"codec_dir": str(codec_dir.resolve()), "prompts": stream_prompts(prompts, bool(fixed)),
+                      "concurrency": conc, "requests": a.requests, "max_tokens": fixed or a.max_tokens,
+                      "ignore_eos": bool(fixed), "count_all_as_semantic": bool(fixed),
+                      "header_tokens": HEADER if fixed else {}, "partial_path": str(partial.resolve()),
+                      "temperature": e.temperature, "top_k": e.top_k, "top_p": e.top_p,
+                      "plan": {"first_chunk": e.audio_first_chunk_tokens, "prebuffer_s": prebuffer_ms / 1000},
+                      "codec_batch": a.codec_batch or e.audio_codec_batch, "warm_levels": a.warm_levels,
+                      "codec_order": a.codec_order or e.audio_codec_order, "arms": arms, "rounds": a.rounds,
+                      "codec_graphs": graphs}
+            spec = {**worker_spec(exp, path, "bfloat16"), "max_num_seqs": max(conc), "stream": stream}
+            if a.parallel_start:
+                spec["engine_overrides"] = {**spec["engine_overrides"], **fixed_kv_cache(a.parallel_start)}
+            if spec["device"] == "cuda":
+                spec["gpu_memory_utilization"] = share
+            t0 = time.time()
+            r = stream_over_replicas(spec, a.replicas, logs, serve_python(), f"{label}-stream", a.timeout,
+                                     parallel=bool(a.parallel_start))
+            r["seconds"] = round(time.time() - t0, 1)
+            res["models"][label] = r
+            (a.out / "audio.json").write_text(json.dumps(res) + "\n")
+            print(f"gpu_audio: {label} done in {r['seconds']} s (ok={r.get('ok')}, error={r.get('error')})",
+                  flush=True)
+        src = (f"{fixed} tokens per request, EOS ignored, every token after the mode's header (controllable 39, "
+               f"clone 1) decoded as a semantic token" if fixed else "sampled until <|im_end|>")
+        md = [f"# Streamed audio on the GPU ({res['host']})", "",
+              f"Commit {res['git_commit']}; {json.dumps(res['versions'])}", "",
+              f"Tokens: {src}. Codec: {codec_dir}"
+              + (" (RANDOM weights: noise, real compute)" if random_codec else ""),
+              "", *stream_table(res["models"]), "", "Tail figures over every request of a level:", "",
+              *load_rows(res["models"]), ""]
+        if arms:
+            md += [(f"Codec arms, paired: {a.rounds} rounds at each concurrency > 1, every arm once per round on the "
+                    "same engines and prompts, rotated by one each round. Intervals: Wilson for the underrun share; "
+                    "bootstrap over requests for first audio and for the paired differences from the first arm "
+                    "(requests of one round share the codec queue, so the per-round counts show the spread between "
+                    "rounds)."), "",
+                   *arm_table(res["models"]), ""]
+        (a.out / "audio.md").write_text("\n".join(md))
+        print("\n".join(md))
+        return 0 if all(m.get("ok") for m in res["models"].values()) else 1
 
 
 if __name__ == "__main__":

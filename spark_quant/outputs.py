@@ -8,6 +8,10 @@ temporary folders of dead processes are removed by the next run.
 A stage only ever replaces a folder it made: a finished folder of the same stage (its manifest says so)
 or an empty one. Anything else at ``out`` (a source model, the corpus, ``docs/``, a file) is refused with
 one line, ``--overwrite`` or not; and no output may be, contain or lie inside one of the stage's inputs.
+
+Measurements that write their results as they go (a paired speed run, the streamed-audio bench: a machine
+taken back mid-run must leave what was measured) use ``live_folder`` instead: the same refusals, a marker
+while the folder is filled, the manifest when it ends, and a folder cut off mid-run is kept as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from spark_quant.envinfo import now
 from spark_quant.errors import UserError
 
 TMP_TAG = ".tmp-"
+LIVE_MARK = ".spark-quant-live"  # a live-written folder being filled, or cut off while it was
 
 
 def is_owned(folder: Path, stage: str) -> bool:
@@ -57,6 +62,9 @@ def check_writable(out: Path, overwrite: bool, stage: str, replace_stale: bool =
     out = Path(out)
     if not out.exists() and not out.is_symlink():
         return
+    if out.is_dir() and (out / LIVE_MARK).is_file():
+        raise UserError(f"{out}: holds a {stage_of_live(out)} run that did not finish (cut off, or it failed); its "
+                        "partial results are kept as they are (whatever flag is passed): choose another --out")
     if out.is_symlink() or not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder spark-quant made; refusing to replace it "
                         "(whatever flag is passed): choose another --out")
@@ -142,6 +150,43 @@ def stage_folder(out: Path, overwrite: bool, stage: str, replace_stale: bool = F
     check_writable(out, overwrite, stage, replace_stale)
     with atomic_folder(out, MANIFEST) as tmp:
         yield tmp
+
+
+def stage_of_live(out: Path) -> str:
+    """The stage named in a live folder's marker ('a' stage when the marker cannot be read)."""
+    import json
+
+    try:
+        return json.loads((Path(out) / LIVE_MARK).read_text()).get("stage") or "spark-quant"
+    except (OSError, ValueError, AttributeError):
+        return "spark-quant"
+
+
+@contextlib.contextmanager
+def live_folder(out: Path, stage: str, overwrite: bool, config: dict[str, Any]) -> Iterator[Path]:
+    """A folder that a measurement fills as it goes, so that a run cut off keeps what it measured.
+
+    ``out`` is refused as ``check_writable`` refuses it (only a finished folder of ``stage`` is replaced, and
+    only with ``overwrite``: it is removed first, so old and new results never mix), and so is a folder left
+    unfinished by an earlier run. While the block runs the folder carries ``LIVE_MARK``; when it ends without
+    an exception the manifest is written and the marker removed. After an exception (or a kill) the marker
+    stays: the folder and its partial results are never reused or replaced.
+    """
+    import json
+    import time
+
+    from spark_quant.artifacts import write_manifest
+
+    out = Path(out)
+    check_writable(out, overwrite, stage)
+    if out.is_dir() and any(out.iterdir()):  # a finished folder of this stage, and --overwrite
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    (out / LIVE_MARK).write_text(json.dumps({"stage": stage, "pid": os.getpid(), "created": now()}) + "\n")
+    yield out
+    (out / LIVE_MARK).unlink()
+    write_manifest(out, stage, config, inputs={}, started=started)
 
 
 def reuse_equivalent(out: Path, stage: str, inputs_fingerprint: str, overwrite: bool = False,

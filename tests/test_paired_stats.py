@@ -7,14 +7,8 @@ import pytest
 
 from spark_quant.errors import UserError
 from spark_quant.reporting import speed_stats as stats
-from spark_quant.stages.paired import (
-    cell_stats,
-    memory_row,
-    parse_cell,
-    parse_variant,
-    streams_from_curve,
-    trial_metrics,
-)
+from spark_quant.reporting.paired import cell_stats, memory_row, streams_from_curve, trial_metrics
+from spark_quant.stages.paired import parse_cell, parse_variant
 
 
 def test_median_ci_brackets_the_median_and_counts_trials():

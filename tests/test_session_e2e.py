@@ -13,7 +13,8 @@ def test_session_answers_many_task_lists_and_dp1(tmp_path, tiny_proxy):
         pytest.skip("no serving environment with vLLM")
     from spark_quant.config import load_experiment
     from spark_quant.serving.dispatch import Pool
-    from spark_quant.stages.paired import parse_variant, trial_metrics, variant_spec
+    from spark_quant.reporting.paired import trial_metrics
+    from spark_quant.stages.paired import parse_variant, variant_spec
 
     exp = load_experiment(ROOT / "experiments/spark-tts_w8a8_int8.yaml", ["eval.data_parallel_size=1"])
     v = parse_variant(f'bf16={tiny_proxy / "LLM"}::{{"data_parallel_size": 1, "max_num_seqs": 8}}')

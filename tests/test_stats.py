@@ -179,7 +179,7 @@ def test_samples_per_prompt_gives_the_sampled_task_one_seed_per_sample_and_incon
 def _paired_res(seed: int = 5) -> dict:
     """A paired run's result as stages/paired.py writes it: 20 alternated rounds of b1 (ms/token) and c8
     (tokens/s) for BF16, the default recipe and a slower one; its stats computed by the stage's own code."""
-    from spark_quant.stages.paired import cell_stats
+    from spark_quant.reporting.paired import cell_stats
 
     rng = random.Random(seed)
     cells = {}

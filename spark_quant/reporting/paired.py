@@ -1,11 +1,91 @@
-"""Tables and the saturation plot of a paired run (``paired.json``): pure functions over the result dict."""
+"""A paired run's statistics, tables and saturation plot (``paired.json``): pure functions over its dicts."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from spark_quant import spark
+from spark_quant.reporting import speed_stats as stats
 from spark_quant.reporting.fmt import ci_text
+
+KV_BLOCK = 16
+
+
+def rtf(req: dict[str, Any]) -> float | None:
+    """Request time over the audio it produced (50 tokens = 1 s); < 1 keeps up with playback."""
+    return req["total"] / (req["n"] / spark.SEMANTIC_PER_SECOND) if req.get("n") and req.get("total") else None
+
+
+def trial_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    reqs = res["requests"]
+    out = {"wall_s": res["wall_s"], "output_tokens": res["output_tokens"],
+           "tokens_per_s": res["output_tokens"] / res["wall_s"] if res["wall_s"] > 0 else None,
+           "rtf_p99": stats.percentile([rtf(r) for r in reqs], 0.99),
+           "ttft_p99_s": stats.percentile([r["ttft"] for r in reqs], 0.99),
+           "first_audio_p99_s": stats.percentile([r["first_audio"] for r in reqs], 0.99)}
+    if res.get("replica_wall_s"):
+        out["replica_wall_s"] = res["replica_wall_s"]
+    if res["concurrency"] == 1 and reqs and reqs[0]["n"] > 1:
+        r = reqs[0]
+        out["ms_per_token"] = (r["total"] - r["ttft"]) / (r["n"] - 1) * 1000
+    return out
+
+
+def metric_of(concurrency: int) -> tuple[str, bool]:
+    """The metric a cell ranks by and whether higher is better."""
+    return ("ms_per_token", False) if concurrency == 1 else ("tokens_per_s", True)
+
+
+def cell_stats(cell: dict[str, Any]) -> dict[str, Any]:
+    """Per-variant medians with CIs and the paired ratios of a cell's raw rounds."""
+    key, hib = metric_of(cell["concurrency"])
+    labels = cell["labels"]
+    series = {lb: [rnd["trials"][lb].get(key) for rnd in cell["raw"]] for lb in labels}
+    out = {"metric": key, "higher_is_better": hib,
+           "variants": {lb: stats.median_ci(xs) for lb, xs in series.items()}, "ratios": []}
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            out["ratios"].append({"of": b, "to": a, **stats.paired_ratio(series[a], series[b], hib)})
+    return out
+
+
+def streams_from_curve(levels: list[dict[str, Any]], label: str) -> dict[str, Any]:
+    """Highest offered concurrency whose pooled p99 per-stream RTF < 1; TTFA p99 and tokens/s there."""
+    best = None
+    for lv in levels:
+        reqs = [q for t in lv["trials"] for q in t[label]["requests"]]
+        p99 = stats.percentile([rtf(q) for q in reqs], 0.99)
+        if p99 is not None and p99 < 1.0:
+            best = {"concurrency": lv["concurrency"], "rtf_p99": p99,
+                    "first_audio_p99_s": stats.percentile([q["first_audio"] for q in reqs], 0.99),
+                    "ttft_p99_s": stats.percentile([q["ttft"] for q in reqs], 0.99),
+                    "tokens_per_s": stats.median_ci([t[label]["tokens_per_s"] for t in lv["trials"]]),
+                    "requests": len(reqs)}
+    return best or {"concurrency": None, "note": "p99 RTF >= 1 at every concurrency measured"}
+
+
+def memory_row(engines: list[dict[str, Any]], share: float | None, gpu_gib: float | None, budget_gib: float,
+               stream_tokens: int) -> dict[str, Any]:
+    """Weights + KV cache of one engine and the streams of ``stream_tokens`` that a budget per replica fits."""
+    e = engines[0]
+    w, kv_gib = e.get("weights_gib"), e.get("kv_cache_gib")
+    kv_tokens = e.get("kv_cache_tokens") or e.get("kv_cache_tokens_logged")
+    row: dict[str, Any] = {"weights_gib": w, "kv_cache_gib": kv_gib, "kv_cache_tokens": kv_tokens,
+                           "replicas": len(engines), "stream_tokens": stream_tokens, "budget_gib": budget_gib}
+    if not (w and kv_gib and kv_tokens):
+        return row
+    per_token = kv_gib * 2**30 / kv_tokens
+    per_stream = math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK * per_token
+    other = share * gpu_gib - w - kv_gib if share and gpu_gib else None  # activations, graphs, CUDA context
+    row.update(kv_bytes_per_token=per_token, other_gib=other,
+               streams_in_engine=int(kv_tokens // (math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK)))
+    if other is not None:
+        row["streams_at_budget"] = max(0, int((budget_gib - w - other) * 2**30 // per_stream))
+    return row
+
+
 
 
 def _ci(s: dict[str, Any] | None, fmt: str = ".3f") -> str:

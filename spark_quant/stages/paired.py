@@ -32,21 +32,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from spark_quant import spark
 from spark_quant.errors import UserError
+from spark_quant.outputs import check_not_a_source, check_writable, live_folder
 from spark_quant.reporting import speed_stats as stats
 from spark_quant.reporting.fmt import ci_text
-from spark_quant.serving.dispatch import (SESSION_MODULE, Pool, ReplicaError, fixed_kv_cache, gpu_memory_gib,
-                                         start_pools)
+from spark_quant.reporting.paired import cell_stats, memory_row, rtf, streams_from_curve, trial_metrics
+from spark_quant.serving.dispatch import SESSION_MODULE, Pool, ReplicaError, fixed_kv_cache, gpu_memory_gib, start_pools
 
 TOPOLOGY_KEYS = ("replicas", "executor", "data_parallel_size", "max_num_seqs", "memory", "env", "int8_fused")
-KV_BLOCK = 16
 
 
 # --- arguments ------------------------------------------------------------------------------------
@@ -115,79 +113,6 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
 
 
 # --- one trial's numbers --------------------------------------------------------------------------
-def rtf(req: dict[str, Any]) -> float | None:
-    """Request time over the audio it produced (50 tokens = 1 s); < 1 keeps up with playback."""
-    return req["total"] / (req["n"] / spark.SEMANTIC_PER_SECOND) if req.get("n") and req.get("total") else None
-
-
-def trial_metrics(res: dict[str, Any]) -> dict[str, Any]:
-    reqs = res["requests"]
-    out = {"wall_s": res["wall_s"], "output_tokens": res["output_tokens"],
-           "tokens_per_s": res["output_tokens"] / res["wall_s"] if res["wall_s"] > 0 else None,
-           "rtf_p99": stats.percentile([rtf(r) for r in reqs], 0.99),
-           "ttft_p99_s": stats.percentile([r["ttft"] for r in reqs], 0.99),
-           "first_audio_p99_s": stats.percentile([r["first_audio"] for r in reqs], 0.99)}
-    if res.get("replica_wall_s"):
-        out["replica_wall_s"] = res["replica_wall_s"]
-    if res["concurrency"] == 1 and reqs and reqs[0]["n"] > 1:
-        r = reqs[0]
-        out["ms_per_token"] = (r["total"] - r["ttft"]) / (r["n"] - 1) * 1000
-    return out
-
-
-def metric_of(concurrency: int) -> tuple[str, bool]:
-    """The metric a cell ranks by and whether higher is better."""
-    return ("ms_per_token", False) if concurrency == 1 else ("tokens_per_s", True)
-
-
-def cell_stats(cell: dict[str, Any]) -> dict[str, Any]:
-    """Per-variant medians with CIs and the paired ratios of a cell's raw rounds."""
-    key, hib = metric_of(cell["concurrency"])
-    labels = cell["labels"]
-    series = {lb: [rnd["trials"][lb].get(key) for rnd in cell["raw"]] for lb in labels}
-    out = {"metric": key, "higher_is_better": hib,
-           "variants": {lb: stats.median_ci(xs) for lb, xs in series.items()}, "ratios": []}
-    for i, a in enumerate(labels):
-        for b in labels[i + 1:]:
-            out["ratios"].append({"of": b, "to": a, **stats.paired_ratio(series[a], series[b], hib)})
-    return out
-
-
-def streams_from_curve(levels: list[dict[str, Any]], label: str) -> dict[str, Any]:
-    """Highest offered concurrency whose pooled p99 per-stream RTF < 1; TTFA p99 and tokens/s there."""
-    best = None
-    for lv in levels:
-        reqs = [q for t in lv["trials"] for q in t[label]["requests"]]
-        p99 = stats.percentile([rtf(q) for q in reqs], 0.99)
-        if p99 is not None and p99 < 1.0:
-            best = {"concurrency": lv["concurrency"], "rtf_p99": p99,
-                    "first_audio_p99_s": stats.percentile([q["first_audio"] for q in reqs], 0.99),
-                    "ttft_p99_s": stats.percentile([q["ttft"] for q in reqs], 0.99),
-                    "tokens_per_s": stats.median_ci([t[label]["tokens_per_s"] for t in lv["trials"]]),
-                    "requests": len(reqs)}
-    return best or {"concurrency": None, "note": "p99 RTF >= 1 at every concurrency measured"}
-
-
-def memory_row(engines: list[dict[str, Any]], share: float | None, gpu_gib: float | None, budget_gib: float,
-               stream_tokens: int) -> dict[str, Any]:
-    """Weights + KV cache of one engine and the streams of ``stream_tokens`` that a budget per replica fits."""
-    e = engines[0]
-    w, kv_gib = e.get("weights_gib"), e.get("kv_cache_gib")
-    kv_tokens = e.get("kv_cache_tokens") or e.get("kv_cache_tokens_logged")
-    row: dict[str, Any] = {"weights_gib": w, "kv_cache_gib": kv_gib, "kv_cache_tokens": kv_tokens,
-                           "replicas": len(engines), "stream_tokens": stream_tokens, "budget_gib": budget_gib}
-    if not (w and kv_gib and kv_tokens):
-        return row
-    per_token = kv_gib * 2**30 / kv_tokens
-    per_stream = math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK * per_token
-    other = share * gpu_gib - w - kv_gib if share and gpu_gib else None  # activations, graphs, CUDA context
-    row.update(kv_bytes_per_token=per_token, other_gib=other,
-               streams_in_engine=int(kv_tokens // (math.ceil(stream_tokens / KV_BLOCK) * KV_BLOCK)))
-    if other is not None:
-        row["streams_at_budget"] = max(0, int((budget_gib - w - other) * 2**30 // per_stream))
-    return row
-
-
 # --- the run --------------------------------------------------------------------------------------
 class Run:
     def __init__(self, a, exp, prompts: list[list[int]]):
@@ -255,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-module", default=SESSION_MODULE)
     ap.add_argument("--python", default=None, help="the sessions' interpreter (default: SERVE_PYTHON)")
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--overwrite", action="store_true", help="replace a finished paired run's folder at --out")
     ap.add_argument("--parallel-start", type=float, default=None, metavar="GIB",
                     help="start every engine at once, each with a KV cache of GIB (vLLM's kv_cache_memory_bytes)")
     a = ap.parse_args(argv)
@@ -271,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = [lb for lb in labels if lb not in variants]
         if missing:
             raise UserError(f"{where}: unknown variant(s) {', '.join(missing)}; defined: {', '.join(variants)}")
+    check_not_a_source(a.out, [Path(v["path"]) for v in a.variant], "paired")
+    check_writable(a.out, a.overwrite, "paired")  # before any work; live_folder checks again as it claims it
     exp = load_experiment(a.experiment, a.set)
     first = Path(a.variant[0]["path"])
     tok = AutoTokenizer.from_pretrained(str(first))
@@ -280,15 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [p["ids"] for p in heldout_prompts(texts, exp.eval.num_prompts, tok.encode)]
     n_engines = sum(int(v["topology"].get("replicas", exp.eval.replicas)) for v in a.variant)
     share = a.gpu_share or min(exp.eval.gpu_memory_utilization, 0.9 / n_engines)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "logs").mkdir(exist_ok=True)
     run = Run(a, exp, prompts)
     run.res = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
                "versions": versions(), "host": device_info(), "gpu_memory_gib": gpu_memory_gib(),
                "experiment": str(a.experiment), "sampling": run.samp, "trials": a.trials,
                "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "variants": {}, "cells": {},
                "status": "starting engines"}
-    python = a.python or serve_python()
+    with live_folder(a.out, "paired", a.overwrite, {"argv": sys.argv[1:] if argv is None else argv}):
+        (a.out / "logs").mkdir()
+        return measure(run, variants, share, a.python or serve_python(), curve_labels, eq_pairs)
+
+
+def measure(run: Run, variants: dict[str, Any], share: float, python: str, curve_labels: list[str],
+            eq_pairs: list[list[str]]) -> int:
+    """Start every variant's engines, time the cells and the curve into ``run.res``; 0 when all of it ran."""
+    a, exp = run.a, run.exp
     # --parallel-start GIB: every engine's KV cache fixed at GIB (vLLM skips its memory profiling), all launched at once
     kv = fixed_kv_cache(a.parallel_start) if a.parallel_start else {}
     specs = {lb: variant_spec(exp, {**v, "engine": {**kv, **v["engine"]}}, share) for lb, v in variants.items()}

@@ -1,0 +1,101 @@
+"""The measurements that write as they go (a paired speed run, eval/gpu_audio.py): they only ever fill a folder
+they claim, keep what a run cut off had measured, and replace nothing they did not make, whatever flag is passed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from safety_helpers import tree_state
+
+from spark_quant.artifacts import read_manifest
+from spark_quant.errors import UserError
+from spark_quant.outputs import LIVE_MARK, live_folder
+
+FAKE = "tests.fixtures.fake_session"  # stand-in engine sessions (no vLLM)
+
+
+def test_a_live_folder_is_marked_while_filled_and_gets_its_manifest_when_the_run_ends(tmp_path):
+    out = tmp_path / "run"
+    with live_folder(out, "paired", False, {"argv": ["x"]}):
+        assert json.loads((out / LIVE_MARK).read_text())["stage"] == "paired"
+        (out / "paired.json").write_text("{}")
+    assert not (out / LIVE_MARK).exists()
+    m = read_manifest(out)
+    assert m["stage"] == "paired" and m["config"] == {"argv": ["x"]} and "paired.json" in m["files"]
+
+
+def test_a_run_cut_off_keeps_its_partial_results_and_its_folder_is_never_reused_or_replaced(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError), live_folder(out, "paired", False, {}):
+        (out / "paired.json").write_text('{"cells": {"b1": 1}}')
+        raise RuntimeError("the machine went back")
+    assert (out / LIVE_MARK).is_file() and (out / "paired.json").read_text() == '{"cells": {"b1": 1}}'
+    before = tree_state(out)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"holds a paired run that did not finish .* partial results are kept"), \
+                live_folder(out, "paired", overwrite, {}):
+            pass
+    assert tree_state(out) == before
+
+
+def test_a_finished_run_is_replaced_whole_only_with_overwrite(tmp_path):
+    out = tmp_path / "run"
+    with live_folder(out, "paired", False, {}):
+        (out / "old-only.json").write_text("1")
+    with pytest.raises(UserError, match="already exists; pass --overwrite"), live_folder(out, "paired", False, {}):
+        pass
+    with live_folder(out, "paired", True, {}):
+        (out / "paired.json").write_text("2")
+    assert not (out / "old-only.json").exists()  # old and new results never mix
+    with pytest.raises(UserError, match="is a 'paired' folder, not a finished gpu_audio folder"), \
+            live_folder(out, "gpu_audio", True, {}):
+        pass
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_paired_refuses_a_folder_it_did_not_make_before_any_work(tmp_path, tiny_proxy, overwrite):
+    from spark_quant.stages import paired
+
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "paired.json").write_text("my own notes")
+    before = tree_state(tmp_path)
+    with pytest.raises(UserError, match=r"results: exists and is not a folder spark-quant made.*whatever flag"):
+        paired.main(["--out", str(mine), "--variant", f"a={tiny_proxy / 'LLM'}", "--cell", "b1=1:20:a",
+                     "--session-module", FAKE, "--python", sys.executable, *overwrite])
+    with pytest.raises(UserError, match="is inside an input of paired"):
+        paired.main(["--out", str(tiny_proxy / "LLM" / "run"), "--variant", f"a={tiny_proxy / 'LLM'}"])
+    assert tree_state(tmp_path) == before
+
+
+def test_paired_run_ends_with_a_manifest_and_a_rerun_needs_overwrite(tmp_path, tiny_proxy):
+    from spark_quant.stages import paired
+
+    out, llm = tmp_path / "run", tiny_proxy / "LLM"
+    args = ["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
+            "--variant", f'a={llm}::{{"fake_s_per_token": 1e-4}}', "--cell", "b1=1:10:a", "--trials", "3",
+            "--session-module", FAKE, "--python", sys.executable]
+    assert paired.main(args) == 0
+    assert read_manifest(out)["stage"] == "paired" and not (out / LIVE_MARK).exists()
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        paired.main(args)
+    assert paired.main([*args, "--overwrite"]) == 0
+
+
+def test_gpu_audio_refuses_a_folder_it_did_not_make_whatever_flag_is_passed(tmp_path):
+    mine = tmp_path / "audio"
+    mine.mkdir()
+    (mine / "audio.json").write_text("a user's file")
+    before = tree_state(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        p = subprocess.run([sys.executable, "eval/gpu_audio.py", "--out", str(mine), "--model", "bf16=nowhere",
+                            *extra], cwd=ROOT, text=True, capture_output=True, timeout=300, check=False)
+        assert p.returncode != 0
+        assert "gpu_audio: " in p.stderr and "not a folder spark-quant made" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+    assert tree_state(tmp_path) == before
