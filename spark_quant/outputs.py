@@ -189,6 +189,45 @@ def live_folder(out: Path, stage: str, overwrite: bool, config: dict[str, Any]) 
     write_manifest(out, stage, config, inputs={}, started=started)
 
 
+RESULT_KEY = "made_by"  # the key that marks a result file as one a spark-quant tool wrote
+
+
+def check_result_file(path: Path, tool: str, overwrite: bool) -> None:
+    """A measurement's one JSON result file (``--out FILE``) may go to ``path``: nothing there, or ``tool``'s own
+    earlier result (its ``made_by`` key) and ``overwrite``. Anything else is refused with one line, before any
+    work, whatever flag is passed."""
+    import json
+
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        mine = not path.is_symlink() and path.is_file() and json.loads(path.read_text()).get(RESULT_KEY) == tool
+    except (OSError, ValueError, AttributeError):
+        mine = False
+    if not mine:
+        raise UserError(f"{path}: exists and is not a result {tool} wrote; refusing to replace it (whatever flag is "
+                        "passed): choose another --out")
+    if not overwrite:
+        raise UserError(f"{path}: already exists; pass --overwrite to replace it or choose another --out")
+
+
+def write_result_file(path: Path, doc: dict[str, Any], tool: str, overwrite: bool) -> Path:
+    """Write ``doc`` (with ``made_by: tool``) to ``path`` whole: a temporary sibling, then renamed into place."""
+    import json
+
+    check_result_file(path, tool, overwrite)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({RESULT_KEY: tool, **doc}, indent=1, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def reuse_equivalent(out: Path, stage: str, inputs_fingerprint: str, overwrite: bool = False,
                      replace_stale: bool = False, updates: dict[str, Any] | None = None) -> Path | None:
     """Fill ``out`` from a sibling folder of the same stage made from the same inputs (by hash).

@@ -1,5 +1,7 @@
-"""The measurements that write as they go (a paired speed run, eval/gpu_audio.py): they only ever fill a folder
-they claim, keep what a run cut off had measured, and replace nothing they did not make, whatever flag is passed.
+"""The measurements' own outputs: the ones that write as they go (a paired speed run, eval/gpu_audio.py,
+eval/gpu_speed.py) only ever fill a folder they claim and keep what a run cut off had measured; the ones that
+write one result file (audio.bench, audio.speaker, serving_profile_timing) write it whole. None replaces
+anything it did not make, whatever flag is passed, and each refuses before any work.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from safety_helpers import tree_state
 
 from spark_quant.artifacts import read_manifest
 from spark_quant.errors import UserError
-from spark_quant.outputs import LIVE_MARK, live_folder
+from spark_quant.outputs import LIVE_MARK, check_result_file, live_folder, write_result_file
 
 FAKE = "tests.fixtures.fake_session"  # stand-in engine sessions (no vLLM)
 
@@ -98,4 +100,52 @@ def test_gpu_audio_refuses_a_folder_it_did_not_make_whatever_flag_is_passed(tmp_
         assert p.returncode != 0
         assert "gpu_audio: " in p.stderr and "not a folder spark-quant made" in p.stderr, p.stderr
         assert "Traceback" not in p.stderr
+    assert tree_state(tmp_path) == before
+
+
+def test_gpu_speed_refuses_a_folder_it_did_not_make(tmp_path):
+    mine = tmp_path / "speed"
+    mine.mkdir()
+    (mine / "speed.md").write_text("a user's notes")
+    before = tree_state(tmp_path)
+    p = subprocess.run([sys.executable, "eval/gpu_speed.py", "--out", str(mine), "--model", "bf16=nowhere",
+                        "--overwrite"], cwd=ROOT, text=True, capture_output=True, timeout=300, check=False)
+    assert p.returncode != 0 and "gpu_speed: " in p.stderr and "not a folder spark-quant made" in p.stderr, p.stderr
+    assert tree_state(tmp_path) == before
+
+
+def test_a_result_file_is_written_whole_and_replaces_only_its_own_tools_earlier_result(tmp_path):
+    out = tmp_path / "sub" / "bench.json"
+    write_result_file(out, {"rows": [1]}, "audio.bench", overwrite=False)
+    assert json.loads(out.read_text()) == {"made_by": "audio.bench", "rows": [1]}
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left
+    with pytest.raises(UserError, match="bench.json: already exists; pass --overwrite"):
+        check_result_file(out, "audio.bench", overwrite=False)
+    write_result_file(out, {"rows": [2]}, "audio.bench", overwrite=True)
+    assert json.loads(out.read_text())["rows"] == [2]
+    for text in ("my notes", '{"rows": [1]}', '{"made_by": "audio.speaker"}', "[1, 2]"):
+        other = tmp_path / "other.json"
+        other.write_text(text)
+        with pytest.raises(UserError, match="other.json: exists and is not a result audio.bench wrote; refusing"):
+            write_result_file(other, {"rows": [3]}, "audio.bench", overwrite=True)
+        assert other.read_text() == text
+    with pytest.raises(UserError, match="is not a result"):
+        check_result_file(tmp_path / "sub", "audio.bench", overwrite=True)  # a folder
+
+
+def test_result_file_tools_refuse_a_users_file_before_any_work_with_one_line(tmp_path):
+    from spark_quant.audio import speaker
+    from spark_quant.stages import serving_profile_timing
+
+    mine = tmp_path / "notes.json"
+    mine.write_text("a user's file")
+    before = tree_state(tmp_path)
+    with pytest.raises(UserError, match="notes.json: exists and is not a result audio.speaker wrote"):
+        speaker.main(["--bench", "1", "--out", str(mine), "--overwrite"])
+    with pytest.raises(UserError, match="notes.json: exists and is not a result serving_profile_timing wrote"):
+        serving_profile_timing.main(["--model", str(tmp_path / "nowhere"), "--out", str(mine)])
+    p = subprocess.run([sys.executable, "-m", "spark_quant.audio.bench", "--device", "cpu", "--out", str(mine),
+                        "--overwrite"], cwd=ROOT, text=True, capture_output=True, timeout=300, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {mine}: exists and is not a result audio.bench")
     assert tree_state(tmp_path) == before

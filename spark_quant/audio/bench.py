@@ -31,6 +31,7 @@ from pathlib import Path
 
 from spark_quant.audio.codec import codec_info, load_bicodec, resolve_codec_dir
 from spark_quant.config import REAL_MODEL_DIR
+from spark_quant.outputs import check_result_file, write_result_file
 from spark_quant.reporting.fmt import ci_text
 from spark_quant.reporting.speed_stats import median_ci, paired_ratio
 from spark_quant.reporting.stats import bootstrap_ci
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time CUDA-graph decoding against eager at these batch sizes")
     ap.add_argument("--profile", action="store_true", help="GPU kernel time of one eager pass per length")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="write the results here as JSON")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier result of this bench at --out")
     args = ap.parse_args(argv)
+    if args.out:
+        check_result_file(args.out, "audio.bench", args.overwrite)
     if (args.graphs or args.profile) and (args.device or "cuda") != "cuda":
         raise SystemExit("bench: --graphs and --profile time the codec on a GPU; leave --device out or pass cuda")
     folder = args.codec or resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)[0]
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         res["profile"] = [profile_pass(codec, n, b, rng) for n in args.tokens for b in sorted({1, *args.graphs})]
     if args.out:
-        args.out.write_text(json.dumps(res, indent=1) + "\n")
+        write_result_file(args.out, res, "audio.bench", args.overwrite)
     print(json.dumps({"codec": str(codec.folder), "device": codec.device,
                       "p50_ms": {r["tokens"]: round(r["p50_s"] * 1000, 1) for r in rows}}))
     return 0
@@ -187,4 +191,6 @@ def profile_pass(codec, length: int, b: int, rng: random.Random) -> dict:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from spark_quant.errors import run_main
+
+    run_main(main)

@@ -201,17 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from spark_quant.errors import UserError
+    from spark_quant.outputs import check_result_file, write_result_file
 
     ap = argparse.ArgumentParser(description="speaker similarity of an eval's BF16 / INT8 WAV pairs")
     ap.add_argument("results", type=Path, nargs="?", help="an eval results folder (results.json with audio)")
     ap.add_argument("--out", type=Path, help="write the rows and the summary here as JSON")
     ap.add_argument("--bench", type=float, nargs="*", metavar="SECONDS", help="time the encoder (default 1 4 10)")
     ap.add_argument("--n", type=int, default=8, help="--bench: repetitions per length")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier result of this tool at --out")
     args = ap.parse_args(argv)
+    if args.out:
+        check_result_file(args.out, "audio.speaker", args.overwrite)
     if args.bench is not None:
         res = bench(args.bench or [1.0, 4.0, 10.0], args.n)
         if args.out:
-            args.out.write_text(json.dumps(res, indent=1) + "\n")
+            write_result_file(args.out, res, "audio.speaker", args.overwrite)
         print(json.dumps({"load_s": res["load_s"], "p50_ms": {r["audio_s"]: round(r["p50_s"] * 1000, 1)
                                                               for r in res["rows"]}}))
         return 0
@@ -230,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         sim = r.get("speaker_similarity")
         print(f"| {r['prompt']} | {r['mode']} | {'–' if sim is None else f'{sim:.4f}'} |")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "speaker": res}, indent=1) + "\n")
+        write_result_file(args.out, {"rows": rows, "speaker": res}, "audio.speaker", args.overwrite)
     print(json.dumps(res))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from spark_quant.errors import run_main
+
+    run_main(main)

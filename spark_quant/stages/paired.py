@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spark_quant.errors import UserError
+from spark_quant.errors import UserError, run_main
 from spark_quant.outputs import check_not_a_source, check_writable, live_folder
 from spark_quant.reporting import speed_stats as stats
 from spark_quant.reporting.fmt import ci_text
@@ -326,8 +326,4 @@ def equivalence(run: Run, pair: list[str], tokens: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

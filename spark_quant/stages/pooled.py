@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from spark_quant.errors import UserError
+from spark_quant.errors import UserError, run_main
 from spark_quant.outputs import check_not_a_source, stage_folder
 
 
@@ -100,8 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no CUDA graphs / torch.compile)")
     ap.add_argument("--memory", type=float, default=None, help="gpu_memory_utilization (default 0.6 GPU, 0.3 CPU)")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier result of this tool at --out")
     args = ap.parse_args(argv)
+    from spark_quant.outputs import check_result_file, write_result_file
+
+    if args.out:
+        check_result_file(args.out, "serving_profile_timing", args.overwrite)
 
     from spark_quant.models.serving_profile import build_profile
     from spark_quant.stages.evaluate import has_cuda_device, latency_metrics, run_worker
@@ -106,10 +111,12 @@ def main(argv: list[str] | None = None) -> int:
            "git_commit": git_commit(), "tokens": args.tokens, "requests": args.requests, "eager": args.eager,
            "results": summary, "logs": str(work)}
     if args.out:
-        args.out.write_text(json.dumps(doc | {"raw": raw}, indent=1, default=str) + "\n")
+        write_result_file(args.out, doc | {"raw": raw}, "serving_profile_timing", args.overwrite)
     print(json.dumps(doc, default=str))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from spark_quant.errors import run_main
+
+    run_main(main)
