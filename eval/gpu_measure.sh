@@ -40,7 +40,8 @@
 #           gpu14      an H200 session: issue 16's c = 1024 underrun (playing-16), then issue 15's sweep paired
 #                      first (BF16, FP8, W4A16, default W8A8, static scales), then their fidelity as time allows
 #           gpu15      issue 14's 8-bit options at saturation (BF16, W8A8, static, FP8, FP8 fused passes; 3 x mp each),
-#                      paired, b1 / c1024, the 15 engines started at once (--parallel-start)
+#                      paired, b1 / c1024, the 15 engines started at once (--parallel-start); GPU15_VARIANTS picks
+#                      them, w8a8t-x3mp (W8A8 on vLLM's Triton INT8 GEMM) among them
 #           static14   issue 14's static activation scales: W8A8-static vs W8A8 vs BF16 (3 x mp each), paired, b1 / c1024
 #           audio3     issue 16 at load: streamed audio on 3 engine + codec replicas per model, the codec thread
 #                      batching up to 16 chunks and then 1 (paired by level), and the codec alone batched vs one by one
@@ -367,12 +368,18 @@ experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml exper
       make calibrate quantize EXPERIMENT=$EXP_GPU SET="$SMALL_CALIB name=full-fp8_dynamic" RECIPE=recipes/fp8_dynamic.yaml
       echo "static + fp8 quantize wall $((SECONDS - t0))s"
       local fx='"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}'
-      local all=bf16-x3mp,w8a8-x3mp,w8a8s-x3mp,fp8-x3mp,fp8f-x3mp
+      # GPU15_VARIANTS: which to time (3 engines each). w8a8t-x3mp is the same W8A8 checkpoint on vLLM's Triton INT8
+      # GEMM (linear_backend "triton", TritonInt8ScaledMMLinearKernel) instead of CUTLASS, with a greedy
+      # equivalence check against it
+      local all=${GPU15_VARIANTS:-bf16-x3mp,w8a8-x3mp,w8a8s-x3mp,fp8-x3mp,fp8f-x3mp} args=() v eq=()
+      declare -A vpath=([bf16-x3mp]="$BASE/LLM$X3MP" [w8a8-x3mp]="$CK/LLM$X3MP" [w8a8s-x3mp]="$st/LLM$X3MP"
+                        [fp8-x3mp]="$FP8/LLM$X3MP" [fp8f-x3mp]="$FP8/LLM::{\"replicas\": 3, \"executor\": \"mp\", $fx}"
+                        [w8a8t-x3mp]="$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"linear_backend\": \"triton\"}")
+      for v in ${all//,/ }; do args+=(--variant "$v=${vpath[$v]:?unknown variant $v}"); done
+      case ",$all," in *,w8a8-x3mp,*w8a8t-x3mp,*|*,w8a8t-x3mp,*w8a8-x3mp,*) eq=(--equivalence w8a8-x3mp,w8a8t-x3mp) ;; esac
       t0=$SECONDS
-      $PAIRED --out eval/results/paired15 --gpu-share 0.06 --trials 20 --parallel-start ${KV15:-2} \
-        --variant "bf16-x3mp=$BASE/LLM$X3MP" --variant "w8a8-x3mp=$CK/LLM$X3MP" --variant "w8a8s-x3mp=$st/LLM$X3MP" \
-        --variant "fp8-x3mp=$FP8/LLM$X3MP" --variant "fp8f-x3mp=$FP8/LLM::{\"replicas\": 3, \"executor\": \"mp\", $fx}" \
-        --cell b1=1:200:$all --cell c1024=1024:100:$all || true
+      $PAIRED --out eval/results/paired15 --gpu-share 0.06 --trials 20 --parallel-start ${KV15:-2} "${args[@]}" \
+        "${eq[@]}" --cell b1=1:200:$all --cell c1024=1024:100:$all || true
       echo "paired wall $((SECONDS - t0))s" ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,

@@ -132,6 +132,9 @@ def test_variant_topology_beats_the_experiments(tmp_path):
                                              f'"max_num_seqs": 64, "env": {{"X": "1"}}}}'), 0.1)
     assert "distributed_executor_backend" not in single["engine_overrides"]
     assert single["max_num_seqs"] == 64 and single["env"]["X"] == "1"
+    # any other key is a vLLM engine argument, passed as given (gpu15's w8a8t-x3mp: the Triton INT8 GEMM)
+    triton = variant_spec(exp, parse_variant(f'a={tmp_path}::{{"replicas": 3, "linear_backend": "triton"}}'), 0.1)
+    assert triton["engine_overrides"]["linear_backend"] == "triton"
 
 
 def test_the_committed_h200_run_recomputes_from_its_raw_trials():

@@ -16,6 +16,7 @@ from spark_quant.serving.stepprof import _diff_per_step, _union_us, classify, ke
 @pytest.mark.parametrize("name,kind", [
     ("void cutlass::device_kernel<vllm::cutlass_3x_gemm<signed char, cutlass::bfloat16_t, ...>>", "gemm_int8"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_s8_i16832gemm_s8_64x64_128x3>", "gemm_int8"),
+    ("scaled_mm_kernel", "gemm_int8"),  # vLLM's Triton INT8 GEMM (triton_scaled_mm.py, linear_backend "triton")
     ("nvjet_tst_128x64_64x8_1x1_v_bz_TNT", "gemm_16bit"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64", "gemm_16bit"),
     ("void vllm::dynamic_scaled_int8_quant_kernel<c10::BFloat16, float>(...)", "act_quant"),

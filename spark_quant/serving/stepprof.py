@@ -53,6 +53,8 @@ def classify(name: str) -> str:
         return "act_quant"  # vLLM's quant kernels, and torch.compile's fused norm+abs-max+round Triton kernels
     if _ATTN.search(n):  # before GEMMs: FlashAttention 3 kernels are cutlass::device_kernel<flash::...>
         return "attention"
+    if n == "scaled_mm_kernel":  # vLLM's Triton scaled GEMM (linear_backend "triton"): only INT8 layers use it here
+        return "gemm_int8"
     if _GEMM.search(n):
         return "gemm_int8" if _INT8.search(name) else "gemm_16bit"
     if _SAMPLE.search(n):
