@@ -14,7 +14,6 @@ a new folder (only a finished ``pooled`` folder is replaced, and only with ``--o
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 from pathlib import Path
@@ -31,25 +30,12 @@ def parse_run(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def read_run(path: Path) -> dict[str, Any]:
-    """A paired run's result (gzipped or not); one line on what is wrong with the file otherwise."""
-    try:
-        raw = path.read_bytes()
-        data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; name a paired run's paired.json") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: not a paired run's JSON ({e}); name the paired.json it wrote") from None
-    if not isinstance(data, dict) or not isinstance(data.get("cells"), dict):
-        raise UserError(f"{path}: has no 'cells'; it is not a paired run's paired.json")
-    return data
-
-
 def pooled(runs: list[tuple[str, Path]], of: str, to: str, cells: list[str]) -> dict[str, dict[str, Any]]:
     """Every cell's runs and their pooled ratio (``reporting.pooled``); UserError names the file at fault."""
     from spark_quant.reporting.pooled import pool, run_ratio
+    from spark_quant.stages.sweep import read_paired
 
-    data = {name: (path, read_run(path)) for name, path in runs}
+    data = {name: (path, read_paired(path)) for name, path in runs}
     out = {}
     for cell in cells:
         ratios = []

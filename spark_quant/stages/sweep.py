@@ -44,12 +44,15 @@ def _row_or_missing(folder: Path) -> dict[str, Any]:
 
 
 def read_paired(path: Path) -> dict[str, Any]:
-    """A finished paired run's ``paired.json`` (one line on what is wrong with it otherwise)."""
+    """A paired run's ``paired.json``, or its gzipped copy (one line on what is wrong with it otherwise)."""
+    import gzip
+
     try:
-        res = json.loads(Path(path).read_text())
+        raw = Path(path).read_bytes()
+        res = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file; name the paired.json of a paired speed run") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a paired run's JSON ({e}); name the paired.json it wrote") from None
     if not isinstance(res, dict) or not isinstance(res.get("cells"), dict):
         raise UserError(f"{path}: has no 'cells'; it is not a paired run's paired.json")
