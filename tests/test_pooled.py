@@ -79,6 +79,19 @@ def test_the_three_h200_runs_pooled_slower_at_saturation_and_no_difference_at_ba
     assert sat["verdict"] == "slower" and sat["q_pvalue"] < 0.01 and sat["tau_percent"] > 1
     assert sat["lo"] < 0.915 and 0.948 < sat["hi"] < 1.0
     assert b1["verdict"] == "no difference" and b1["q_pvalue"] > 0.05
+    assert {r["model"] for r in cells["b1"]["runs"]} == {"Spark-TTS-proxy-full-s0/LLM"}
+
+
+def test_runs_of_different_devices_or_models_are_pooled_with_a_line_that_says_so():
+    from spark_quant.reporting.pooled import render_markdown
+
+    a, b = fake_run(0.93, 0.01, 0), fake_run(0.93, 0.01, 1)
+    b["host"] = {"gpu": "NVIDIA H100 80GB HBM3"}
+    a["variants"]["ref"]["path"], b["variants"]["ref"]["path"] = "build/proxy/random/LLM", "build/proxy/trained/LLM"
+    rs = ratios([a, b])
+    md = render_markdown("t", {"c1024": {"of": "new", "to": "ref", "runs": rs, "pooled": pool(rs)}})
+    assert "The runs differ in device (NVIDIA H100 80GB HBM3, NVIDIA H200)" in md
+    assert "The runs differ in model (random/LLM, trained/LLM)" in md
 
 
 def test_cli_writes_its_folder_reads_gzip_and_refuses_what_it_did_not_make(tmp_path, capsys):

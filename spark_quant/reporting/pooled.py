@@ -39,7 +39,9 @@ def run_ratio(res: dict[str, Any], cell: str, of: str, to: str, name: str) -> di
     if r["lo"] is None or r["lo"] <= 0:
         raise ValueError(f"{name}: cell {cell} has too few rounds for an interval (n = {r['n']})")
     host = res.get("host") or {}
+    model = ((res.get("variants") or {}).get(to) or {}).get("path") or ""
     return {"name": name, "device": host.get("gpu") or host.get("host_cpu"), "created": res.get("created"),
+            "model": "/".join(model.rstrip("/").split("/")[-2:]),
             "commit": (res.get("git_commit") or "")[:12], "engines": sum(len(v.get("engines") or [])
                                                                      for v in (res.get("variants") or {}).values()),
             "metric": key, "higher_is_better": hib, **r,
@@ -84,13 +86,18 @@ def render_markdown(title: str, cells: dict[str, dict[str, Any]]) -> str:
     for cell, c in cells.items():
         runs, p = c["runs"], c["pooled"]
         unit = "ms/token" if runs[0]["metric"] == "ms_per_token" else "tokens/s"
-        lines += [f"## {c['of']} / {c['to']}, cell {cell} ({unit})", "",
-                  "| run | device | created | commit | engines resident | ratio [95% CI] | n | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {c['of']} / {c['to']}, cell {cell} ({unit})", ""]
+        for what in ("device", "model"):
+            if len({r[what] for r in runs}) > 1:
+                lines += [f"The runs differ in {what} ({', '.join(sorted({str(r[what]) for r in runs}))}): the spread "
+                          f"between them includes the {what}'s effect.", ""]
+        lines += [
+                  "| run | device | model | created | commit | engines resident | ratio [95% CI] | n | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
-            lines.append(f"| {r['name']} | {r['device']} | {r['created']} | {r['commit']} | {r['engines']} | "
-                         f"{r['median']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {r['n']} | {r['verdict']} |")
-        lines.append(f"| **pooled, {p['k']} runs** | | | | | **{p['ratio']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]** | "
+            lines.append(f"| {r['name']} | {r['device']} | {r['model']} | {r['created']} | {r['commit']} | "
+                         f"{r['engines']} | {r['median']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] | {r['n']} | {r['verdict']} |")
+        lines.append(f"| **pooled, {p['k']} runs** | | | | | | **{p['ratio']:.3f} [{p['lo']:.3f}, {p['hi']:.3f}]** | "
                      f"{p['n']} | **{p['verdict']}** |")
         pred = (f"; the next machine's ratio, 95% prediction interval: [{p['prediction']['lo']:.3f}, "
                 f"{p['prediction']['hi']:.3f}]" if "prediction" in p else "")
