@@ -89,8 +89,9 @@ def render_markdown(title: str, cells: dict[str, dict[str, Any]]) -> str:
         lines += [f"## {c['of']} / {c['to']}, cell {cell} ({unit})", ""]
         for what in ("device", "model"):
             if len({r[what] for r in runs}) > 1:
-                lines += [f"The runs differ in {what} ({', '.join(sorted({str(r[what]) for r in runs}))}): the spread "
-                          f"between them includes the {what}'s effect.", ""]
+                values = ", ".join(sorted({str(r[what]) for r in runs}))
+                lines += [f"The runs differ in {what} ({values}): the spread between them includes the {what}'s effect.",
+                          ""]
         lines += [
                   "| run | device | model | created | commit | engines resident | ratio [95% CI] | n | verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]
