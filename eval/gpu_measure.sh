@@ -370,11 +370,13 @@ experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml exper
       local fx='"compilation_config": {"custom_ops": ["+rms_norm", "+quant_fp8", "+silu_and_mul"], "pass_config": {"fuse_norm_quant": true, "fuse_act_quant": true}}'
       # GPU15_VARIANTS: which to time (3 engines each). w8a8t-x3mp is the same W8A8 checkpoint on vLLM's Triton INT8
       # GEMM (linear_backend "triton", TritonInt8ScaledMMLinearKernel) instead of CUTLASS, with a greedy
-      # equivalence check against it
+      # equivalence check against it; bf16v1-x3mp is BF16 on vLLM's V1 model runner (its sampler did less host
+      # work per step in H100 run 4's profile, never paired)
       local all=${GPU15_VARIANTS:-bf16-x3mp,w8a8-x3mp,w8a8s-x3mp,fp8-x3mp,fp8f-x3mp} args=() v eq=()
       declare -A vpath=([bf16-x3mp]="$BASE/LLM$X3MP" [w8a8-x3mp]="$CK/LLM$X3MP" [w8a8s-x3mp]="$st/LLM$X3MP"
                         [fp8-x3mp]="$FP8/LLM$X3MP" [fp8f-x3mp]="$FP8/LLM::{\"replicas\": 3, \"executor\": \"mp\", $fx}"
-                        [w8a8t-x3mp]="$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"linear_backend\": \"triton\"}")
+                        [w8a8t-x3mp]="$CK/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"linear_backend\": \"triton\"}"
+                        [bf16v1-x3mp]="$BASE/LLM::{\"replicas\": 3, \"executor\": \"mp\", \"env\": {\"VLLM_USE_V2_MODEL_RUNNER\": \"0\"}}")
       for v in ${all//,/ }; do args+=(--variant "$v=${vpath[$v]:?unknown variant $v}"); done
       case ",$all," in *,w8a8-x3mp,*w8a8t-x3mp,*|*,w8a8t-x3mp,*w8a8-x3mp,*) eq=(--equivalence w8a8-x3mp,w8a8t-x3mp) ;; esac
       t0=$SECONDS
