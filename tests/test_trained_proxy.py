@@ -248,6 +248,36 @@ def test_full_proxy_trains_on_variants_and_the_cache_key_honours_them(tmp_path):
     marker(tiny | {"semantic_variants": 8})
     assert not is_trained_proxy(tmp_path, "tiny", 0) and is_trained_proxy(tmp_path, "tiny", 0,
                                                                            TrainSettings(semantic_variants=8))
+    # deterministic GPU kernels: the full proxy's setting (a GPU build made without them is built again); the tiny
+    # one trains on the CPU, where they change nothing, so a marker from before the field still matches
+    assert TrainSettings.for_size("full").deterministic_gpu and not TrainSettings.for_size("tiny").deterministic_gpu
+    marker({k: v for k, v in tiny.items() if k != "deterministic_gpu"})
+    assert is_trained_proxy(tmp_path, "tiny", 0)
+    assert not is_trained_proxy(tmp_path, "tiny", 0, TrainSettings(deterministic_gpu=True))
+
+
+def test_deterministic_kernels_are_on_inside_and_restored_after_and_their_warnings_are_kept(monkeypatch):
+    import warnings
+
+    import torch
+
+    from spark_quant.models.determinism import deterministic_kernels
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_kernels(True) as seen:
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        import os
+
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        for _ in range(2):  # what PyTorch says of an op with no deterministic kernel, once per kind in the record
+            warnings.warn("index_put_ does not have a deterministic implementation, but you set ...\nmore", stacklevel=1)
+        warnings.warn("an unrelated warning", stacklevel=1)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert seen == ["index_put_ does not have a deterministic implementation, but you set ..."]
+    with deterministic_kernels(False) as off:
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert off == []
 
 
 def test_rtn_copy_rounds_every_linear_but_lm_head_and_sensitivity_grows_as_bits_shrink(tiny_proxy, tok):

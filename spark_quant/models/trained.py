@@ -47,6 +47,7 @@ from typing import Any
 
 from spark_quant import spark
 from spark_quant.errors import UserError
+from spark_quant.models.determinism import deterministic_kernels
 from spark_quant.models.generate import greedy_generate
 from spark_quant.models.sensitivity import rtn_sensitivity
 from spark_quant.models.spark_language import (
@@ -81,6 +82,7 @@ class TrainSettings:
     number_init: float = 0.5  # length of the number-shaped part of the countdown codes' initial rows (0: none)
     semantic_variants: int = 1  # spark_language.Language(variants): 1 is the deterministic language
     voiced_variants: bool = False  # spark_language.Language(voiced): the variants' weights depend on the voice
+    deterministic_gpu: bool = False  # on a GPU, PyTorch's deterministic kernels (cuBLAS, index_put, attention)
 
     @classmethod
     def for_size(cls, size: str) -> TrainSettings:
@@ -91,7 +93,10 @@ class TrainSettings:
         if size == "tiny":
             return cls()
         steps = int(os.environ.get("SPARK_QUANT_TRAIN_STEPS", "1500"))
-        return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2, semantic_variants=8)
+        # deterministic_gpu: six H100 builds gave four different weights (same loss to 4 decimals): atomic adds in
+        # the embedding and attention backward passes; "reproducible from a seed" asks for one
+        return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2, semantic_variants=8,
+                   deterministic_gpu=True)
 
 
 # --- training ----------------------------------------------------------------------
@@ -111,6 +116,15 @@ def train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: 
     threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     device = next(model.parameters()).device  # a GPU trains in bf16 autocast (weights and optimizer stay FP32)
+    with deterministic_kernels(settings.deterministic_gpu and device.type == "cuda") as nondeterministic:
+        stats = _train(model, corpus, lang, settings, seed, device, threads, log)
+    return stats | ({"nondeterministic_ops": nondeterministic} if settings.deterministic_gpu else {})
+
+
+def _train(model, corpus: Corpus, lang: Language, settings: TrainSettings, seed: int, device, threads: int,
+           log) -> dict[str, Any]:
+    import torch
+
     try:
         active = _active_ids(corpus, settings.n_negatives, seed)
         remap = torch.full((spark.VOCAB_SIZE,), -1, dtype=torch.long)
@@ -277,7 +291,8 @@ def is_trained_proxy(out: Path, size: str, seed: int, settings: TrainSettings | 
 
     m = read_marker(out)
     want = {k: v for k, v in asdict(settings or TrainSettings.for_size(size)).items() if k != "threads"}
-    legacy = {"semantic_variants": 1, "voiced_variants": False}  # what a marker from before a field was built with
+    legacy = {"semantic_variants": 1, "voiced_variants": False,  # what a marker from before a field was built with
+              "deterministic_gpu": False}
     got = {k: (m.get("training") or {}).get(k, legacy.get(k)) for k in want} if m else {}
     return bool(m) and m.get("kind") == "trained" and m.get("size") == size and m.get("seed") == seed \
         and m.get("language_version") == LANGUAGE_VERSION and got == want
