@@ -93,7 +93,7 @@ class TrainSettings:
         if size == "tiny":
             return cls()
         steps = int(os.environ.get("SPARK_QUANT_TRAIN_STEPS", "1500"))
-        # deterministic_gpu: six H100 builds gave four different weights (same loss to 4 decimals): atomic adds in
+        # deterministic_gpu: seven H100 builds gave four different weights (same loss to 4 decimals): atomic adds in
         # the embedding and attention backward passes; "reproducible from a seed" asks for one
         return cls(steps=steps, batch_size=32, lr=1e-3, warmup=50, threads=os.cpu_count() or 2, semantic_variants=8,
                    deterministic_gpu=True)
