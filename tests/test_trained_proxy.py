@@ -270,10 +270,12 @@ def test_deterministic_kernels_are_on_inside_and_restored_after_and_their_warnin
         import os
 
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        sdp = torch.backends.cuda  # attention on the math backend only: flash's backward is atomic in warn-only mode
+        assert sdp.math_sdp_enabled() and not sdp.flash_sdp_enabled() and not sdp.mem_efficient_sdp_enabled()
         for _ in range(2):  # what PyTorch says of an op with no deterministic kernel, once per kind in the record
             warnings.warn("index_put_ does not have a deterministic implementation, but you set ...\nmore", stacklevel=1)
         warnings.warn("an unrelated warning", stacklevel=1)
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert seen == ["index_put_ does not have a deterministic implementation, but you set ..."]
     with deterministic_kernels(False) as off:
         assert not torch.are_deterministic_algorithms_enabled()

@@ -11,10 +11,15 @@ from collections.abc import Iterator
 def deterministic_kernels(on: bool) -> Iterator[list[str]]:
     """PyTorch's deterministic algorithms for one training run, warn-only: an op with no deterministic kernel warns
     instead of failing the build. Yields the distinct warnings, for PROXY.json. cuBLAS needs its fixed workspace
-    set before its first call in the process (``CUBLAS_WORKSPACE_CONFIG``); a setting already there is kept."""
+    set before its first call in the process (``CUBLAS_WORKSPACE_CONFIG``); a setting already there is kept.
+
+    Attention runs on SDPA's math backend inside: in warn-only mode the flash and memory-efficient backward
+    passes stay non-deterministic (they switch only in strict mode, which would also refuse CUDA's NLLLoss), and
+    the math backend is matmuls and a softmax."""
     import warnings
 
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not on:
         yield []
@@ -24,7 +29,7 @@ def deterministic_kernels(on: bool) -> Iterator[list[str]]:
     seen: list[str] = []
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, sdpa_kernel([SDPBackend.MATH]):
             warnings.simplefilter("always")
             yield seen
         seen.extend(dict.fromkeys(str(w.message).split("\n")[0][:200] for w in caught
