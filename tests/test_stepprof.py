@@ -22,6 +22,9 @@ from spark_quant.serving.stepprof import _diff_per_step, _union_us, classify, ke
     ("void vllm::dynamic_scaled_int8_quant_kernel<c10::BFloat16, float>(...)", "act_quant"),
     ("void vllm::rms_norm_dynamic_per_token_quant_kernel<c10::BFloat16, signed char, true>", "act_quant"),
     ("triton_red_fused__to_copy_abs_add_amax_clamp_div_mean_mul_pow_round_rsqrt_0", "act_quant"),
+    # H100 run 4's W8A8 norm / SiLU kernels: named after the quantization op, whose CUDA kernel does the quantizing
+    ("triton_per_fused_dynamic_scaled_int8_quant_fused_add_rms_norm_0", "other"),
+    ("triton_poi_fused_dynamic_scaled_int8_quant_mul_silu_slice_1", "other"),
     ("void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<64, 64, 128, 4>>", "attention"),
     ("void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16, __nv_bfloat16>", "attention"),
     ("void at::native::radixSortKVInPlace<-2, -1, 32, 4, float, long, int>", "sampling"),

@@ -49,6 +49,11 @@ def classify(name: str) -> str:
     n = name.lower()
     if n.startswith(("memcpy", "memset")) or "memcpy" in n or "memset" in n:
         return "copies"
+    if n.startswith("triton_") and "int8_quant" in n and not re.search(r"amax|round|clamp", n):
+        # Inductor names a norm or SiLU kernel after the quantization op whose ``input.contiguous()`` it fused in
+        # (triton_per_fused_dynamic_scaled_int8_quant_fused_add_rms_norm_0): no quantization math, which runs in
+        # vLLM's own CUDA kernel; it is the norm or SiLU that BF16 runs too
+        return "other"
     if ("quant" in n or ("amax" in n and ("round" in n or "clamp" in n))) and not _GEMM.search(n):
         return "act_quant"  # vLLM's quant kernels, and torch.compile's fused norm+abs-max+round Triton kernels
     if _ATTN.search(n):  # before GEMMs: FlashAttention 3 kernels are cutlass::device_kernel<flash::...>
