@@ -149,3 +149,18 @@ def test_result_file_tools_refuse_a_users_file_before_any_work_with_one_line(tmp
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: {mine}: exists and is not a result audio.bench")
     assert tree_state(tmp_path) == before
+
+
+def test_a_variant_that_never_starts_makes_the_run_exit_nonzero_and_keeps_the_others_cells(tmp_path, tiny_proxy,
+                                                                                             capsys):
+    from spark_quant.stages import paired
+
+    out, llm = tmp_path / "run", tiny_proxy / "LLM"
+    rc = paired.main(["--out", str(out), "--experiment", str(ROOT / "experiments/spark-tts_w8a8_int8.yaml"),
+                      "--variant", f'a={llm}::{{"fake_s_per_token": 1e-4}}',
+                      "--variant", f'b={llm}::{{"fake_fail_start": true}}',
+                      "--cell", "b1=1:10:a,b", "--trials", "3", "--session-module", FAKE, "--python", sys.executable])
+    assert rc == 1 and "paired: not every variant ran: b failed to start" in capsys.readouterr().err
+    res = json.loads((out / "paired.json").read_text())
+    assert res["status"] == "done" and "b" in res["failed_variants"] and res["cells"]["b1"]["labels"] == ["a"]
+    assert read_manifest(out)["stage"] == "paired"  # the run ended: its folder is finished, not left as cut off

@@ -305,8 +305,12 @@ def measure(run: Run, variants: dict[str, Any], share: float, python: str, curve
         run.write()
         for pool in run.pools.values():
             pool.stop()
-    print(json.dumps({"ok": run.res["status"] == "done", "result": str(a.out / "paired.json")}))
-    return 0 if run.res["status"] == "done" else 1
+    ok = run.res["status"] == "done" and not run.res.get("failed_variants")  # a variant missing is not a full run
+    if run.res.get("failed_variants"):
+        print(f"paired: not every variant ran: {', '.join(run.res['failed_variants'])} failed to start (paired.md has "
+              "why); the others' cells are kept", file=sys.stderr, flush=True)
+    print(json.dumps({"ok": ok, "result": str(a.out / "paired.json")}))
+    return 0 if ok else 1
 
 
 def equivalence(run: Run, pair: list[str], tokens: int) -> dict[str, Any]:
