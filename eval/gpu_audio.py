@@ -42,7 +42,7 @@ from spark_quant.config import REAL_MODEL_DIR, load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.errors import UserError
 from spark_quant.models.folder import load_tokenizer
-from spark_quant.outputs import check_writable, live_folder
+from spark_quant.outputs import check_not_a_source, check_writable, live_folder
 from spark_quant.reporting.audio import arm_table, level_label, stream_table
 from spark_quant.reporting.speed_stats import percentile
 from spark_quant.serving.client import serve_python, worker_spec
@@ -139,6 +139,10 @@ def main() -> int:
         raise SystemExit(f"gpu_audio: {err}") from None
     conc = [int(c) for c in a.concurrency.split(",")]
     models = [(lb, Path(p)) for lb, _, p in (m.partition("=") for m in a.model)]
+    try:
+        check_not_a_source(a.out, [p for _, p in models], "gpu_audio")
+    except UserError as err:
+        raise SystemExit(f"gpu_audio: {err}") from None
     exp = load_experiment(a.experiment, [f"eval.concurrency={sorted(set(conc))}", "eval.num_prompts=32"])
     prompts = eval_prompts(exp, load_tokenizer(models[0][1]), [])
     codec_dir, random_codec = resolve_codec_dir(REAL_MODEL_DIR if (REAL_MODEL_DIR / "BiCodec").exists() else None)

@@ -26,7 +26,7 @@ from spark_quant.config import load_experiment
 from spark_quant.envinfo import device_info, git_commit, versions
 from spark_quant.errors import UserError
 from spark_quant.models.folder import load_tokenizer
-from spark_quant.outputs import check_writable, live_folder
+from spark_quant.outputs import check_not_a_source, check_writable, live_folder
 from spark_quant.reporting.metrics import speed_summary
 from spark_quant.reporting.report import render_speed_matrix, render_step_profile
 from spark_quant.serving.client import run_worker, timing_tasks, worker_spec
@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a finished gpu_speed folder at --out")
     a = ap.parse_args()
     try:
+        check_not_a_source(a.out, [p for _, p, _ in a.model], "gpu_speed")
         check_writable(a.out, a.overwrite, "gpu_speed")  # before any work; live_folder checks again as it claims it
     except UserError as err:
         raise SystemExit(f"gpu_speed: {err}") from None

@@ -103,7 +103,7 @@ def test_gpu_audio_refuses_a_folder_it_did_not_make_whatever_flag_is_passed(tmp_
     assert tree_state(tmp_path) == before
 
 
-def test_gpu_speed_refuses_a_folder_it_did_not_make(tmp_path):
+def test_gpu_speed_refuses_a_folder_it_did_not_make_and_the_scripts_never_write_into_a_model(tmp_path):
     mine = tmp_path / "speed"
     mine.mkdir()
     (mine / "speed.md").write_text("a user's notes")
@@ -112,6 +112,14 @@ def test_gpu_speed_refuses_a_folder_it_did_not_make(tmp_path):
                         "--overwrite"], cwd=ROOT, text=True, capture_output=True, timeout=300, check=False)
     assert p.returncode != 0 and "gpu_speed: " in p.stderr and "not a folder spark-quant made" in p.stderr, p.stderr
     assert tree_state(tmp_path) == before
+    model = tmp_path / "model"
+    (model / "LLM").mkdir(parents=True)
+    for script in ("eval/gpu_speed.py", "eval/gpu_audio.py"):
+        args = ["--out", str(model / "LLM" / "run"), "--model", f"m={model / 'LLM'}"]
+        p = subprocess.run([sys.executable, script, *args], cwd=ROOT,
+                           text=True, capture_output=True, timeout=300, check=False)
+        assert p.returncode != 0 and "is inside an input of" in p.stderr, p.stderr
+    assert not (model / "LLM" / "run").exists()
 
 
 def test_a_result_file_is_written_whole_and_replaces_only_its_own_tools_earlier_result(tmp_path):
