@@ -349,7 +349,7 @@ experiments/spark-tts_w8a8_int8_static.yaml experiments/spark-tts_fp8_dynamic.ya
       # issue 16's target names an H200; two H100 runs of this arm exist (gpu10, gpu12): on an H100, go on to the sweep
       # the three engine + codec sessions start at once, 8 GiB of KV cache each (gpu14's H100 run: 108 + 70 + 47 s
       # one after another)
-      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then AUDIO_PARALLEL=8 audio_arms playing:16
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep H200 > /dev/null; then AUDIO_PARALLEL=8 audio_arms playing:16
       else echo "gpu14: not an H200, the audio arm is left out"; fi
       # the paired step's five engines start at once with a 6 GiB KV cache each (PAIRED_PARALLEL; first time on a GPU)
       FID_PAIRED_PARALLEL=${FID_PAIRED_PARALLEL-6} \
@@ -382,7 +382,15 @@ experiments/spark-tts_w4a16_int4.yaml experiments/spark-tts_w8a8_int8.yaml exper
       t0=$SECONDS
       $PAIRED --out eval/results/paired15 --gpu-share 0.06 --trials 20 --parallel-start ${KV15:-2} "${args[@]}" \
         "${eq[@]}" --cell b1=1:200:$all --cell c1024=1024:100:$all || true
-      echo "paired wall $((SECONDS - t0))s" ;;
+      echo "paired wall $((SECONDS - t0))s"
+      # on an H200 this run is a fourth machine for the W8A8 / BF16 pool of docs/results/h200-pooled (3 s)
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep H200 > /dev/null && [ -f eval/results/paired15/paired.json ]; then
+        local r=docs/results
+        $SERVE_PYTHON -m spark_quant.stages.pooled --run A=$r/h200-paired/paired.json.gz --run B=$r/h200-gpu2/paired.json \
+          --run C=$r/h200-gpu3/paired.json --run D=eval/results/paired15/paired.json --ratio w8a8-x3mp/bf16-x3mp \
+          --cell b1 --cell c1024 --out eval/results/pooled15 --title "W8A8 / BF16 (3 x mp each) on four H200 machines" \
+          || true
+      fi ;;
     static14)  # issue 14's static activation scales: W8A8 with one calibrated INT8 scale per Linear input
                # (recipes/w8a8_int8_static_sq_gptq.yaml) against stock W8A8 and BF16, 3 x mp each, paired, b1 / c1024,
                # about 15 minutes (its fidelity comes from the CPU sweep and the trained-proxy fidelity jobs)
@@ -587,6 +595,7 @@ collect_job() {
   case $1 in issue14|check14|gpu15)
     local d=eval/results/paired; [ "$1" = check14 ] && d=eval/results/paired-check
     [ "$1" = gpu15 ] && d=eval/results/paired15
+    [ "$1" = gpu15 ] && { cp -r eval/results/pooled15 "$OUT/" 2>/dev/null || true; }
     cp $d/paired.md $d/saturation.png "$OUT/" 2>/dev/null
     grep -h "Selected\|Model loading took\|KV cache\|init engine\|Error" $d/logs/*.log > "$OUT/engines.txt" 2>/dev/null
     tar czf "$OUT/$1-results.tgz" $d/paired.json $d/logs/*.spec.json $CK/manifest.json 2>/dev/null ;;
