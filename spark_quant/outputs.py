@@ -153,7 +153,7 @@ def stage_folder(out: Path, overwrite: bool, stage: str, replace_stale: bool = F
 
 
 def stage_of_live(out: Path) -> str:
-    """The stage named in a live folder's marker ('a' stage when the marker cannot be read)."""
+    """The stage named in a live folder's marker ("spark-quant" when the marker cannot be read)."""
     import json
 
     try:

@@ -21,8 +21,6 @@ import numpy as np
 from spark_quant.reporting import speed_stats as stats
 from spark_quant.reporting.paired import metric_of
 
-Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
-
 
 def run_ratio(res: dict[str, Any], cell: str, of: str, to: str, name: str) -> dict[str, Any]:
     """``of`` / ``to`` in one run's ``cell``, recomputed from its raw rounds (the run's own paired method), with the
@@ -33,6 +31,8 @@ def run_ratio(res: dict[str, Any], cell: str, of: str, to: str, name: str) -> di
     missing = [lb for lb in (of, to) if lb not in c["labels"]]
     if missing:
         raise ValueError(f"{name}: cell {cell} has no variant {', '.join(missing)} (it has {', '.join(c['labels'])})")
+    from scipy.stats import norm
+
     key, hib = metric_of(c["concurrency"])
     series = {lb: [rnd["trials"][lb].get(key) for rnd in c["raw"]] for lb in (of, to)}
     r = stats.paired_ratio(series[to], series[of], hib)
@@ -45,7 +45,8 @@ def run_ratio(res: dict[str, Any], cell: str, of: str, to: str, name: str) -> di
             "commit": (res.get("git_commit") or "")[:12], "engines": sum(len(v.get("engines") or [])
                                                                      for v in (res.get("variants") or {}).values()),
             "metric": key, "higher_is_better": hib, **r,
-            "log": math.log(r["median"]), "se": (math.log(r["hi"]) - math.log(r["lo"])) / (2 * Z95)}
+            "log": math.log(r["median"]),
+            "se": (math.log(r["hi"]) - math.log(r["lo"])) / (2 * norm.ppf(0.5 + stats.CONFIDENCE / 2))}
 
 
 def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:

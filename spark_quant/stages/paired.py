@@ -112,7 +112,6 @@ def variant_spec(exp, variant: dict[str, Any], share: float) -> dict[str, Any]:
     return spec
 
 
-# --- one trial's numbers --------------------------------------------------------------------------
 # --- the run --------------------------------------------------------------------------------------
 class Run:
     def __init__(self, a, exp, prompts: list[list[int]]):
